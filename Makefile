@@ -1,0 +1,46 @@
+# softnic — two commands: `make demo` and `make test`. Each sets itself up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PIP := $(VENV)/bin/pip
+PYTEST_ARGS ?=
+# Debian packages the build and the tests use (headers for OpenSSL and intel-ipsec-mb,
+# iproute2 for namespaces, iperf3 for throughput, QEMU and busybox for guest tests).
+APT_PKGS := gcc python3-dev python3-venv libssl-dev libipsec-mb-dev iproute2 iperf3 \
+            qemu-system-x86 busybox-static procps kmod
+
+.PHONY: all sysdeps venv build test lint unit demo bench clean
+
+all: build
+
+sysdeps:
+	@bash scripts/sysdeps.sh $(APT_PKGS)
+
+$(VENV)/.deps: pyproject.toml
+	@test -x $(PY) || python3 -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q "setuptools>=65" wheel "Cython>=3.0" cffi cryptography dpkt \
+	    pytest hypothesis scapy ruff mypy cython-lint
+	@touch $@
+
+venv: sysdeps $(VENV)/.deps
+
+build: venv
+	$(PY) setup.py -q build_ext --inplace
+
+lint: venv
+	$(VENV)/bin/ruff check softnic vhost tests benchmarks
+	$(VENV)/bin/cython-lint softnic vhost
+	$(VENV)/bin/mypy softnic vhost
+
+test: build lint
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m softnic.demo
+
+bench: build
+	$(PY) benchmarks/pipeline.py
+
+clean:
+	rm -rf build $(VENV) softnic/*.so vhost/*.so softnic/*.c vhost/*.c .pytest_cache .mypy_cache

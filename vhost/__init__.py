@@ -1,0 +1,1 @@
+"""vhost-user backend (device side) for virtio-net; knows nothing of softnic."""
