@@ -1,6 +1,6 @@
 import pytest
 
-from softnic._fastpath import DROP_REASONS, Batch
+from softnic._batch import DROP_REASONS, Batch
 
 
 def test_batch_roundtrip():
