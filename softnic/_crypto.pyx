@@ -189,6 +189,21 @@ cdef class Xform:
             raise ValueError("ciphertext_and_icv: rejected by the engine (bad length)")
         return bytes(buf[:n])
 
+    def open_raw(self, const uint8_t[::1] esp_hdr, const uint8_t[::1] iv, uint8_t[::1] buf,
+                 uint32_t seq_hi=0, bint esn=False):
+        """sn_xform_open in place on `buf` = ciphertext || ICV; returns its code
+        (0, -1 ICV failure, -2 engine failure). For tests of the in-place contract."""
+        self._check(esp_hdr, iv)
+        cdef unsigned icv = sn_xform_icv_len(self.x)
+        cdef size_t total = buf.shape[0]
+        if total < icv or total == 0:
+            raise ValueError("buf: shorter than the ICV")
+        cdef size_t n = total - icv
+        cdef int rc
+        with nogil:
+            rc = sn_xform_open(self.x, &esp_hdr[0], seq_hi, esn, &iv[0], &buf[0], n, &buf[n])
+        return rc
+
 
 cdef inline uint64_t _now_ns() noexcept nogil:
     cdef timespec ts
