@@ -1,0 +1,575 @@
+/*
+ * sn_crypto.c — the ESP transforms of sn_crypto.h over intel-ipsec-mb and OpenSSL 3.
+ *
+ * Implements the ESP cryptographic processing of RFC 4303 §3.3.2 (encryption and
+ * integrity) and §3.4.4 (ICV verification) for:
+ *   - AES-GCM ESP, RFC 4106 §3 (IV), §4 (nonce = salt || IV), §5 (AAD, incl. ESN);
+ *   - ChaCha20-Poly1305 ESP, RFC 7634 §2 (nonce), §2.1 (AAD), over RFC 8439 §2.8;
+ *   - AES-CBC, RFC 3602 §2, with HMAC-SHA-256-128, RFC 4868 §2, and the ESN rule of
+ *     RFC 4303 §3.3.2.2.1 (seq_hi is authenticated but not transmitted).
+ *
+ * Engine choice is made once, in sn_xform_new: the per-packet functions are picked
+ * into x->seal / x->open, so the data path never branches on the configuration.
+ *
+ * intel-ipsec-mb: one IMB_MGR for the process, initialised once (pthread_once). Only the
+ * stateless "direct" GCM and ChaCha20-Poly1305 calls are used: they read the manager's
+ * function table and nothing else, so worker threads may share it. AES-CBC + HMAC would
+ * need the job API, whose queues live in the manager (not shareable between threads) and
+ * whose HMAC wants SPI || seq || IV || ct [|| seq_hi] contiguous; AUTO therefore takes
+ * OpenSSL for that algorithm, and asking for ipsec-mb explicitly is refused.
+ *
+ * OpenSSL: two EVP_CIPHER_CTX per xform (seal, open; CBC has different key schedules per
+ * direction), keyed once at creation; per packet only the nonce is set (EVP_CipherInit_ex
+ * with NULL cipher and key). HMAC-SHA-256 keeps the inner and outer SHA-256 states after
+ * the key block (the RFC 2104 precomputation); per packet they are copied as plain structs,
+ * so there is neither a key schedule nor an allocation per packet (EVP_MAC_CTX_dup and
+ * EVP_MD_CTX_copy_ex both allocate in OpenSSL 3.0).
+ *
+ * Authentication failure: for the AEADs both engines decrypt while authenticating, so on
+ * a bad ICV the buffer is re-encrypted with the same keystream, restoring the ciphertext:
+ * the caller gets its packet back untouched and never sees unauthenticated plaintext.
+ * CBC+HMAC verifies before it decrypts.
+ */
+#define OPENSSL_SUPPRESS_DEPRECATED 1 /* SHA256_CTX: see the HMAC note above */
+
+#include "sn_crypto.h"
+
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include <openssl/crypto.h>
+#include <openssl/evp.h>
+#include <openssl/sha.h>
+
+#ifdef SN_HAVE_IPSEC_MB
+#include <intel-ipsec-mb.h>
+#endif
+
+#define SN_SALT_LEN 4
+#define SN_NONCE_LEN 12
+#define SN_MAX_ICV 16
+#define SN_SHA256_BLOCK 64
+/* One ESP payload never exceeds a 64 KB IP packet; this also keeps `len` inside the
+ * `int` that EVP_CipherUpdate takes. */
+#define SN_MAX_LEN (1u << 20)
+
+typedef int (*sn_seal_fn)(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                          const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv);
+typedef int (*sn_open_fn)(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                          const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv);
+
+struct sn_xform {
+#ifdef SN_HAVE_IPSEC_MB
+    /* First, for its 64-byte alignment (the struct is allocated 64-aligned). */
+    struct gcm_key_data gcm_key;
+    struct gcm_context_data gcm_ctx;
+    struct chacha20_poly1305_context_data cp_ctx;
+#endif
+    sn_seal_fn seal;
+    sn_open_fn open;
+    int alg;
+    int engine;
+    unsigned key_len;          /* cipher key without the salt */
+    unsigned iv_len;
+    unsigned icv_len;
+    unsigned block;
+    uint8_t salt[SN_SALT_LEN];
+    uint8_t key[32];           /* raw cipher key (ipsec-mb ChaCha20 takes it raw) */
+    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *dec;
+    SHA256_CTX hmac_inner;     /* SHA-256 state after (K ^ ipad) */
+    SHA256_CTX hmac_outer;     /* SHA-256 state after (K ^ opad) */
+    SHA256_CTX hmac_work;      /* scratch, kept here to be wiped on free */
+};
+
+/* ------------------------------------------------------------------ helpers */
+
+static void set_err(char *err, size_t errlen, const char *msg)
+{
+    if (err != NULL && errlen > 0)
+        snprintf(err, errlen, "%s", msg);
+}
+
+/* AAD of RFC 4106 §5 / RFC 7634 §2.1: SPI || seq (8) or SPI || seq_hi || seq_lo (12).
+ * Returns its length. */
+static inline size_t build_aad(uint8_t aad[12], const uint8_t *esp_hdr, uint32_t seq_hi,
+                               int esn)
+{
+    if (!esn) {
+        memcpy(aad, esp_hdr, 8);
+        return 8;
+    }
+    memcpy(aad, esp_hdr, 4);
+    aad[4] = (uint8_t)(seq_hi >> 24);
+    aad[5] = (uint8_t)(seq_hi >> 16);
+    aad[6] = (uint8_t)(seq_hi >> 8);
+    aad[7] = (uint8_t)seq_hi;
+    memcpy(aad + 8, esp_hdr + 4, 4);
+    return 12;
+}
+
+static inline void build_nonce(uint8_t nonce[SN_NONCE_LEN], const sn_xform *x,
+                               const uint8_t *iv)
+{
+    memcpy(nonce, x->salt, SN_SALT_LEN);
+    memcpy(nonce + SN_SALT_LEN, iv, 8);
+}
+
+/* ------------------------------------------------------------- intel-ipsec-mb */
+
+#ifdef SN_HAVE_IPSEC_MB
+static IMB_MGR *imb;
+static pthread_once_t imb_once = PTHREAD_ONCE_INIT;
+
+static void imb_init_once(void)
+{
+    IMB_ARCH arch = IMB_ARCH_NONE;
+    IMB_MGR *m = alloc_mb_mgr(0);
+
+    if (m == NULL)
+        return;
+    init_mb_mgr_auto(m, &arch);
+    /* Without AES-NI the library falls back to slow C code; OpenSSL is then the better
+     * engine, so count ipsec-mb as absent. */
+    if (imb_get_errno(m) != 0 || arch == IMB_ARCH_NONE || arch == IMB_ARCH_NOAESNI) {
+        free_mb_mgr(m);
+        return;
+    }
+    imb = m;
+}
+
+static IMB_MGR *imb_get(void)
+{
+    pthread_once(&imb_once, imb_init_once);
+    return imb;
+}
+
+static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                        const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
+{
+    uint8_t aad[12], nonce[SN_NONCE_LEN];
+    size_t aad_len = build_aad(aad, esp_hdr, seq_hi, esn);
+
+    if (len > SN_MAX_LEN)
+        return -1;
+    build_nonce(nonce, x, iv);
+    if (x->key_len == 16)
+        IMB_AES128_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+                           aad_len, icv, x->icv_len);
+    else
+        IMB_AES256_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+                           aad_len, icv, x->icv_len);
+    return 0;
+}
+
+static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                        const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
+{
+    uint8_t aad[12], nonce[SN_NONCE_LEN], tag[SN_MAX_ICV];
+    size_t aad_len = build_aad(aad, esp_hdr, seq_hi, esn);
+
+    if (len > SN_MAX_LEN)
+        return -2;
+    build_nonce(nonce, x, iv);
+    if (x->key_len == 16)
+        IMB_AES128_GCM_DEC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+                           aad_len, tag, x->icv_len);
+    else
+        IMB_AES256_GCM_DEC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+                           aad_len, tag, x->icv_len);
+    if (CRYPTO_memcmp(tag, icv, x->icv_len) == 0)
+        return 0;
+    /* Restore the ciphertext (CTR: the same keystream again). */
+    if (x->key_len == 16)
+        IMB_AES128_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+                           aad_len, tag, x->icv_len);
+    else
+        IMB_AES256_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+                           aad_len, tag, x->icv_len);
+    return -1;
+}
+
+static int imb_cp_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                       const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
+{
+    uint8_t aad[12], nonce[SN_NONCE_LEN];
+    size_t aad_len = build_aad(aad, esp_hdr, seq_hi, esn);
+
+    if (len > SN_MAX_LEN)
+        return -1;
+    build_nonce(nonce, x, iv);
+    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
+    if (len)
+        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    IMB_CHACHA20_POLY1305_ENC_FINALIZE(imb, &x->cp_ctx, icv, 16);
+    return 0;
+}
+
+static int imb_cp_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                       const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
+{
+    uint8_t aad[12], nonce[SN_NONCE_LEN], tag[SN_MAX_ICV];
+    size_t aad_len = build_aad(aad, esp_hdr, seq_hi, esn);
+
+    if (len > SN_MAX_LEN)
+        return -2;
+    build_nonce(nonce, x, iv);
+    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
+    if (len)
+        IMB_CHACHA20_POLY1305_DEC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    IMB_CHACHA20_POLY1305_DEC_FINALIZE(imb, &x->cp_ctx, tag, 16);
+    if (CRYPTO_memcmp(tag, icv, 16) == 0)
+        return 0;
+    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
+    if (len)
+        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    return -1;
+}
+
+static int imb_setup(sn_xform *x, char *err, size_t errlen)
+{
+    if (imb_get() == NULL) {
+        set_err(err, errlen, "engine ipsec-mb is not available on this CPU");
+        return -1;
+    }
+    switch (x->alg) {
+    case SN_ALG_AES_GCM:
+        /* Key schedule and GHASH key powers, computed once for the SA. */
+        if (x->key_len == 16)
+            IMB_AES128_GCM_PRE(imb, x->key, &x->gcm_key);
+        else
+            IMB_AES256_GCM_PRE(imb, x->key, &x->gcm_key);
+        x->seal = imb_gcm_seal;
+        x->open = imb_gcm_open;
+        return 0;
+    case SN_ALG_CHACHA20_POLY1305:
+        x->seal = imb_cp_seal;
+        x->open = imb_cp_open;
+        return 0;
+    default:
+        set_err(err, errlen, "engine ipsec-mb does not support aes-cbc-hmac-sha256 here");
+        return -1;
+    }
+}
+#endif /* SN_HAVE_IPSEC_MB */
+
+/* -------------------------------------------------------------------- OpenSSL */
+
+/* AEAD seal with OpenSSL: nonce, AAD, in-place update, final, tag. */
+static int ossl_aead_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                          const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
+{
+    uint8_t aad[12], nonce[SN_NONCE_LEN];
+    int aad_len = (int)build_aad(aad, esp_hdr, seq_hi, esn);
+    int outl;
+
+    if (len > SN_MAX_LEN)
+        return -1;
+    build_nonce(nonce, x, iv);
+    if (EVP_CipherInit_ex(x->enc, NULL, NULL, NULL, nonce, 1) != 1 ||
+        EVP_CipherUpdate(x->enc, NULL, &outl, aad, aad_len) != 1)
+        return -1;
+    if (len && EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)
+        return -1;
+    if (EVP_CipherFinal_ex(x->enc, buf + len, &outl) != 1 ||
+        EVP_CIPHER_CTX_ctrl(x->enc, EVP_CTRL_AEAD_GET_TAG, (int)x->icv_len, icv) != 1)
+        return -1;
+    return 0;
+}
+
+static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                          const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
+{
+    uint8_t aad[12], nonce[SN_NONCE_LEN];
+    int aad_len = (int)build_aad(aad, esp_hdr, seq_hi, esn);
+    int outl;
+
+    if (len > SN_MAX_LEN)
+        return -2;
+    build_nonce(nonce, x, iv);
+    if (EVP_CipherInit_ex(x->dec, NULL, NULL, NULL, nonce, 0) != 1 ||
+        EVP_CIPHER_CTX_ctrl(x->dec, EVP_CTRL_AEAD_SET_TAG, (int)x->icv_len,
+                            (void *)icv) != 1 ||
+        EVP_CipherUpdate(x->dec, NULL, &outl, aad, aad_len) != 1)
+        return -2;
+    if (len && EVP_CipherUpdate(x->dec, buf, &outl, buf, (int)len) != 1)
+        return -2;
+    /* The AEAD modes produce no output at final; buf + len is never written. */
+    if (EVP_CipherFinal_ex(x->dec, buf + len, &outl) == 1)
+        return 0;
+    /* Bad ICV: re-encrypt to put the ciphertext back (same nonce, same keystream). */
+    if (len && (EVP_CipherInit_ex(x->enc, NULL, NULL, NULL, nonce, 1) != 1 ||
+                EVP_CipherUpdate(x->enc, NULL, &outl, aad, aad_len) != 1 ||
+                EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)) {
+        OPENSSL_cleanse(buf, len); /* never leave unauthenticated plaintext behind */
+    }
+    return -1;
+}
+
+/* HMAC-SHA-256 over SPI || seq || IV || ct [|| seq_hi] (RFC 4868 §2.1, RFC 4303
+ * §3.3.2.2.1), from the precomputed inner/outer states; writes the 32-byte MAC. */
+static void hmac_sha256(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                        const uint8_t *iv, const uint8_t *buf, size_t len,
+                        uint8_t mac[SHA256_DIGEST_LENGTH])
+{
+    uint8_t hi[4];
+
+    x->hmac_work = x->hmac_inner;
+    SHA256_Update(&x->hmac_work, esp_hdr, 8);
+    SHA256_Update(&x->hmac_work, iv, x->iv_len);
+    SHA256_Update(&x->hmac_work, buf, len);
+    if (esn) {
+        hi[0] = (uint8_t)(seq_hi >> 24);
+        hi[1] = (uint8_t)(seq_hi >> 16);
+        hi[2] = (uint8_t)(seq_hi >> 8);
+        hi[3] = (uint8_t)seq_hi;
+        SHA256_Update(&x->hmac_work, hi, 4);
+    }
+    SHA256_Final(mac, &x->hmac_work);
+    x->hmac_work = x->hmac_outer;
+    SHA256_Update(&x->hmac_work, mac, SHA256_DIGEST_LENGTH);
+    SHA256_Final(mac, &x->hmac_work);
+}
+
+static int ossl_cbc_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                         const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
+{
+    uint8_t mac[SHA256_DIGEST_LENGTH];
+    int outl;
+
+    /* The ESP layer pads to the block (RFC 3602 §2.4); anything else is its bug. */
+    if (len > SN_MAX_LEN || (len & 15) != 0)
+        return -1;
+    if (EVP_CipherInit_ex(x->enc, NULL, NULL, NULL, iv, 1) != 1)
+        return -1;
+    if (len && EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)
+        return -1;
+    hmac_sha256(x, esp_hdr, seq_hi, esn, iv, buf, len, mac);
+    memcpy(icv, mac, x->icv_len);
+    return 0;
+}
+
+static int ossl_cbc_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                         const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
+{
+    uint8_t mac[SHA256_DIGEST_LENGTH];
+    int outl;
+
+    if (len > SN_MAX_LEN)
+        return -2;
+    /* ICV first (RFC 4303 §3.4.4.1): nothing unauthenticated is decrypted. */
+    hmac_sha256(x, esp_hdr, seq_hi, esn, iv, buf, len, mac);
+    if (CRYPTO_memcmp(mac, icv, x->icv_len) != 0)
+        return -1;
+    if ((len & 15) != 0)
+        return -2;
+    if (EVP_CipherInit_ex(x->dec, NULL, NULL, NULL, iv, 0) != 1)
+        return -2;
+    if (len && EVP_CipherUpdate(x->dec, buf, &outl, buf, (int)len) != 1)
+        return -2;
+    return 0;
+}
+
+static void hmac_precompute(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen)
+{
+    uint8_t pad[SN_SHA256_BLOCK];
+    size_t i;
+
+    /* auth_keylen <= 64 was checked: the key is used as is, zero-padded (RFC 2104 §2). */
+    memset(pad, 0, sizeof(pad));
+    memcpy(pad, auth_key, auth_keylen);
+    for (i = 0; i < sizeof(pad); i++)
+        pad[i] ^= 0x36;
+    SHA256_Init(&x->hmac_inner);
+    SHA256_Update(&x->hmac_inner, pad, sizeof(pad));
+    for (i = 0; i < sizeof(pad); i++)
+        pad[i] ^= 0x36 ^ 0x5c;
+    SHA256_Init(&x->hmac_outer);
+    SHA256_Update(&x->hmac_outer, pad, sizeof(pad));
+    OPENSSL_cleanse(pad, sizeof(pad));
+}
+
+static int ossl_setup(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen, char *err,
+                      size_t errlen)
+{
+    const EVP_CIPHER *c;
+
+    switch (x->alg) {
+    case SN_ALG_AES_GCM:
+        c = x->key_len == 16 ? EVP_aes_128_gcm() : EVP_aes_256_gcm();
+        break;
+    case SN_ALG_CHACHA20_POLY1305:
+        c = EVP_chacha20_poly1305();
+        break;
+    default:
+        c = x->key_len == 16 ? EVP_aes_128_cbc() : EVP_aes_256_cbc();
+        break;
+    }
+    x->enc = EVP_CIPHER_CTX_new();
+    x->dec = EVP_CIPHER_CTX_new();
+    if (c == NULL || x->enc == NULL || x->dec == NULL ||
+        EVP_CipherInit_ex(x->enc, c, NULL, x->key, NULL, 1) != 1 ||
+        EVP_CipherInit_ex(x->dec, c, NULL, x->key, NULL, 0) != 1) {
+        set_err(err, errlen, "openssl: cipher initialisation failed");
+        return -1;
+    }
+    if (x->alg == SN_ALG_AES_CBC_HMAC_SHA256) {
+        EVP_CIPHER_CTX_set_padding(x->enc, 0); /* ESP pads itself */
+        EVP_CIPHER_CTX_set_padding(x->dec, 0);
+        hmac_precompute(x, auth_key, auth_keylen);
+        x->seal = ossl_cbc_seal;
+        x->open = ossl_cbc_open;
+    } else {
+        x->seal = ossl_aead_seal;
+        x->open = ossl_aead_open;
+    }
+    return 0;
+}
+
+/* ----------------------------------------------------------------- public API */
+
+int sn_engine_available(int engine)
+{
+    switch (engine) {
+    case SN_ENGINE_OPENSSL:
+        return 1;
+    case SN_ENGINE_IPSECMB:
+#ifdef SN_HAVE_IPSEC_MB
+        return imb_get() != NULL;
+#else
+        return 0;
+#endif
+    default:
+        return 0;
+    }
+}
+
+sn_xform *sn_xform_new(int alg, int engine, const uint8_t *key, size_t keylen,
+                       const uint8_t *auth_key, size_t auth_keylen, unsigned icv_len,
+                       char *err, size_t errlen)
+{
+    sn_xform *x;
+    size_t cipher_len;
+    int rc;
+
+    set_err(err, errlen, "");
+    if (key == NULL) {
+        set_err(err, errlen, "key is missing");
+        return NULL;
+    }
+    switch (alg) {
+    case SN_ALG_AES_GCM:
+        if (keylen != 16 + SN_SALT_LEN && keylen != 32 + SN_SALT_LEN) {
+            set_err(err, errlen, "key: aes-gcm takes 20 or 36 bytes (key || 4-byte salt)");
+            return NULL;
+        }
+        if (icv_len != 8 && icv_len != 12 && icv_len != 16) {
+            set_err(err, errlen, "icv_len: aes-gcm takes 8, 12 or 16");
+            return NULL;
+        }
+        cipher_len = keylen - SN_SALT_LEN;
+        break;
+    case SN_ALG_CHACHA20_POLY1305:
+        if (keylen != 32 + SN_SALT_LEN) {
+            set_err(err, errlen,
+                    "key: chacha20-poly1305 takes 36 bytes (key || 4-byte salt)");
+            return NULL;
+        }
+        if (icv_len != 16) {
+            set_err(err, errlen, "icv_len: chacha20-poly1305 takes 16");
+            return NULL;
+        }
+        cipher_len = 32;
+        break;
+    case SN_ALG_AES_CBC_HMAC_SHA256:
+        if (keylen != 16 && keylen != 32) {
+            set_err(err, errlen, "key: aes-cbc takes 16 or 32 bytes");
+            return NULL;
+        }
+        if (auth_key == NULL || auth_keylen != 32) {
+            set_err(err, errlen, "auth_key: hmac-sha256-128 takes 32 bytes");
+            return NULL;
+        }
+        if (icv_len != 16) {
+            set_err(err, errlen, "icv_len: hmac-sha256-128 takes 16");
+            return NULL;
+        }
+        cipher_len = keylen;
+        break;
+    default:
+        set_err(err, errlen, "alg: unknown algorithm");
+        return NULL;
+    }
+    if (engine != SN_ENGINE_AUTO && engine != SN_ENGINE_OPENSSL &&
+        engine != SN_ENGINE_IPSECMB) {
+        set_err(err, errlen, "engine: unknown engine");
+        return NULL;
+    }
+
+    x = aligned_alloc(64, (sizeof(*x) + 63) & ~(size_t)63);
+    if (x == NULL) {
+        set_err(err, errlen, "out of memory");
+        return NULL;
+    }
+    memset(x, 0, sizeof(*x));
+    x->alg = alg;
+    x->key_len = (unsigned)cipher_len;
+    x->icv_len = icv_len;
+    x->iv_len = alg == SN_ALG_AES_CBC_HMAC_SHA256 ? 16 : 8;
+    x->block = alg == SN_ALG_AES_CBC_HMAC_SHA256 ? 16 : 4;
+    memcpy(x->key, key, cipher_len);
+    if (alg != SN_ALG_AES_CBC_HMAC_SHA256)
+        memcpy(x->salt, key + cipher_len, SN_SALT_LEN);
+
+    if (engine == SN_ENGINE_AUTO)
+        engine = (alg != SN_ALG_AES_CBC_HMAC_SHA256 && sn_engine_available(SN_ENGINE_IPSECMB))
+                     ? SN_ENGINE_IPSECMB : SN_ENGINE_OPENSSL;
+    x->engine = engine;
+    if (engine == SN_ENGINE_IPSECMB) {
+#ifdef SN_HAVE_IPSEC_MB
+        rc = imb_setup(x, err, errlen);
+#else
+        set_err(err, errlen, "engine ipsec-mb was not compiled in");
+        rc = -1;
+#endif
+    } else {
+        rc = ossl_setup(x, auth_key, auth_keylen, err, errlen);
+    }
+    if (rc != 0) {
+        sn_xform_free(x);
+        return NULL;
+    }
+    /* ipsec-mb ChaCha20 reads the raw key per packet; everyone else has a schedule. */
+    if (!(engine == SN_ENGINE_IPSECMB && alg == SN_ALG_CHACHA20_POLY1305))
+        OPENSSL_cleanse(x->key, sizeof(x->key));
+    return x;
+}
+
+void sn_xform_free(sn_xform *x)
+{
+    if (x == NULL)
+        return;
+    EVP_CIPHER_CTX_free(x->enc); /* OpenSSL cleanses the key schedule itself */
+    EVP_CIPHER_CTX_free(x->dec);
+    OPENSSL_cleanse(x, sizeof(*x));
+    free(x);
+}
+
+int sn_xform_engine(const sn_xform *x) { return x->engine; }
+unsigned sn_xform_iv_len(const sn_xform *x) { return x->iv_len; }
+unsigned sn_xform_icv_len(const sn_xform *x) { return x->icv_len; }
+unsigned sn_xform_block(const sn_xform *x) { return x->block; }
+
+int sn_xform_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                  const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
+{
+    return x->seal(x, esp_hdr, seq_hi, esn, iv, buf, len, icv);
+}
+
+int sn_xform_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
+                  const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
+{
+    return x->open(x, esp_hdr, seq_hi, esn, iv, buf, len, icv);
+}
