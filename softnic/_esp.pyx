@@ -620,8 +620,9 @@ _ALGS = {
     "aes-cbc-hmac-sha256": SN_ALG_AES_CBC_HMAC_SHA256,
     "cbc(aes)+hmac(sha256)": SN_ALG_AES_CBC_HMAC_SHA256,
 }
-_ENGINES = {"auto": SN_ENGINE_AUTO, "openssl": SN_ENGINE_OPENSSL, "ipsecmb": SN_ENGINE_IPSECMB}
-_ENGINE_NAMES = {SN_ENGINE_OPENSSL: "openssl", SN_ENGINE_IPSECMB: "ipsecmb"}
+_ENGINES = {"auto": SN_ENGINE_AUTO, "openssl": SN_ENGINE_OPENSSL,
+            "ipsec-mb": SN_ENGINE_IPSECMB, "ipsecmb": SN_ENGINE_IPSECMB}
+_ENGINE_NAMES = {SN_ENGINE_OPENSSL: "openssl", SN_ENGINE_IPSECMB: "ipsec-mb"}
 _LIFETIME_KEYS = ("soft_bytes", "hard_bytes", "soft_packets", "hard_packets")
 
 
@@ -745,7 +746,11 @@ cdef class SecurityAssociation:
         if encap is not None:
             sa.encap = 1
             sa.sport, sa.dport = encap
+        # One number, read by direction (an SA is one-way, RFC 4301 §4.1): outbound, the
+        # last sequence number sent; inbound, the highest one already received (the
+        # window's right edge, as `ip xfrm state ... replay-seq`).
         sa.seq = seq
+        sa.replay_top = seq
         sa.seq_near = 0xC000000000000000 if esn else 0xC0000000   # 3/4 of the space
         sa.window = window
         words = (window + 63) // 64 + 1
