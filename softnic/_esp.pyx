@@ -31,7 +31,6 @@ from softnic._crypto cimport (
     SN_ENGINE_AUTO,
     SN_ENGINE_IPSECMB,
     SN_ENGINE_OPENSSL,
-    sn_xform,
     xform_block,
     xform_engine,
     xform_free,
