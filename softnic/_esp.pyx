@@ -75,6 +75,7 @@ cdef enum:
     IPPROTO_IPV6 = 41
     IPPROTO_ROUTING = 43
     IPPROTO_ESP = 50
+    IPPROTO_FRAGMENT = 44
     IPPROTO_NONE = 59
     IPPROTO_DSTOPTS = 60
     MAX_EXT_HDRS = 8          # more IPv6 extension headers than this is hostile
@@ -319,6 +320,11 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     else:
         return SN_DROP_MALFORMED_L3
 
+    # Transport mode protects whole datagrams only (§3.1.1): no IPv4 fragment, and no
+    # IPv6 fragment header where ESP would go.
+    if sa.mode == SN_ESP_TRANSPORT and (
+            (ver == 4 and _rd16(ip + 6) & 0x3FFF) or (ver == 6 and ip[nh_off] == IPPROTO_FRAGMENT)):
+        return SN_DROP_MALFORMED_L3
     if sa.mode == SN_ESP_TUNNEL:
         pl = tot
         nxt = IPPROTO_IPIP if ver == 4 else IPPROTO_IPV6
@@ -589,10 +595,10 @@ cdef int sn_esp_decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
     header. *next_header (may be NULL) gets the trailer's next header.
 
     Returns SN_OK or a drop reason, also counted in sa.drops: MALFORMED_L2/L3/ESP,
-    NO_SA (SPI differs), REPLAY, ICV, CRYPTO, BAD_TRAILER, SA_EXPIRED. Before the ICV
-    check a failure leaves p untouched; after it (BAD_TRAILER) the payload bytes are
-    already decrypted in place, but offsets, lengths and headers are unchanged. The
-    replay window moves only on SN_OK.
+    NO_SA (SPI differs), REPLAY, ICV, CRYPTO, BAD_TRAILER, SA_EXPIRED. Up to and
+    including an ICV failure p is untouched; after the ICV verified (BAD_TRAILER) the
+    payload bytes are already decrypted in place, but offsets, lengths and headers are
+    unchanged. The replay window and the lifetimes move only on SN_OK.
     """
     cdef int rc = _decap(sa, p, l2len, esp_off, next_header)
     if rc != SN_OK:

@@ -24,6 +24,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import (
     IPv6,
     IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
     IPv6ExtHdrHopByHop,
     IPv6ExtHdrRouting,
 )
@@ -146,13 +147,13 @@ def check_scapy_to_ours(ours, theirs, inner, l2len, mode, outer, encap, esn, seq
     assert out[l2len:] == bytes(inner)
 
 
+MODES = [("tunnel", 4, 4), ("tunnel", 6, 6), ("tunnel", 4, 6), ("tunnel", 6, 4),
+         ("transport", 4, 4), ("transport", 6, 6)]
+
+
 @pytest.mark.parametrize("alg", ALGS, ids=ALG_IDS)
-@pytest.mark.parametrize("mode", ["tunnel", "transport"])
-@pytest.mark.parametrize("families", [(4, 4), (6, 6), (4, 6), (6, 4)], ids=str)
-def test_interop_both_ways(alg, mode, families):
-    inner_fam, outer = families
-    if mode == "transport" and inner_fam != outer:
-        pytest.skip("transport mode has one header")
+@pytest.mark.parametrize("mode,inner_fam,outer", MODES, ids=[f"{m}-{i}in{o}" for m, i, o in MODES])
+def test_interop_both_ways(alg, mode, inner_fam, outer):
     for l2len in (0, 14):
         for size in (1, 61, 200, 1400):
             ours, theirs = make_pair(alg, mode, outer if mode == "tunnel" else None)
@@ -423,3 +424,31 @@ def test_corrupted_or_truncated_esp_is_a_counted_drop(seq, cut, flips, encap):
         return
     # Only bytes outside the authenticated part may change and still pass.
     assert out == bytes(inner_packet(4, seq % 50)) and rx.replay_top == seq
+
+
+def test_transport_refuses_fragments_tunnel_takes_them():
+    frag4 = IP(src="10.0.0.1", dst="10.0.0.2", flags="MF") / UDP() / (b"x" * 40)
+    frag6 = IPv6(src="fd00::1", dst="fd00::2") / IPv6ExtHdrFragment(m=1) / UDP() / (b"x" * 40)
+    for frag in (frag4, frag6):
+        tr, _ = make_pair(ALGS[0], "transport", None)
+        with pytest.raises(EspError) as ei:
+            tr.protect(bytes(frag))
+        assert ei.value.reason == "malformed_l3" and tr.seq == 0
+        tu, theirs = make_pair(ALGS[0], "tunnel", 6)
+        assert bytes(theirs.decrypt(IPv6(tu.protect(bytes(frag))))) == bytes(frag)
+
+
+def test_batch_failures_leave_packets_as_they_came():
+    rx, tx = make_pair(ALGS[0], "tunnel", 4)
+    inner = inner_packet(4, 80)
+    good = [bytes(tx.encrypt(inner, seq_num=i)) for i in (1, 2, 3)]
+    bad = bytearray(good[1])
+    bad[-5] ^= 1
+    b = Batch(4)
+    for f in (good[0], bytes(bad), good[2], good[0]):
+        b.push(f)
+    n_ok, drops = rx.unprotect_batch(b, 0, 20)
+    assert n_ok == 2 and drops == {"icv": 1, "replay": 1}
+    assert [b.drop_reason(i) for i in range(4)] == ["ok", "icv", "ok", "replay"]
+    assert b.get(1) == bytes(bad) and b.get(3) == good[0]
+    assert b.get(0) == b.get(2) == bytes(inner)
