@@ -494,3 +494,29 @@ def test_raw_reference_benchmark_runs():
         assert r["gbps"] == pytest.approx(64 * 8 / r["ns_per_op"])
     with pytest.raises(ValueError, match="engine"):
         raw.measure("qat", 64)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_concurrent_workers_share_the_engine(engine):
+    """Worker threads (GIL released inside seal/open) each own their xform but share the
+    process-wide engine state (ipsec-mb's manager, OpenSSL's providers)."""
+    import threading
+
+    errors: list[str] = []
+
+    def worker(k: int) -> None:
+        key = bytes([k]) * 20
+        x = _crypto.Xform("aes-gcm", key, engine=engine)
+        for i in range(300):
+            h, iv, pt = hdr(k, i), struct.pack(">Q", i), bytes([i & 0xFF]) * (64 + i)
+            sealed = x.seal(h, iv, pt)
+            if sealed != ref_gcm_seal(key, h, iv, pt, 16) or x.open(h, iv, sealed) != pt:
+                errors.append(f"worker {k} packet {i}")
+                return
+
+    threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []

@@ -40,6 +40,7 @@
 #include <string.h>
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/sha.h>
 
@@ -257,6 +258,15 @@ static int imb_setup(sn_xform *x, char *err, size_t errlen)
 
 /* -------------------------------------------------------------------- OpenSSL */
 
+/* Failure paths only: drop what OpenSSL queued on this thread's error queue, so a
+ * forged packet leaves nothing behind for other OpenSSL users of the thread (Python's
+ * ssl module, for one). Returns rc. */
+static int ossl_fail(int rc)
+{
+    ERR_clear_error();
+    return rc;
+}
+
 /* AEAD seal with OpenSSL: nonce, AAD, in-place update, final, tag. */
 static int ossl_aead_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                           const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
@@ -270,12 +280,12 @@ static int ossl_aead_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
     build_nonce(nonce, x, iv);
     if (EVP_CipherInit_ex(x->enc, NULL, NULL, NULL, nonce, 1) != 1 ||
         EVP_CipherUpdate(x->enc, NULL, &outl, aad, aad_len) != 1)
-        return -1;
+        return ossl_fail(-1);
     if (len && EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)
-        return -1;
+        return ossl_fail(-1);
     if (EVP_CipherFinal_ex(x->enc, buf + len, &outl) != 1 ||
         EVP_CIPHER_CTX_ctrl(x->enc, EVP_CTRL_AEAD_GET_TAG, (int)x->icv_len, icv) != 1)
-        return -1;
+        return ossl_fail(-1);
     return 0;
 }
 
@@ -293,9 +303,9 @@ static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
         EVP_CIPHER_CTX_ctrl(x->dec, EVP_CTRL_AEAD_SET_TAG, (int)x->icv_len,
                             (void *)icv) != 1 ||
         EVP_CipherUpdate(x->dec, NULL, &outl, aad, aad_len) != 1)
-        return -2;
+        return ossl_fail(-2);
     if (len && EVP_CipherUpdate(x->dec, buf, &outl, buf, (int)len) != 1)
-        return -2;
+        return ossl_fail(-2);
     /* The AEAD modes produce no output at final; buf + len is never written. */
     if (EVP_CipherFinal_ex(x->dec, buf + len, &outl) == 1)
         return 0;
@@ -305,7 +315,7 @@ static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
                 EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)) {
         OPENSSL_cleanse(buf, len); /* never leave unauthenticated plaintext behind */
     }
-    return -1;
+    return ossl_fail(-1);
 }
 
 /* HMAC-SHA-256 over SPI || seq || IV || ct [|| seq_hi] (RFC 4868 §2.1, RFC 4303
@@ -343,9 +353,9 @@ static int ossl_cbc_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, i
     if (len > SN_MAX_LEN || (len & 15) != 0)
         return -1;
     if (EVP_CipherInit_ex(x->enc, NULL, NULL, NULL, iv, 1) != 1)
-        return -1;
+        return ossl_fail(-1);
     if (len && EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)
-        return -1;
+        return ossl_fail(-1);
     hmac_sha256(x, esp_hdr, seq_hi, esn, iv, buf, len, mac);
     memcpy(icv, mac, x->icv_len);
     return 0;
@@ -366,9 +376,9 @@ static int ossl_cbc_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, i
     if ((len & 15) != 0)
         return -2;
     if (EVP_CipherInit_ex(x->dec, NULL, NULL, NULL, iv, 0) != 1)
-        return -2;
+        return ossl_fail(-2);
     if (len && EVP_CipherUpdate(x->dec, buf, &outl, buf, (int)len) != 1)
-        return -2;
+        return ossl_fail(-2);
     return 0;
 }
 
@@ -413,6 +423,7 @@ static int ossl_setup(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen, 
         EVP_CipherInit_ex(x->enc, c, NULL, x->key, NULL, 1) != 1 ||
         EVP_CipherInit_ex(x->dec, c, NULL, x->key, NULL, 0) != 1) {
         set_err(err, errlen, "openssl: cipher initialisation failed");
+        ERR_clear_error();
         return -1;
     }
     if (x->alg == SN_ALG_AES_CBC_HMAC_SHA256) {
@@ -557,19 +568,27 @@ void sn_xform_free(sn_xform *x)
     free(x);
 }
 
-int sn_xform_engine(const sn_xform *x) { return x->engine; }
-unsigned sn_xform_iv_len(const sn_xform *x) { return x->iv_len; }
-unsigned sn_xform_icv_len(const sn_xform *x) { return x->icv_len; }
-unsigned sn_xform_block(const sn_xform *x) { return x->block; }
+int sn_xform_engine(const sn_xform *x) { return x ? x->engine : 0; }
+unsigned sn_xform_iv_len(const sn_xform *x) { return x ? x->iv_len : 0; }
+unsigned sn_xform_icv_len(const sn_xform *x) { return x ? x->icv_len : 0; }
+unsigned sn_xform_block(const sn_xform *x) { return x ? x->block : 0; }
+
+/* Both entry points: x, esp_hdr, iv, buf (when len > 0) and icv must be valid; the caller
+ * (the ESP stage) has bounds-checked buf[0:len] and icv[0:icv_len] against the packet.
+ * A NULL x (an SA slot without a transform) is refused rather than dereferenced. */
 
 int sn_xform_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                   const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
+    if (x == NULL)
+        return -1;
     return x->seal(x, esp_hdr, seq_hi, esn, iv, buf, len, icv);
 }
 
 int sn_xform_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                   const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
+    if (x == NULL)
+        return -2;
     return x->open(x, esp_hdr, seq_hi, esn, iv, buf, len, icv);
 }
