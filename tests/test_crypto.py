@@ -499,20 +499,23 @@ def test_raw_reference_benchmark_runs():
 
 
 @pytest.mark.parametrize("engine", ENGINES)
-def test_concurrent_workers_share_the_engine(engine):
+@pytest.mark.parametrize("alg", ["aes-gcm", "chacha20-poly1305"])
+def test_concurrent_workers_share_the_engine(engine, alg):
     """Worker threads (GIL released inside seal/open) each own their xform but share the
-    process-wide engine state (ipsec-mb's manager, OpenSSL's providers)."""
+    process-wide engine state (ipsec-mb's managers, OpenSSL's providers)."""
     import threading
 
     errors: list[str] = []
 
     def worker(k: int) -> None:
-        key = bytes([k]) * 20
-        x = _crypto.Xform("aes-gcm", key, engine=engine)
+        key = bytes([k]) * 36 if alg == "chacha20-poly1305" else bytes([k]) * 20
+        x = _crypto.Xform(alg, key, engine=engine)
         for i in range(300):
             h, iv, pt = hdr(k, i), struct.pack(">Q", i), bytes([i & 0xFF]) * (64 + i)
             sealed = x.seal(h, iv, pt)
-            if sealed != ref_gcm_seal(key, h, iv, pt, 16) or x.open(h, iv, sealed) != pt:
+            ref = (ref_chacha_seal(key, h, iv, pt) if alg == "chacha20-poly1305"
+                   else ref_gcm_seal(key, h, iv, pt, 16))
+            if sealed != ref or x.open(h, iv, sealed) != pt:
                 errors.append(f"worker {k} packet {i}")
                 return
 

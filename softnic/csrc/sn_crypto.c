@@ -11,12 +11,15 @@
  * Engine choice is made once, in sn_xform_new: the per-packet functions are picked
  * into x->seal / x->open, so the data path never branches on the configuration.
  *
- * intel-ipsec-mb: one IMB_MGR for the process, initialised once (pthread_once). Only the
- * stateless "direct" GCM and ChaCha20-Poly1305 calls are used: they read the manager's
- * function table and nothing else, so worker threads may share it. AES-CBC + HMAC would
- * need the job API, whose queues live in the manager (not shareable between threads) and
- * whose HMAC wants SPI || seq || IV || ct [|| seq_hi] contiguous; AUTO therefore takes
- * OpenSSL for that algorithm, and asking for ipsec-mb explicitly is refused.
+ * intel-ipsec-mb: one IMB_MGR for the process, initialised once (pthread_once), for the
+ * stateless "direct" AES-GCM calls: they only read the manager's function table, so
+ * worker threads share it. ChaCha20-Poly1305 is faster through one synchronous job than
+ * through the direct calls; job queues live in a manager, so that uses a per-thread
+ * manager (see imb_cp_job). AES-CBC + HMAC-SHA-256 is left to OpenSSL, by measurement:
+ * one job at a time on ipsec-mb's multi-buffer CBC/HMAC lanes (submit + flush) cost
+ * 667 ns at 64 bytes and 5.1 us at 1424 here, against 270 ns and 1.9 us for OpenSSL
+ * (AES-NI CBC + SHA-NI). AUTO therefore picks OpenSSL for it, and asking for ipsec-mb
+ * explicitly is refused.
  *
  * OpenSSL: two EVP_CIPHER_CTX per xform (seal, open; CBC has different key schedules per
  * direction), keyed once at creation; per packet only the nonce is set (EVP_CipherInit_ex
@@ -123,6 +126,16 @@ static inline void build_nonce(uint8_t nonce[SN_NONCE_LEN], const sn_xform *x,
 #ifdef SN_HAVE_IPSEC_MB
 static IMB_MGR *imb;
 static pthread_once_t imb_once = PTHREAD_ONCE_INIT;
+/* Per-thread managers for the job API (see imb_cp_job). */
+static pthread_key_t imb_tl_key;
+static int imb_tl_key_ok;
+static __thread IMB_MGR *imb_tl;
+
+static void imb_tl_free(void *m)
+{
+    free_mb_mgr((IMB_MGR *)m);
+}
+
 
 static void imb_init_once(void)
 {
@@ -138,6 +151,7 @@ static void imb_init_once(void)
         free_mb_mgr(m);
         return;
     }
+    imb_tl_key_ok = pthread_key_create(&imb_tl_key, imb_tl_free) == 0;
     imb = m;
 }
 
@@ -192,6 +206,99 @@ static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
     return -1;
 }
 
+/*
+ * ChaCha20-Poly1305 goes through the job API: one synchronous job is ~35 % faster than
+ * the direct init/update/finalize calls here (190 against 300 ns at 64 bytes). Job
+ * queues live in a manager, so each thread gets its own, created on its first packet
+ * (once per worker thread, freed when the thread exits). Should that allocation fail,
+ * the direct API is used instead.
+ */
+static IMB_MGR *imb_thread(void)
+{
+    IMB_ARCH arch = IMB_ARCH_NONE;
+    IMB_MGR *m = imb_tl;
+
+    if (m != NULL || !imb_tl_key_ok)
+        return m;
+    m = alloc_mb_mgr(0);
+    if (m == NULL)
+        return NULL;
+    init_mb_mgr_auto(m, &arch);
+    if (imb_get_errno(m) != 0 || pthread_setspecific(imb_tl_key, m) != 0) {
+        free_mb_mgr(m);
+        return NULL;
+    }
+    imb_tl = m;
+    return m;
+}
+
+/* One ChaCha20-Poly1305 job over buf[0:len] in place (RFC 8439 §2.8). Encrypting, the
+ * tag is computed over the output; decrypting, over the input. Returns 0, -1 when no
+ * per-thread manager could be had (nothing done), -2 when the library rejected the job. */
+static int imb_cp_job(sn_xform *x, int encrypt, const uint8_t *nonce, const uint8_t *aad,
+                      size_t aad_len, uint8_t *buf, size_t len, uint8_t *tag)
+{
+    IMB_MGR *m = imb_thread();
+    IMB_JOB *job, *done;
+
+    if (m == NULL)
+        return -1;
+    job = IMB_GET_NEXT_JOB(m);
+    job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
+    job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
+    job->cipher_direction = encrypt ? IMB_DIR_ENCRYPT : IMB_DIR_DECRYPT;
+    job->chain_order = encrypt ? IMB_ORDER_CIPHER_HASH : IMB_ORDER_HASH_CIPHER;
+    job->enc_keys = x->key;
+    job->dec_keys = x->key;
+    job->key_len_in_bytes = 32;
+    job->src = buf;
+    job->dst = buf;
+    job->cipher_start_src_offset_in_bytes = 0;
+    job->msg_len_to_cipher_in_bytes = len;
+    job->hash_start_src_offset_in_bytes = 0;
+    job->msg_len_to_hash_in_bytes = len;
+    job->iv = nonce;
+    job->iv_len_in_bytes = SN_NONCE_LEN;
+    job->u.CHACHA20_POLY1305.aad = aad;
+    job->u.CHACHA20_POLY1305.aad_len_in_bytes = aad_len;
+    job->auth_tag_output = tag;
+    job->auth_tag_output_len_in_bytes = 16;
+    /* The job completes on submit (single-buffer algorithm); flushing covers any other
+     * behaviour without ever waiting on a job that is not ours. */
+    done = IMB_SUBMIT_JOB(m);
+    while (done != job) {
+        done = IMB_FLUSH_JOB(m);
+        if (done == NULL)
+            return -2;
+    }
+    return done->status == IMB_STATUS_COMPLETED ? 0 : -2;
+}
+
+static void imb_cp_direct(sn_xform *x, int encrypt, const uint8_t *nonce,
+                          const uint8_t *aad, size_t aad_len, uint8_t *buf, size_t len,
+                          uint8_t *tag)
+{
+    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
+    if (len && encrypt)
+        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    else if (len)
+        IMB_CHACHA20_POLY1305_DEC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    IMB_CHACHA20_POLY1305_ENC_FINALIZE(imb, &x->cp_ctx, tag, 16);
+}
+
+/* Returns 0, or -1 when the library rejected the job. */
+static inline int imb_cp(sn_xform *x, int encrypt, const uint8_t *nonce, const uint8_t *aad,
+                         size_t aad_len, uint8_t *buf, size_t len, uint8_t *tag)
+{
+    int rc = imb_cp_job(x, encrypt, nonce, aad, aad_len, buf, len, tag);
+
+    if (rc == -1) {
+        imb_cp_direct(x, encrypt, nonce, aad, aad_len, buf, len, tag);
+        rc = 0;
+    }
+    return rc == 0 ? 0 : -1;
+}
+
 static int imb_cp_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                        const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -201,11 +308,7 @@ static int imb_cp_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int
     if (len > SN_MAX_LEN)
         return -1;
     build_nonce(nonce, x, iv);
-    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
-    if (len)
-        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
-    IMB_CHACHA20_POLY1305_ENC_FINALIZE(imb, &x->cp_ctx, icv, 16);
-    return 0;
+    return imb_cp(x, 1, nonce, aad, aad_len, buf, len, icv);
 }
 
 static int imb_cp_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
@@ -217,15 +320,12 @@ static int imb_cp_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int
     if (len > SN_MAX_LEN)
         return -2;
     build_nonce(nonce, x, iv);
-    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
-    if (len)
-        IMB_CHACHA20_POLY1305_DEC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
-    IMB_CHACHA20_POLY1305_DEC_FINALIZE(imb, &x->cp_ctx, tag, 16);
+    if (imb_cp(x, 0, nonce, aad, aad_len, buf, len, tag) != 0)
+        return -2;
     if (CRYPTO_memcmp(tag, icv, 16) == 0)
         return 0;
-    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
-    if (len)
-        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    if (imb_cp(x, 1, nonce, aad, aad_len, buf, len, tag) != 0) /* restore the ciphertext */
+        OPENSSL_cleanse(buf, len);
     return -1;
 }
 
