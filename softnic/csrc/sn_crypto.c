@@ -137,6 +137,7 @@ static void imb_tl_free(void *m)
 }
 
 
+/* Create the shared manager, or leave `imb` NULL when the CPU or library cannot serve. */
 static void imb_init_once(void)
 {
     IMB_ARCH arch = IMB_ARCH_NONE;
@@ -155,12 +156,15 @@ static void imb_init_once(void)
     imb = m;
 }
 
+/* The shared manager (direct API only), NULL when ipsec-mb is unusable here. */
 static IMB_MGR *imb_get(void)
 {
     pthread_once(&imb_once, imb_init_once);
     return imb;
 }
 
+/* AES-GCM seal with ipsec-mb's one-shot direct call, in place; x owns the precomputed
+ * key data. Returns 0, -1 if len is beyond any ESP payload. */
 static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                         const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -179,6 +183,8 @@ static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
     return 0;
 }
 
+/* AES-GCM open, in place; on a bad ICV the ciphertext is restored. Returns 0, -1 bad
+ * ICV, -2 if len is beyond any ESP payload. */
 static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                         const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -213,6 +219,7 @@ static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
  * (once per worker thread, freed when the thread exits). Should that allocation fail,
  * the direct API is used instead.
  */
+/* This thread's job-API manager, created on first use; NULL if that failed. */
 static IMB_MGR *imb_thread(void)
 {
     IMB_ARCH arch = IMB_ARCH_NONE;
@@ -274,6 +281,7 @@ static int imb_cp_job(sn_xform *x, int encrypt, const uint8_t *nonce, const uint
     return done->status == IMB_STATUS_COMPLETED ? 0 : -2;
 }
 
+/* Fallback for a thread without a manager: the direct API (x->cp_ctx as scratch). */
 static void imb_cp_direct(sn_xform *x, int encrypt, const uint8_t *nonce,
                           const uint8_t *aad, size_t aad_len, uint8_t *buf, size_t len,
                           uint8_t *tag)
@@ -299,6 +307,7 @@ static inline int imb_cp(sn_xform *x, int encrypt, const uint8_t *nonce, const u
     return rc == 0 ? 0 : -1;
 }
 
+/* ChaCha20-Poly1305 seal in place. Returns 0, -1 on a bad length or a rejected job. */
 static int imb_cp_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                        const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -311,6 +320,8 @@ static int imb_cp_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int
     return imb_cp(x, 1, nonce, aad, aad_len, buf, len, icv);
 }
 
+/* ChaCha20-Poly1305 open in place; a bad ICV restores the ciphertext. Returns 0, -1 bad
+ * ICV, -2 bad length or rejected job. */
 static int imb_cp_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                        const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -329,6 +340,7 @@ static int imb_cp_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int
     return -1;
 }
 
+/* Precompute x's ipsec-mb key data and pick its seal/open. Returns 0 or -1 (err set). */
 static int imb_setup(sn_xform *x, char *err, size_t errlen)
 {
     if (imb_get() == NULL) {
@@ -367,7 +379,7 @@ static int ossl_fail(int rc)
     return rc;
 }
 
-/* AEAD seal with OpenSSL: nonce, AAD, in-place update, final, tag. */
+/* AEAD seal with OpenSSL: nonce, AAD, in-place update, final, tag. Returns 0 or -1. */
 static int ossl_aead_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                           const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -389,6 +401,8 @@ static int ossl_aead_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
     return 0;
 }
 
+/* AEAD open with OpenSSL, in place: tag set before final, which verifies it. Returns 0,
+ * -1 bad ICV (ciphertext restored), -2 engine failure or bad length. */
 static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                           const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -443,6 +457,8 @@ static void hmac_sha256(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
     SHA256_Final(mac, &x->hmac_work);
 }
 
+/* AES-CBC encrypt in place, then HMAC over the ESP header, IV and ciphertext. Returns 0,
+ * -1 when len is not a block multiple or the engine fails. */
 static int ossl_cbc_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                          const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -461,6 +477,8 @@ static int ossl_cbc_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, i
     return 0;
 }
 
+/* HMAC check, then AES-CBC decrypt in place. Returns 0, -1 bad ICV (buf untouched),
+ * -2 unaligned length (after the ICV passed) or engine failure. */
 static int ossl_cbc_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                          const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -482,6 +500,8 @@ static int ossl_cbc_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, i
     return 0;
 }
 
+/* RFC 2104 precomputation: x->hmac_inner/outer = SHA-256 state after K^ipad / K^opad.
+ * The padded key copy on the stack is wiped. */
 static void hmac_precompute(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen)
 {
     uint8_t pad[SN_SHA256_BLOCK];
@@ -501,6 +521,8 @@ static void hmac_precompute(sn_xform *x, const uint8_t *auth_key, size_t auth_ke
     OPENSSL_cleanse(pad, sizeof(pad));
 }
 
+/* Create x's two OpenSSL contexts keyed once, and pick its seal/open. x owns them (freed
+ * in sn_xform_free). Returns 0 or -1 (err set). */
 static int ossl_setup(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen, char *err,
                       size_t errlen)
 {
@@ -567,7 +589,7 @@ sn_xform *sn_xform_new(int alg, int engine, const uint8_t *key, size_t keylen,
 
     set_err(err, errlen, "");
     if (key == NULL) {
-        set_err(err, errlen, "key is missing");
+        set_err(err, errlen, "key: missing");
         return NULL;
     }
     switch (alg) {
