@@ -11,12 +11,15 @@
  * Engine choice is made once, in sn_xform_new: the per-packet functions are picked
  * into x->seal / x->open, so the data path never branches on the configuration.
  *
- * intel-ipsec-mb: one IMB_MGR for the process, initialised once (pthread_once). Only the
- * stateless "direct" GCM and ChaCha20-Poly1305 calls are used: they read the manager's
- * function table and nothing else, so worker threads may share it. AES-CBC + HMAC would
- * need the job API, whose queues live in the manager (not shareable between threads) and
- * whose HMAC wants SPI || seq || IV || ct [|| seq_hi] contiguous; AUTO therefore takes
- * OpenSSL for that algorithm, and asking for ipsec-mb explicitly is refused.
+ * intel-ipsec-mb: one IMB_MGR for the process, initialised once (pthread_once), for the
+ * stateless "direct" AES-GCM calls: they only read the manager's function table, so
+ * worker threads share it. ChaCha20-Poly1305 is faster through one synchronous job than
+ * through the direct calls; job queues live in a manager, so that uses a per-thread
+ * manager (see imb_cp_job). AES-CBC + HMAC-SHA-256 is left to OpenSSL, by measurement:
+ * one job at a time on ipsec-mb's multi-buffer CBC/HMAC lanes (submit + flush) cost
+ * 667 ns at 64 bytes and 5.1 us at 1424 here, against 270 ns and 1.9 us for OpenSSL
+ * (AES-NI CBC + SHA-NI). AUTO therefore picks OpenSSL for it, and asking for ipsec-mb
+ * explicitly is refused.
  *
  * OpenSSL: two EVP_CIPHER_CTX per xform (seal, open; CBC has different key schedules per
  * direction), keyed once at creation; per packet only the nonce is set (EVP_CipherInit_ex
@@ -40,6 +43,7 @@
 #include <string.h>
 
 #include <openssl/crypto.h>
+#include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/sha.h>
 
@@ -122,7 +126,18 @@ static inline void build_nonce(uint8_t nonce[SN_NONCE_LEN], const sn_xform *x,
 #ifdef SN_HAVE_IPSEC_MB
 static IMB_MGR *imb;
 static pthread_once_t imb_once = PTHREAD_ONCE_INIT;
+/* Per-thread managers for the job API (see imb_cp_job). */
+static pthread_key_t imb_tl_key;
+static int imb_tl_key_ok;
+static __thread IMB_MGR *imb_tl;
 
+static void imb_tl_free(void *m)
+{
+    free_mb_mgr((IMB_MGR *)m);
+}
+
+
+/* Create the shared manager, or leave `imb` NULL when the CPU or library cannot serve. */
 static void imb_init_once(void)
 {
     IMB_ARCH arch = IMB_ARCH_NONE;
@@ -137,15 +152,19 @@ static void imb_init_once(void)
         free_mb_mgr(m);
         return;
     }
+    imb_tl_key_ok = pthread_key_create(&imb_tl_key, imb_tl_free) == 0;
     imb = m;
 }
 
+/* The shared manager (direct API only), NULL when ipsec-mb is unusable here. */
 static IMB_MGR *imb_get(void)
 {
     pthread_once(&imb_once, imb_init_once);
     return imb;
 }
 
+/* AES-GCM seal with ipsec-mb's one-shot direct call, in place; x owns the precomputed
+ * key data. Returns 0, -1 if len is beyond any ESP payload. */
 static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                         const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -164,6 +183,8 @@ static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
     return 0;
 }
 
+/* AES-GCM open, in place; on a bad ICV the ciphertext is restored. Returns 0, -1 bad
+ * ICV, -2 if len is beyond any ESP payload. */
 static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                         const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -191,6 +212,102 @@ static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
     return -1;
 }
 
+/*
+ * ChaCha20-Poly1305 goes through the job API: one synchronous job is ~35 % faster than
+ * the direct init/update/finalize calls here (190 against 300 ns at 64 bytes). Job
+ * queues live in a manager, so each thread gets its own, created on its first packet
+ * (once per worker thread, freed when the thread exits). Should that allocation fail,
+ * the direct API is used instead.
+ */
+/* This thread's job-API manager, created on first use; NULL if that failed. */
+static IMB_MGR *imb_thread(void)
+{
+    IMB_ARCH arch = IMB_ARCH_NONE;
+    IMB_MGR *m = imb_tl;
+
+    if (m != NULL || !imb_tl_key_ok)
+        return m;
+    m = alloc_mb_mgr(0);
+    if (m == NULL)
+        return NULL;
+    init_mb_mgr_auto(m, &arch);
+    if (imb_get_errno(m) != 0 || pthread_setspecific(imb_tl_key, m) != 0) {
+        free_mb_mgr(m);
+        return NULL;
+    }
+    imb_tl = m;
+    return m;
+}
+
+/* One ChaCha20-Poly1305 job over buf[0:len] in place (RFC 8439 §2.8). Encrypting, the
+ * tag is computed over the output; decrypting, over the input. Returns 0, -1 when no
+ * per-thread manager could be had (nothing done), -2 when the library rejected the job. */
+static int imb_cp_job(sn_xform *x, int encrypt, const uint8_t *nonce, const uint8_t *aad,
+                      size_t aad_len, uint8_t *buf, size_t len, uint8_t *tag)
+{
+    IMB_MGR *m = imb_thread();
+    IMB_JOB *job, *done;
+
+    if (m == NULL)
+        return -1;
+    job = IMB_GET_NEXT_JOB(m);
+    job->cipher_mode = IMB_CIPHER_CHACHA20_POLY1305;
+    job->hash_alg = IMB_AUTH_CHACHA20_POLY1305;
+    job->cipher_direction = encrypt ? IMB_DIR_ENCRYPT : IMB_DIR_DECRYPT;
+    job->chain_order = encrypt ? IMB_ORDER_CIPHER_HASH : IMB_ORDER_HASH_CIPHER;
+    job->enc_keys = x->key;
+    job->dec_keys = x->key;
+    job->key_len_in_bytes = 32;
+    job->src = buf;
+    job->dst = buf;
+    job->cipher_start_src_offset_in_bytes = 0;
+    job->msg_len_to_cipher_in_bytes = len;
+    job->hash_start_src_offset_in_bytes = 0;
+    job->msg_len_to_hash_in_bytes = len;
+    job->iv = nonce;
+    job->iv_len_in_bytes = SN_NONCE_LEN;
+    job->u.CHACHA20_POLY1305.aad = aad;
+    job->u.CHACHA20_POLY1305.aad_len_in_bytes = aad_len;
+    job->auth_tag_output = tag;
+    job->auth_tag_output_len_in_bytes = 16;
+    /* The job completes on submit (single-buffer algorithm); flushing covers any other
+     * behaviour without ever waiting on a job that is not ours. */
+    done = IMB_SUBMIT_JOB(m);
+    while (done != job) {
+        done = IMB_FLUSH_JOB(m);
+        if (done == NULL)
+            return -2;
+    }
+    return done->status == IMB_STATUS_COMPLETED ? 0 : -2;
+}
+
+/* Fallback for a thread without a manager: the direct API (x->cp_ctx as scratch). */
+static void imb_cp_direct(sn_xform *x, int encrypt, const uint8_t *nonce,
+                          const uint8_t *aad, size_t aad_len, uint8_t *buf, size_t len,
+                          uint8_t *tag)
+{
+    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
+    if (len && encrypt)
+        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    else if (len)
+        IMB_CHACHA20_POLY1305_DEC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    IMB_CHACHA20_POLY1305_ENC_FINALIZE(imb, &x->cp_ctx, tag, 16);
+}
+
+/* Returns 0, or -1 when the library rejected the job. */
+static inline int imb_cp(sn_xform *x, int encrypt, const uint8_t *nonce, const uint8_t *aad,
+                         size_t aad_len, uint8_t *buf, size_t len, uint8_t *tag)
+{
+    int rc = imb_cp_job(x, encrypt, nonce, aad, aad_len, buf, len, tag);
+
+    if (rc == -1) {
+        imb_cp_direct(x, encrypt, nonce, aad, aad_len, buf, len, tag);
+        rc = 0;
+    }
+    return rc == 0 ? 0 : -1;
+}
+
+/* ChaCha20-Poly1305 seal in place. Returns 0, -1 on a bad length or a rejected job. */
 static int imb_cp_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                        const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -200,13 +317,11 @@ static int imb_cp_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int
     if (len > SN_MAX_LEN)
         return -1;
     build_nonce(nonce, x, iv);
-    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
-    if (len)
-        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
-    IMB_CHACHA20_POLY1305_ENC_FINALIZE(imb, &x->cp_ctx, icv, 16);
-    return 0;
+    return imb_cp(x, 1, nonce, aad, aad_len, buf, len, icv);
 }
 
+/* ChaCha20-Poly1305 open in place; a bad ICV restores the ciphertext. Returns 0, -1 bad
+ * ICV, -2 bad length or rejected job. */
 static int imb_cp_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                        const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -216,18 +331,16 @@ static int imb_cp_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int
     if (len > SN_MAX_LEN)
         return -2;
     build_nonce(nonce, x, iv);
-    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
-    if (len)
-        IMB_CHACHA20_POLY1305_DEC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
-    IMB_CHACHA20_POLY1305_DEC_FINALIZE(imb, &x->cp_ctx, tag, 16);
+    if (imb_cp(x, 0, nonce, aad, aad_len, buf, len, tag) != 0)
+        return -2;
     if (CRYPTO_memcmp(tag, icv, 16) == 0)
         return 0;
-    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
-    if (len)
-        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+    if (imb_cp(x, 1, nonce, aad, aad_len, buf, len, tag) != 0) /* restore the ciphertext */
+        OPENSSL_cleanse(buf, len);
     return -1;
 }
 
+/* Precompute x's ipsec-mb key data and pick its seal/open. Returns 0 or -1 (err set). */
 static int imb_setup(sn_xform *x, char *err, size_t errlen)
 {
     if (imb_get() == NULL) {
@@ -257,7 +370,16 @@ static int imb_setup(sn_xform *x, char *err, size_t errlen)
 
 /* -------------------------------------------------------------------- OpenSSL */
 
-/* AEAD seal with OpenSSL: nonce, AAD, in-place update, final, tag. */
+/* Failure paths only: drop what OpenSSL queued on this thread's error queue, so a
+ * forged packet leaves nothing behind for other OpenSSL users of the thread (Python's
+ * ssl module, for one). Returns rc. */
+static int ossl_fail(int rc)
+{
+    ERR_clear_error();
+    return rc;
+}
+
+/* AEAD seal with OpenSSL: nonce, AAD, in-place update, final, tag. Returns 0 or -1. */
 static int ossl_aead_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                           const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -270,15 +392,17 @@ static int ossl_aead_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
     build_nonce(nonce, x, iv);
     if (EVP_CipherInit_ex(x->enc, NULL, NULL, NULL, nonce, 1) != 1 ||
         EVP_CipherUpdate(x->enc, NULL, &outl, aad, aad_len) != 1)
-        return -1;
+        return ossl_fail(-1);
     if (len && EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)
-        return -1;
+        return ossl_fail(-1);
     if (EVP_CipherFinal_ex(x->enc, buf + len, &outl) != 1 ||
         EVP_CIPHER_CTX_ctrl(x->enc, EVP_CTRL_AEAD_GET_TAG, (int)x->icv_len, icv) != 1)
-        return -1;
+        return ossl_fail(-1);
     return 0;
 }
 
+/* AEAD open with OpenSSL, in place: tag set before final, which verifies it. Returns 0,
+ * -1 bad ICV (ciphertext restored), -2 engine failure or bad length. */
 static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                           const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -293,9 +417,9 @@ static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
         EVP_CIPHER_CTX_ctrl(x->dec, EVP_CTRL_AEAD_SET_TAG, (int)x->icv_len,
                             (void *)icv) != 1 ||
         EVP_CipherUpdate(x->dec, NULL, &outl, aad, aad_len) != 1)
-        return -2;
+        return ossl_fail(-2);
     if (len && EVP_CipherUpdate(x->dec, buf, &outl, buf, (int)len) != 1)
-        return -2;
+        return ossl_fail(-2);
     /* The AEAD modes produce no output at final; buf + len is never written. */
     if (EVP_CipherFinal_ex(x->dec, buf + len, &outl) == 1)
         return 0;
@@ -305,7 +429,7 @@ static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
                 EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)) {
         OPENSSL_cleanse(buf, len); /* never leave unauthenticated plaintext behind */
     }
-    return -1;
+    return ossl_fail(-1);
 }
 
 /* HMAC-SHA-256 over SPI || seq || IV || ct [|| seq_hi] (RFC 4868 §2.1, RFC 4303
@@ -333,6 +457,8 @@ static void hmac_sha256(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
     SHA256_Final(mac, &x->hmac_work);
 }
 
+/* AES-CBC encrypt in place, then HMAC over the ESP header, IV and ciphertext. Returns 0,
+ * -1 when len is not a block multiple or the engine fails. */
 static int ossl_cbc_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                          const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
@@ -343,14 +469,16 @@ static int ossl_cbc_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, i
     if (len > SN_MAX_LEN || (len & 15) != 0)
         return -1;
     if (EVP_CipherInit_ex(x->enc, NULL, NULL, NULL, iv, 1) != 1)
-        return -1;
+        return ossl_fail(-1);
     if (len && EVP_CipherUpdate(x->enc, buf, &outl, buf, (int)len) != 1)
-        return -1;
+        return ossl_fail(-1);
     hmac_sha256(x, esp_hdr, seq_hi, esn, iv, buf, len, mac);
     memcpy(icv, mac, x->icv_len);
     return 0;
 }
 
+/* HMAC check, then AES-CBC decrypt in place. Returns 0, -1 bad ICV (buf untouched),
+ * -2 unaligned length (after the ICV passed) or engine failure. */
 static int ossl_cbc_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                          const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
@@ -366,12 +494,14 @@ static int ossl_cbc_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, i
     if ((len & 15) != 0)
         return -2;
     if (EVP_CipherInit_ex(x->dec, NULL, NULL, NULL, iv, 0) != 1)
-        return -2;
+        return ossl_fail(-2);
     if (len && EVP_CipherUpdate(x->dec, buf, &outl, buf, (int)len) != 1)
-        return -2;
+        return ossl_fail(-2);
     return 0;
 }
 
+/* RFC 2104 precomputation: x->hmac_inner/outer = SHA-256 state after K^ipad / K^opad.
+ * The padded key copy on the stack is wiped. */
 static void hmac_precompute(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen)
 {
     uint8_t pad[SN_SHA256_BLOCK];
@@ -391,6 +521,8 @@ static void hmac_precompute(sn_xform *x, const uint8_t *auth_key, size_t auth_ke
     OPENSSL_cleanse(pad, sizeof(pad));
 }
 
+/* Create x's two OpenSSL contexts keyed once, and pick its seal/open. x owns them (freed
+ * in sn_xform_free). Returns 0 or -1 (err set). */
 static int ossl_setup(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen, char *err,
                       size_t errlen)
 {
@@ -413,6 +545,7 @@ static int ossl_setup(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen, 
         EVP_CipherInit_ex(x->enc, c, NULL, x->key, NULL, 1) != 1 ||
         EVP_CipherInit_ex(x->dec, c, NULL, x->key, NULL, 0) != 1) {
         set_err(err, errlen, "openssl: cipher initialisation failed");
+        ERR_clear_error();
         return -1;
     }
     if (x->alg == SN_ALG_AES_CBC_HMAC_SHA256) {
@@ -456,7 +589,7 @@ sn_xform *sn_xform_new(int alg, int engine, const uint8_t *key, size_t keylen,
 
     set_err(err, errlen, "");
     if (key == NULL) {
-        set_err(err, errlen, "key is missing");
+        set_err(err, errlen, "key: missing");
         return NULL;
     }
     switch (alg) {
@@ -557,19 +690,27 @@ void sn_xform_free(sn_xform *x)
     free(x);
 }
 
-int sn_xform_engine(const sn_xform *x) { return x->engine; }
-unsigned sn_xform_iv_len(const sn_xform *x) { return x->iv_len; }
-unsigned sn_xform_icv_len(const sn_xform *x) { return x->icv_len; }
-unsigned sn_xform_block(const sn_xform *x) { return x->block; }
+int sn_xform_engine(const sn_xform *x) { return x ? x->engine : 0; }
+unsigned sn_xform_iv_len(const sn_xform *x) { return x ? x->iv_len : 0; }
+unsigned sn_xform_icv_len(const sn_xform *x) { return x ? x->icv_len : 0; }
+unsigned sn_xform_block(const sn_xform *x) { return x ? x->block : 0; }
+
+/* Both entry points: x, esp_hdr, iv, buf (when len > 0) and icv must be valid; the caller
+ * (the ESP stage) has bounds-checked buf[0:len] and icv[0:icv_len] against the packet.
+ * A NULL x (an SA slot without a transform) is refused rather than dereferenced. */
 
 int sn_xform_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                   const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
+    if (x == NULL)
+        return -1;
     return x->seal(x, esp_hdr, seq_hi, esn, iv, buf, len, icv);
 }
 
 int sn_xform_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                   const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
+    if (x == NULL)
+        return -2;
     return x->open(x, esp_hdr, seq_hi, esn, iv, buf, len, icv);
 }
