@@ -69,6 +69,12 @@ cdef int sn_esp_decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
                       uint8_t *next_header) noexcept nogil
 cdef uint32_t sn_esp_read_spi(const sn_pkt *p, uint32_t esp_off) noexcept nogil
 
+# Exact sizes, for MSS clamping and MTU checks (DESIGN: the overhead is accounted for
+# exactly). `hdr_len` is the IP header length (with IPv6 extension headers ESP goes
+# after) in transport mode; tunnel mode ignores it.
+cdef uint32_t sn_esp_overhead(const sn_sa *sa, uint32_t ip_len, uint32_t hdr_len) noexcept nogil
+cdef uint32_t sn_esp_max_ip_len(const sn_sa *sa, uint32_t mtu, uint32_t hdr_len) noexcept nogil
+
 # Anti-replay and ESN primitives (exposed for tests and for a pipeline that wants to check
 # before it looks further).
 cdef uint64_t sn_esp_infer_seq(const sn_sa *sa, uint32_t seq_lo) noexcept nogil

@@ -271,6 +271,33 @@ cdef uint32_t sn_esp_read_spi(const sn_pkt *p, uint32_t esp_off) noexcept nogil:
     return _rd32(p.data + p.off + esp_off)
 
 
+cdef uint32_t sn_esp_overhead(const sn_sa *sa, uint32_t ip_len, uint32_t hdr_len) noexcept nogil:
+    """Bytes sn_esp_encap adds to an IP packet of ip_len bytes (padding included)."""
+    cdef uint32_t outer = 0, pl = ip_len, udp = 8 if sa.encap else 0
+    if sa.mode == SN_ESP_TUNNEL:
+        outer = 20 if sa.family == 4 else 40
+    else:
+        pl = ip_len - hdr_len if ip_len > hdr_len else 0
+    return (outer + udp + SN_ESP_HDR_LEN + sa.iv_len + (sa.block - (pl + 2) % sa.block)
+            % sa.block + 2 + sa.icv_len)
+
+
+cdef uint32_t sn_esp_max_ip_len(const sn_sa *sa, uint32_t mtu, uint32_t hdr_len) noexcept nogil:
+    """The largest IP packet whose ESP result fits `mtu` bytes of IP; 0 if none does."""
+    cdef uint32_t fixed = (SN_ESP_HDR_LEN + sa.iv_len + sa.icv_len
+                           + (8 if sa.encap else 0))
+    cdef uint32_t room
+    if sa.mode == SN_ESP_TUNNEL:
+        fixed += 20 if sa.family == 4 else 40
+        hdr_len = 0
+    else:
+        fixed += hdr_len
+    if mtu < fixed + sa.block:
+        return 0
+    room = (mtu - fixed) // sa.block * sa.block     # ciphertext: payload + pad + 2
+    return hdr_len + room - 2
+
+
 cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     cdef uint8_t *base = p.data + p.off
     cdef uint8_t *ip
@@ -662,6 +689,15 @@ cdef class SecurityAssociation:
     `protect`/`unprotect` handle one packet as bytes (tests, control plane);
     `protect_batch`/`unprotect_batch` run a Batch without the GIL. The `sa` pointer is
     for the data plane (softnic._esp.pxd).
+
+    spi: 1..2^32-1. mode: "tunnel" | "transport". src, dst: tunnel outer addresses (one
+    family; may be None in transport mode). alg: "aes-gcm" / "rfc4106(gcm(aes))" (key =
+    AES key || 4-byte salt), "chacha20-poly1305" / "rfc7539esp(chacha20,poly1305)" (32 +
+    4), "aes-cbc-hmac-sha256" / "cbc(aes)+hmac(sha256)" (16 or 32, auth_key 32).
+    icv_len: 8, 12 or 16 (GCM). esn: 64-bit sequence numbers. replay_window: 32..65536.
+    seq: outbound, the last number sent; inbound, the highest already received.
+    encap: (sport, dport) for UDP encapsulation. lifetime: soft/hard bytes/packets
+    (0 or absent: none). engine: "auto", "openssl", "ipsec-mb".
     """
 
     def __cinit__(self, *args, **kwargs):
@@ -814,6 +850,17 @@ cdef class SecurityAssociation:
     def engine(self):
         self._need()
         return _ENGINE_NAMES.get(xform_engine(self.sa.xform), "unknown")
+
+    def overhead(self, ip_len, hdr_len=20):
+        """Bytes protect() adds to an IP packet of ip_len bytes (hdr_len: transport
+        mode's IP header, extension headers included)."""
+        self._need()
+        return sn_esp_overhead(self.sa, ip_len, hdr_len)
+
+    def max_ip_len(self, mtu, hdr_len=20):
+        """The largest IP packet whose protected form fits `mtu` (0: none)."""
+        self._need()
+        return sn_esp_max_ip_len(self.sa, mtu, hdr_len)
 
     def stats(self):
         cdef int r

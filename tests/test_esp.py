@@ -452,3 +452,22 @@ def test_batch_failures_leave_packets_as_they_came():
     assert [b.drop_reason(i) for i in range(4)] == ["ok", "icv", "ok", "replay"]
     assert b.get(1) == bytes(bad) and b.get(3) == good[0]
     assert b.get(0) == b.get(2) == bytes(inner)
+
+
+@pytest.mark.parametrize("alg", [ALGS[0], ALGS[2], ALGS[5]], ids=["gcm", "gcm-icv8", "cbc"])
+@pytest.mark.parametrize("mode,fam,outer", [("tunnel", 4, 4), ("tunnel", 6, 4),
+                                            ("tunnel", 4, 6), ("transport", 6, 6),
+                                            ("transport", 4, 4)])
+@pytest.mark.parametrize("encap", [None, (4500, 4500)])
+def test_overhead_and_max_ip_len_are_exact(alg, mode, fam, outer, encap):
+    ours, _ = make_pair(alg, mode, outer if mode == "tunnel" else None, encap=encap)
+    hdr = 20 if fam == 4 else 40
+    for size in range(0, 40):
+        ip = bytes(inner_packet(fam, size, "udp"))
+        assert len(ours.protect(ip)) - len(ip) == ours.overhead(len(ip), hdr)
+    for mtu in (1280, 1400, 1500, 1501, 1502, 1503, 9000):
+        best = ours.max_ip_len(mtu, hdr)
+        assert best + ours.overhead(best, hdr) <= mtu
+        assert best + 1 + ours.overhead(best + 1, hdr) > mtu
+        ip = bytes(inner_packet(fam, best - hdr - 8, "udp"))
+        assert len(ours.protect(ip)) <= mtu
