@@ -943,6 +943,8 @@ cdef object _run_batch(SecurityAssociation self, Batch batch, uint32_t l2len, bi
                        uint32_t esp_off):
     cdef uint64_t counts[SN_DROP_MAX]
     cdef int i, rc, n = batch.count
+    if n > batch.size:
+        n = batch.size              # `count` is writable from Python: never trust it
     cdef sn_pkt *p
     cdef uint8_t nh
     self._need()
