@@ -119,6 +119,7 @@ cdef class Underlay:
     cdef int *pool_fds
     cdef int natt_fd
     cdef int esp_fd
+    cdef public int gso_segs       # most segments per UDP_SEGMENT message; 1 = no GSO
     # TX scratch, used by one sending thread at a time
     cdef mmsghdr *tmsgs
     cdef iovec *tiovs

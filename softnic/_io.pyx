@@ -349,6 +349,7 @@ cdef class Underlay:
             self.pool_fds[i] = pool_fds[i]
         self.n_chans = 0
         self.rr = 0
+        self.gso_segs = SN_GSO_MAX_SEGS
 
     def __dealloc__(self):
         cdef int i
@@ -408,7 +409,7 @@ cdef class Underlay:
         dropped as ring full, since the socket buffer will not drain within the burst)."""
         cdef int sent = 0
         cdef int done = 0
-        cdef int r, k, j, e
+        cdef int r, k, j, e, too_big
         cdef uint16_t reason
         while sent < nm:
             r = sendmmsg(fd, self.tmsgs + sent, nm - sent, MSG_DONTWAIT)
@@ -431,10 +432,13 @@ cdef class Underlay:
                         pkts[self.tiov_pkt[self.tmsg_iov0[k] + j]].drop = SN_DROP_RING_FULL
                         self.st.tx_ring_full += 1
                 break
-            reason = SN_DROP_TOO_BIG if e == EMSGSIZE else SN_DROP_RING_FULL
+            # EMSGSIZE: larger than the path MTU with DF; EINVAL on a GSO message: its
+            # segment (plus headers) exceeds the MTU, or too many segments.
+            too_big = e == EMSGSIZE or (e == EINVAL and self.tmsgs[sent].msg_hdr.msg_iovlen > 1)
+            reason = SN_DROP_TOO_BIG if too_big else SN_DROP_RING_FULL
             for j in range(<int>self.tmsgs[sent].msg_hdr.msg_iovlen):
                 pkts[self.tiov_pkt[self.tmsg_iov0[sent] + j]].drop = reason
-                if e == EMSGSIZE:
+                if too_big:
                     self.st.tx_emsgsize += 1
                 else:
                     self.st.tx_errors += 1
@@ -496,7 +500,8 @@ cdef class Underlay:
                 last = nm - 1
                 m = &self.tmsgs[last].msg_hdr
                 gso_ok = (
-                    m.msg_iovlen < SN_GSO_MAX_SEGS
+                    <int>m.msg_iovlen < self.gso_segs
+                    and m.msg_iovlen < SN_GSO_MAX_SEGS
                     and niov < SN_IO_TX_IOVS
                     and plen <= self.tmsg_seg[last]
                     # a train closes after its one shorter (final) segment
