@@ -102,8 +102,9 @@ cdef int sn_tap_read(int fd, sn_pkt *pkts, int n, uint32_t headroom,
 
     Each slot gets [virtio-net header][Ethernet frame] at data[headroom:], with off/len
     set and drop/flags/hash/port cleared. Stops at EAGAIN (counted) or an error. A frame
-    larger than the slot is consumed and counted as truncated (the kernel reports the
-    full length; the slot is reused). The slots stay owned by their batch.
+    that fills the slot to the last byte is taken as truncated (read() on a TAP returns
+    only what fit, so a frame must be shorter than the room to be known whole); it is
+    consumed, counted, and its slot reused. The slots stay owned by their batch.
     Returns the number of slots filled (0..n).
     """
     cdef int i = 0
@@ -128,7 +129,7 @@ cdef int sn_tap_read(int fd, sn_pkt *pkts, int n, uint32_t headroom,
             break
         if r == 0:
             break
-        if <size_t>r > room:
+        if <size_t>r >= room:
             st.rx_truncated += 1
             continue
         p.off = headroom
