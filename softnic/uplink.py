@@ -72,6 +72,9 @@ class Uplink:
         self.gro = gro
         self._socks: list[socket.socket] = []
         self._ul: Underlay | None = None
+        self.pool: list[socket.socket] = []
+        self.natt: socket.socket | None = None
+        self.esp: socket.socket | None = None
         try:
             self.pool = [self._pool_socket(i, sport_pool, sndbuf) for i in range(sport_pool)]
             self.vxlan = self._rx_udp(vxlan_port, rcvbuf)
@@ -98,7 +101,8 @@ class Uplink:
         self._socks.append(s)
         s.setblocking(False)
         if self.family == 6:
-            s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if kind == socket.SOCK_DGRAM:
+                s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, IPV6_PMTUDISC_DO)
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_DONTFRAG, 1)
         else:
