@@ -81,7 +81,7 @@ ctypedef struct sn_ul_stats:
     uint64_t rx_vxlan          # delivered per channel
     uint64_t rx_natt
     uint64_t rx_esp
-    uint64_t rx_natt_keepalive # RFC 3948 2.3 keepalives (0xFF), dropped
+    uint64_t rx_natt_keepalive  # RFC 3948 2.3 keepalives (0xFF), dropped
     uint64_t rx_natt_ike       # non-ESP marker (IKE on 4500), not ours, dropped
 
 

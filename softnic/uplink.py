@@ -223,7 +223,8 @@ def bench(seconds: float = 2.0, payload: int = 1400, burst: int = 64,
             stop = threading.Event()
             got = [0]
 
-            def receive(ub: Uplink = ub) -> None:
+            def receive(ub: Uplink = ub, stop: threading.Event = stop,
+                        got: list[int] = got) -> None:
                 rb = Batch(1024)
                 pl = select.poll()
                 for fd in ub.filenos():
