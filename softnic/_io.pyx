@@ -737,7 +737,7 @@ cdef class Underlay:
         cdef int done
         if n < 0:
             n = batch.count - start
-        if start < 0 or start + n > batch.count:
+        if start < 0 or n < 0 or start + n > batch.count:
             raise IndexError("slots outside the batch")
         with nogil:
             done = self.send_pkts(batch.pkts + start, n)

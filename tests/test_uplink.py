@@ -241,3 +241,33 @@ def test_closed_uplink_refuses(hosts):
     u.close()
     with pytest.raises(ValueError):
         u.send_burst(Batch(1))
+
+
+def test_long_train_splits_into_gso_messages_in_one_call(ups):
+    t, ua, ub = ups
+    payloads = [i.to_bytes(2, "big") * 700 for i in range(100)]   # 1400 bytes each
+    b = Batch(128)
+    for pl in payloads:
+        b.push(outer(t, pl, sport=50005))
+    assert ua.send_burst(b) == 100
+    c = ua.counters()
+    # 46 x 1400 is the most under 65507 bytes: messages of 46, 46, 8 in one sendmmsg
+    assert c["tx_syscalls"] == 1 and c["tx_gso_msgs"] == 3
+    r = receive(ub, 100)
+    assert [bytes(parse(t, r.get(i))[UDP].payload) for i in range(r.count)] == payloads
+
+
+def test_empty_and_garbage_datagrams(ups):
+    import socket
+
+    t, ua, ub = ups
+    fam = socket.AF_INET6 if t.v6 else socket.AF_INET
+    s = t.a.ns.call(socket.socket, fam, socket.SOCK_DGRAM)
+    s.sendto(b"", (t.b.addr, 4789))
+    s.sendto(b"\x00garbage", (t.b.addr, 4789))
+    s.close()
+    r = receive(ub, 1)
+    topo.wait_until(lambda: ub.recv_burst(r) >= 0 and ub.counters()["rx_empty"] == 1)
+    assert r.count == 1 and bytes(parse(t, r.get(0))[UDP].payload) == b"\x00garbage"
+    with pytest.raises(IndexError):
+        ua.send_burst(r, 2, -1)
