@@ -4,6 +4,7 @@ Oracles: the Linux TCP stack (it produces the TSO frames, and reassembles what w
 the kernel's UDP receive path and its checksum counters (/proc/net/snmp), dpkt and scapy
 for frame layout."""
 
+import os
 import struct
 import threading
 import time
@@ -246,3 +247,21 @@ def test_counters_are_readable_and_closed_port_refuses(pair):
     with pytest.raises(ValueError):
         t1.read_burst(Batch(1))
     assert "fd=-1" in repr(t1)
+
+
+def test_forward_loop_carries_tcp(pair):
+    import socket
+
+    from softnic.tap import forward
+
+    _, v1, t1, v2, t2 = pair
+    stop = threading.Event()
+    th = threading.Thread(target=forward, args=(t1, t2, stop))
+    th.start()
+    try:
+        data = os.urandom(1 << 20)
+        assert tcp_transfer(v1, v2, "10.77.0.2", socket.AF_INET, data) == data
+    finally:
+        stop.set()
+        th.join()
+    assert t1.counters()["rx_bytes"] > len(data)

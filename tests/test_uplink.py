@@ -271,3 +271,15 @@ def test_empty_and_garbage_datagrams(ups):
     assert r.count == 1 and bytes(parse(t, r.get(0))[UDP].payload) == b"\x00garbage"
     with pytest.raises(IndexError):
         ua.send_burst(r, 2, -1)
+
+
+@pytest.mark.slow
+def test_bench_gso_gro_beats_sendmmsg():
+    from softnic.uplink import bench
+
+    r = bench(seconds=0.3)
+    assert r["sendmmsg_recv_per_s"] > 0 and r["gso_gro_recv_per_s"] > 0
+    # the point of GSO/GRO: far fewer syscalls per datagram on both sides
+    assert r["ratio_recv"] > 1.0
+    assert (r["gso_gro_tx_syscalls"] / r["gso_gro_sent_per_s"]
+            < r["sendmmsg_tx_syscalls"] / r["sendmmsg_sent_per_s"])
