@@ -217,6 +217,7 @@ class Host:
         self.ns = Netns(prefix=f"sn{label}")
         self.vms: list[Netns] = []
         self.taps: list[Any] = []
+        self.uplinks: list[Any] = []
         self.addr: str = ""               # underlay address, set by the topology
         self.dev = "ul0"
 
@@ -237,13 +238,23 @@ class Host:
         self.taps.append(tap)
         return tap
 
+    def open_uplink(self, **kw: Any) -> Any:
+        """Open a softnic.uplink.Uplink on this host's underlay address, inside its
+        namespace; it is closed with the host."""
+        from softnic.uplink import Uplink
+
+        up = self.ns.call(Uplink, self.addr, **kw)
+        self.uplinks.append(up)
+        return up
+
     def close(self) -> None:
         errors: list[BaseException] = []
-        for obj in [*self.taps, *self.vms, self.ns]:
+        for obj in [*self.uplinks, *self.taps, *self.vms, self.ns]:
             try:
                 obj.close()
             except Exception as e:  # keep cleaning up; report the first
                 errors.append(e)
+        self.uplinks.clear()
         self.taps.clear()
         self.vms.clear()
         if errors:

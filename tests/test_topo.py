@@ -90,3 +90,11 @@ def test_host_vm_tap():
         assert "eth0" not in h.ns.ip("link", "show")
         vmname = vm.name
     assert tap.fileno() == -1 and vmname not in _namespaces()
+
+
+def test_host_uplink_is_closed_with_host():
+    with topo.TwoHosts() as t:
+        up = t.a.open_uplink(sport_pool=4)
+        assert up.local_addr == t.a.addr
+    with pytest.raises(ValueError):
+        up.counters()
