@@ -283,3 +283,38 @@ def test_bench_gso_gro_beats_sendmmsg():
     assert r["ratio_recv"] > 1.0
     assert (r["gso_gro_tx_syscalls"] / r["gso_gro_sent_per_s"]
             < r["sendmmsg_tx_syscalls"] / r["sendmmsg_sent_per_s"])
+
+
+@settings(max_examples=60, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.one_of(st.binary(max_size=64), st.just(b"\xff"),
+                          st.binary(max_size=32).map(lambda b: bytes(4) + b)),
+                min_size=1, max_size=8))
+def test_natt_receive_accounts_for_every_datagram(ups, datagrams):
+    import socket
+
+    t, _, ub = ups
+    fam = socket.AF_INET6 if t.v6 else socket.AF_INET
+    s = t.a.ns.call(socket.socket, fam, socket.SOCK_DGRAM)
+    before = ub.counters()
+    for d in datagrams:
+        s.sendto(d, (t.b.addr, 4500))
+    s.close()
+    keys = ("rx_natt", "rx_natt_keepalive", "rx_natt_ike", "rx_empty")
+    want = {
+        "rx_natt_keepalive": sum(d == b"\xff" for d in datagrams),
+        "rx_natt_ike": sum(len(d) >= 4 and d[:4] == bytes(4) for d in datagrams),
+        "rx_empty": sum(d == b"" for d in datagrams),
+    }
+    want["rx_natt"] = len(datagrams) - sum(want.values())
+    r = Batch(64)
+
+    def settled():
+        ub.recv_burst(r)
+        now = ub.counters()
+        return all(now[k] - before[k] == want[k] for k in keys)
+
+    topo.wait_until(settled, timeout=3)
+    delivered = [bytes(parse(t, r.get(i))[UDP].payload) for i in range(r.count)]
+    assert delivered == [d for d in datagrams
+                         if d and d != b"\xff" and not (len(d) >= 4 and d[:4] == bytes(4))]
