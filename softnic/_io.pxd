@@ -78,6 +78,7 @@ ctypedef struct sn_ul_stats:
     uint64_t rx_truncated      # datagram larger than buffer or slot, dropped
     uint64_t rx_errors         # recvmmsg failed otherwise
     uint64_t rx_empty          # zero-length datagrams, dropped
+    uint64_t rx_overflow       # dropped by the kernel, socket buffer full (SO_RXQ_OVFL)
     uint64_t rx_vxlan          # delivered per channel
     uint64_t rx_natt
     uint64_t rx_esp
@@ -100,6 +101,7 @@ ctypedef struct sn_rx_chan:
     uint32_t cur_off           # next datagram's offset in it
     uint32_t cur_seg           # its GRO segment size (= length without GRO)
     uint8_t cur_dst[16]        # its local (destination) address from PKTINFO
+    uint32_t ovfl              # last SO_RXQ_OVFL value (the kernel's running count)
 
 
 cdef int sn_tap_read(int fd, sn_pkt *pkts, int n, uint32_t headroom,

@@ -61,7 +61,10 @@ cdef extern from *:
         IPPROTO_IPV6
         IP_PKTINFO
         IPV6_PKTINFO
+        SOL_SOCKET
+        SO_RXQ_OVFL
         MSG_TRUNC
+        MSG_CTRUNC
         MSG_DONTWAIT
     int sendmmsg(int fd, mmsghdr *msgs, unsigned int vlen, int flags) nogil
     int recvmmsg(int fd, mmsghdr *msgs, unsigned int vlen, int flags, void *timeout) nogil
@@ -561,13 +564,8 @@ cdef class Underlay:
         cdef uint32_t ln = ch.msgs[ch.cur].msg_len
         cdef cmsghdr *c
         cdef int gro = 0
+        cdef uint32_t ovfl
         ch.cur_off = 0
-        if m.msg_flags & MSG_TRUNC or ln > SN_IO_RX_BUF:
-            self.st.rx_truncated += 1
-            return -1
-        if ln == 0:
-            self.st.rx_empty += 1
-            return -1
         memcpy(ch.cur_dst, self.laddr, 16)
         c = CMSG_FIRSTHDR(m)
         while c != NULL:
@@ -578,7 +576,20 @@ cdef class Underlay:
                 memcpy(ch.cur_dst, CMSG_DATA(c) + 8, 4)
             elif c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_PKTINFO:
                 memcpy(ch.cur_dst, CMSG_DATA(c), 16)
+            elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SO_RXQ_OVFL:
+                # the socket's running count of datagrams dropped on a full buffer
+                memcpy(&ovfl, CMSG_DATA(c), sizeof(uint32_t))
+                self.st.rx_overflow += <uint32_t>(ovfl - ch.ovfl)
+                ch.ovfl = ovfl
             c = CMSG_NXTHDR(m, c)
+        # MSG_CTRUNC: a lost UDP_GRO cmsg would make a super-buffer look like one
+        # datagram, so such a message is dropped rather than trusted.
+        if m.msg_flags & (MSG_TRUNC | MSG_CTRUNC) or ln > SN_IO_RX_BUF:
+            self.st.rx_truncated += 1
+            return -1
+        if ln == 0:
+            self.st.rx_empty += 1
+            return -1
         ch.cur_seg = <uint32_t>gro if 0 < gro < <int>ln else ln
         if ch.cur_seg < ln:
             self.st.rx_gro_bufs += 1

@@ -318,3 +318,33 @@ def test_natt_receive_accounts_for_every_datagram(ups, datagrams):
     delivered = [bytes(parse(t, r.get(i))[UDP].payload) for i in range(r.count)]
     assert delivered == [d for d in datagrams
                          if d and d != b"\xff" and not (len(d) >= 4 and d[:4] == bytes(4))]
+
+
+def test_kernel_drops_on_a_full_socket_are_counted(hosts):
+    t = hosts
+    ua = t.a.ns.call(Uplink, t.a.addr, sport_pool=4, gso=False)
+    ub = t.b.ns.call(Uplink, t.b.addr, sport_pool=4, rcvbuf=4096, vxlan_port=4790)
+    try:
+        b = Batch(64)
+        for _ in range(50):
+            b.push(outer(t, bytes(1400), dport=4790))
+        assert ua.send_burst(b) == 50
+        r = Batch(256)
+        time.sleep(0.05)
+        ub.recv_burst(r)
+        assert 0 < r.count < 50                   # the tiny buffer overflowed
+        b.clear()
+        b.push(outer(t, b"after", dport=4790))    # carries the kernel's drop count
+        ua.send_burst(b)
+
+        def all_accounted():
+            ub.recv_burst(r)
+            c = ub.counters()
+            return c["rx_pkts"] + c["rx_overflow"] == 51
+
+        topo.wait_until(all_accounted)
+        c = ub.counters()
+        assert c["rx_pkts"] + c["rx_overflow"] == 51 and c["rx_overflow"] > 0
+    finally:
+        ua.close()
+        ub.close()
