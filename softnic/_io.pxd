@@ -101,6 +101,7 @@ ctypedef struct sn_rx_chan:
     uint32_t cur_off           # next datagram's offset in it
     uint32_t cur_seg           # its GRO segment size (= length without GRO)
     uint8_t cur_dst[16]        # its local (destination) address from PKTINFO
+    uint8_t cur_tos            # its outer TOS / traffic class (IP_RECVTOS, RECVTCLASS)
     uint32_t ovfl              # last SO_RXQ_OVFL value (the kernel's running count)
 
 
@@ -129,6 +130,7 @@ cdef class Underlay:
     cdef int *tmsg_iov0            # first segment of each message
     cdef uint32_t *tmsg_seg        # segment size of each message
     cdef uint32_t *tmsg_bytes      # payload bytes of each message
+    cdef uint8_t *tmsg_tos         # outer TOS / traffic class of each message
     cdef uint8_t *tnames
     cdef uint8_t *tcmsgs
     # RX channels, used by one receiving thread at a time

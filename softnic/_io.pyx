@@ -61,6 +61,8 @@ cdef extern from *:
         IPPROTO_IPV6
         IP_PKTINFO
         IPV6_PKTINFO
+        IP_TOS
+        IPV6_TCLASS
         SOL_SOCKET
         SO_RXQ_OVFL
         MSG_TRUNC
@@ -239,10 +241,10 @@ def tap_write_burst(int fd, Batch batch not None, int start, int n,
 # ---------------------------------------------------------------- underlay
 
 cdef int _parse_tx(sn_pkt *p, int family, uint8_t **dst, int *proto, uint16_t *sport,
-                   uint16_t *dport, uint8_t **pl, uint32_t *plen) noexcept nogil:
+                   uint16_t *dport, uint8_t **pl, uint32_t *plen, uint8_t *tos) noexcept nogil:
     """Read what the kernel needs to send an outer packet: destination, protocol, ports,
-    and where the payload is. Every length is checked against the slot and the headers.
-    Returns 0, or -1 (malformed, wrong family, fragment, not UDP/ESP)."""
+    TOS / traffic class (its ECN bits matter, RFC 6040), and where the payload is.
+    Every length is checked against the slot and the headers. Returns 0, or -1 (malformed, wrong family, fragment, not UDP/ESP)."""
     cdef uint8_t *b
     cdef uint8_t *l4
     cdef uint32_t L, ihl, tot, l4len, ulen
@@ -260,6 +262,7 @@ cdef int _parse_tx(sn_pkt *p, int family, uint8_t **dst, int *proto, uint16_t *s
         if _rd16(b + 6) & 0x3FFF:          # MF or fragment offset: never sent as is
             return -1
         proto[0] = b[9]
+        tos[0] = b[1]
         dst[0] = b + 16
         l4 = b + ihl
         l4len = tot - ihl
@@ -270,6 +273,7 @@ cdef int _parse_tx(sn_pkt *p, int family, uint8_t **dst, int *proto, uint16_t *s
         if 40 + l4len > L:
             return -1
         proto[0] = b[6]                    # no extension headers on the underlay
+        tos[0] = <uint8_t>(((b[0] & 0x0F) << 4) | (b[1] >> 4))
         dst[0] = b + 24
         l4 = b + 40
     else:
@@ -343,10 +347,12 @@ cdef class Underlay:
         self.tmsg_iov0 = <int *>calloc(SN_IO_TX_MSGS, sizeof(int))
         self.tmsg_seg = <uint32_t *>calloc(SN_IO_TX_MSGS, sizeof(uint32_t))
         self.tmsg_bytes = <uint32_t *>calloc(SN_IO_TX_MSGS, sizeof(uint32_t))
+        self.tmsg_tos = <uint8_t *>calloc(SN_IO_TX_MSGS, 1)
         self.tnames = <uint8_t *>calloc(SN_IO_TX_MSGS, SN_SA_LEN)
         self.tcmsgs = <uint8_t *>calloc(SN_IO_TX_MSGS, SN_IO_CMSG)
         if (not self.pool_fds or not self.tmsgs or not self.tiovs or not self.tiov_pkt
                 or not self.tmsg_iov0 or not self.tmsg_seg or not self.tmsg_bytes
+                or not self.tmsg_tos
                 or not self.tnames or not self.tcmsgs):
             raise MemoryError()
         for i in range(self.pool_n):
@@ -370,6 +376,7 @@ cdef class Underlay:
         free(self.tmsg_iov0)
         free(self.tmsg_seg)
         free(self.tmsg_bytes)
+        free(self.tmsg_tos)
         free(self.tnames)
         free(self.tcmsgs)
 
@@ -415,6 +422,37 @@ cdef class Underlay:
         cdef int done = 0
         cdef int r, k, j, e, too_big
         cdef uint16_t reason
+        cdef msghdr *m
+        cdef cmsghdr *c
+        cdef size_t clen
+        # Ancillary data per message: UDP_SEGMENT for a train, IP_TOS / IPV6_TCLASS when
+        # the outer header asks for a TOS (ECN, DSCP) other than the socket's 0.
+        for k in range(nm):
+            m = &self.tmsgs[k].msg_hdr
+            clen = 0
+            if m.msg_iovlen > 1:
+                clen += CMSG_SPACE(sizeof(uint16_t))
+            if self.tmsg_tos[k]:
+                clen += CMSG_SPACE(sizeof(int))
+            if clen == 0:
+                m.msg_control = NULL
+                m.msg_controllen = 0
+                continue
+            m.msg_control = self.tcmsgs + <size_t>k * SN_IO_CMSG
+            m.msg_controllen = clen
+            memset(m.msg_control, 0, clen)
+            c = CMSG_FIRSTHDR(m)
+            if m.msg_iovlen > 1:
+                c.cmsg_level = SOL_UDP
+                c.cmsg_type = UDP_SEGMENT
+                c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+                (<uint16_t *>CMSG_DATA(c))[0] = <uint16_t>self.tmsg_seg[k]
+                c = CMSG_NXTHDR(m, c)
+            if self.tmsg_tos[k]:
+                c.cmsg_level = IPPROTO_IP if self.family == 4 else IPPROTO_IPV6
+                c.cmsg_type = IP_TOS if self.family == 4 else IPV6_TCLASS
+                c.cmsg_len = CMSG_LEN(sizeof(int))
+                (<int *>CMSG_DATA(c))[0] = self.tmsg_tos[k]
         while sent < nm:
             r = sendmmsg(fd, self.tmsgs + sent, nm - sent, MSG_DONTWAIT)
             self.st.tx_syscalls += 1
@@ -471,15 +509,16 @@ cdef class Underlay:
         cdef uint8_t cand[28]
         cdef uint16_t sport, dport
         cdef uint32_t plen
+        cdef uint8_t tos
         cdef int gso_ok
         cdef msghdr *m
-        cdef cmsghdr *c
         cdef sn_pkt *p
         for i in range(n):
             p = &pkts[i]
             if p.drop:
                 continue
-            if _parse_tx(p, self.family, &dst, &proto, &sport, &dport, &pl, &plen) != 0:
+            if _parse_tx(p, self.family, &dst, &proto, &sport, &dport, &pl, &plen,
+                         &tos) != 0:
                 p.drop = SN_DROP_MALFORMED_L3
                 self.st.tx_malformed += 1
                 continue
@@ -511,6 +550,7 @@ cdef class Underlay:
                     # a train closes after its one shorter (final) segment
                     and m.msg_iov[m.msg_iovlen - 1].iov_len == self.tmsg_seg[last]
                     and self.tmsg_bytes[last] + plen <= SN_GSO_MAX_BYTES
+                    and self.tmsg_tos[last] == tos
                 )
                 if gso_ok:
                     _set_name(cand, self.family, dst, dport)
@@ -521,14 +561,6 @@ cdef class Underlay:
                         niov += 1
                         m.msg_iovlen += 1
                         self.tmsg_bytes[last] += plen
-                        if m.msg_iovlen == 2:
-                            m.msg_control = self.tcmsgs + <size_t>last * SN_IO_CMSG
-                            m.msg_controllen = CMSG_SPACE(sizeof(uint16_t))
-                            c = CMSG_FIRSTHDR(m)
-                            c.cmsg_level = SOL_UDP
-                            c.cmsg_type = UDP_SEGMENT
-                            c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-                            (<uint16_t *>CMSG_DATA(c))[0] = <uint16_t>self.tmsg_seg[last]
                         continue
             if nm == SN_IO_TX_MSGS or niov == SN_IO_TX_IOVS:
                 done += self._flush(cur_fd, nm, pkts)
@@ -549,6 +581,7 @@ cdef class Underlay:
             self.tmsg_iov0[nm] = niov
             self.tmsg_seg[nm] = plen
             self.tmsg_bytes[nm] = plen
+            self.tmsg_tos[nm] = tos
             niov += 1
             nm += 1
         if nm:
@@ -565,7 +598,9 @@ cdef class Underlay:
         cdef cmsghdr *c
         cdef int gro = 0
         cdef uint32_t ovfl
+        cdef int tclass = 0
         ch.cur_off = 0
+        ch.cur_tos = 0
         memcpy(ch.cur_dst, self.laddr, 16)
         c = CMSG_FIRSTHDR(m)
         while c != NULL:
@@ -576,6 +611,11 @@ cdef class Underlay:
                 memcpy(ch.cur_dst, CMSG_DATA(c) + 8, 4)
             elif c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_PKTINFO:
                 memcpy(ch.cur_dst, CMSG_DATA(c), 16)
+            elif c.cmsg_level == IPPROTO_IP and c.cmsg_type == IP_TOS:
+                ch.cur_tos = CMSG_DATA(c)[0]
+            elif c.cmsg_level == IPPROTO_IPV6 and c.cmsg_type == IPV6_TCLASS:
+                memcpy(&tclass, CMSG_DATA(c), sizeof(int))
+                ch.cur_tos = <uint8_t>tclass
             elif c.cmsg_level == SOL_SOCKET and c.cmsg_type == SO_RXQ_OVFL:
                 # the socket's running count of datagrams dropped on a full buffer
                 memcpy(&ovfl, CMSG_DATA(c), sizeof(uint32_t))
@@ -670,7 +710,7 @@ cdef class Underlay:
             h = p.data + headroom
             if self.family == 4 and hl:
                 h[0] = 0x45
-                h[1] = 0
+                h[1] = ch.cur_tos
                 _wr16(h + 2, <uint16_t>(hl + seg))
                 _wr16(h + 4, 0)
                 _wr16(h + 6, 0x4000)        # DF: the underlay never fragments
@@ -681,8 +721,8 @@ cdef class Underlay:
                 memcpy(h + 16, ch.cur_dst, 4)
                 _wr16(h + 10, _ip4_csum(h))
             elif hl:
-                h[0] = 0x60
-                h[1] = 0
+                h[0] = 0x60 | (ch.cur_tos >> 4)
+                h[1] = <uint8_t>((ch.cur_tos & 0x0F) << 4)
                 h[2] = 0
                 h[3] = 0
                 _wr16(h + 4, <uint16_t>(hl - 40 + seg))

@@ -33,6 +33,8 @@ IPV6_PMTUDISC_DO = 2
 IPV6_RECVPKTINFO = 49
 IPV6_DONTFRAG = 62
 IP_PKTINFO = 8
+IP_RECVTOS = 13
+IPV6_RECVTCLASS = 66
 SO_RCVBUFFORCE = 33
 SO_SNDBUFFORCE = 32
 SO_RXQ_OVFL = 40
@@ -147,10 +149,13 @@ class Uplink:
 
     def _pktinfo(self, s: socket.socket) -> None:
         s.setsockopt(socket.SOL_SOCKET, SO_RXQ_OVFL, 1)   # kernel drops -> rx_overflow
+        # local address and outer TOS / traffic class (ECN, RFC 6040) of each datagram
         if self.family == 6:
             s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVPKTINFO, 1)
+            s.setsockopt(socket.IPPROTO_IPV6, IPV6_RECVTCLASS, 1)
         else:
             s.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
+            s.setsockopt(socket.IPPROTO_IP, IP_RECVTOS, 1)
 
     # -- data
     def _u(self) -> Underlay:

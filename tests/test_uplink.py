@@ -346,3 +346,26 @@ def test_kernel_drops_on_a_full_socket_are_counted(hosts):
     finally:
         ua.close()
         ub.close()
+
+
+def test_outer_tos_and_ecn_cross_both_ways(ups):
+    t, ua, ub = ups
+    toss = [0x00, 0x02, 0x02, 0x03, 0xB8, 0xB8, 0x01]     # Not-ECT, ECT(0), CE, EF...
+    b = Batch(16)
+    for i, tos in enumerate(toss):
+        raw = bytearray(outer(t, bytes([i]) * 1000))
+        if t.v6:
+            raw[0] = 0x60 | (tos >> 4)
+            raw[1] = (raw[1] & 0x0F) | ((tos & 0x0F) << 4)
+        else:
+            raw[1] = tos
+        b.push(bytes(raw))
+    assert ua.send_burst(b) == len(toss)
+    # equal lengths but a TOS change ends a train: trains 0x02 x2 and 0xB8 x2
+    assert ua.counters()["tx_gso_msgs"] == 2
+    r = receive(ub, len(toss))
+    got = {}
+    for i in range(r.count):
+        p = parse(t, r.get(i))
+        got[bytes(p[UDP].payload)[0]] = p.tc if t.v6 else p.tos
+    assert got == dict(enumerate(toss))
