@@ -244,7 +244,8 @@ cdef int _parse_tx(sn_pkt *p, int family, uint8_t **dst, int *proto, uint16_t *s
                    uint16_t *dport, uint8_t **pl, uint32_t *plen, uint8_t *tos) noexcept nogil:
     """Read what the kernel needs to send an outer packet: destination, protocol, ports,
     TOS / traffic class (its ECN bits matter, RFC 6040), and where the payload is.
-    Every length is checked against the slot and the headers. Returns 0, or -1 (malformed, wrong family, fragment, not UDP/ESP)."""
+    Every length is checked against the slot and the headers.
+    Returns 0, or -1 (malformed, wrong family, fragment, not UDP/ESP)."""
     cdef uint8_t *b
     cdef uint8_t *l4
     cdef uint32_t L, ihl, tot, l4len, ulen
