@@ -114,33 +114,54 @@ cdef class TapCounters:
     cdef sn_tap_stats st
 
 
+# What a sender needs to know about an uplink (owned by its Underlay).
+ctypedef struct sn_ul:
+    int family                 # 4 or 6
+    int pool_n
+    int *pool_fds              # source-port pool; socket i bound to a port = i mod pool_n
+    int natt_fd                # UDP 4500 or -1
+    int esp_fd                 # raw IP protocol 50 or -1
+    int gso_segs               # most segments per UDP_SEGMENT message; 1 = no GSO
+
+
+# One sending thread's scratch and counters (only the tx_* fields are used).
+ctypedef struct sn_txq:
+    mmsghdr *msgs              # SN_IO_TX_MSGS
+    iovec *iovs                # SN_IO_TX_IOVS segments
+    int *iov_pkt               # slot index behind each segment
+    int *msg_iov0              # first segment of each message
+    uint32_t *msg_seg          # segment size of each message
+    uint32_t *msg_bytes        # payload bytes of each message
+    uint8_t *msg_tos           # outer TOS / traffic class of each message
+    uint8_t *names             # destination sockaddr of each message
+    uint8_t *cmsgs             # SN_IO_CMSG of control data per message
+    sn_ul_stats st
+
+
+cdef int sn_ul_send(const sn_ul *ul, sn_txq *q, sn_pkt *pkts, int n) noexcept nogil
+
+
+cdef class TxQueue:
+    cdef object owner              # the Underlay, kept alive while the queue is
+    cdef const sn_ul *ul
+    cdef sn_txq q
+    cdef int send_pkts(self, sn_pkt *pkts, int n) noexcept nogil
+
+
 cdef class Underlay:
-    cdef sn_ul_stats st
-    cdef int family                # 4 or 6
+    cdef sn_ul_stats st            # RX counters (TX ones live in the queues)
+    cdef sn_ul ul
     cdef uint8_t laddr[16]         # local address (network order; v4 in the first 4)
-    cdef int pool_n
-    cdef int *pool_fds
-    cdef int natt_fd
-    cdef int esp_fd
-    cdef public int gso_segs       # most segments per UDP_SEGMENT message; 1 = no GSO
-    # TX scratch, used by one sending thread at a time
-    cdef mmsghdr *tmsgs
-    cdef iovec *tiovs
-    cdef int *tiov_pkt             # slot index behind each segment
-    cdef int *tmsg_iov0            # first segment of each message
-    cdef uint32_t *tmsg_seg        # segment size of each message
-    cdef uint32_t *tmsg_bytes      # payload bytes of each message
-    cdef uint8_t *tmsg_tos         # outer TOS / traffic class of each message
-    cdef uint8_t *tnames
-    cdef uint8_t *tcmsgs
+    cdef list txqs
+    cdef TxQueue txq0              # default queue of send_burst / send_pkts
+    cdef sn_txq *q0
     # RX channels, used by one receiving thread at a time
     cdef sn_rx_chan chans[3]
     cdef int n_chans
     cdef int rr
 
     cdef int send_pkts(self, sn_pkt *pkts, int n) noexcept nogil
-    cdef int _flush(self, int fd, int nm, sn_pkt *pkts) noexcept nogil
+    cdef int recv_pkts(self, sn_pkt *pkts, int n, uint32_t headroom) noexcept nogil
     cdef int _begin(self, sn_rx_chan *ch) noexcept nogil
     cdef int _drain(self, sn_rx_chan *ch, sn_pkt *pkts, int n, uint32_t headroom,
                     int *idle) noexcept nogil
-    cdef int recv_pkts(self, sn_pkt *pkts, int n, uint32_t headroom) noexcept nogil

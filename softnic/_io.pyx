@@ -311,12 +311,255 @@ cdef inline void _set_name(uint8_t *name, int family, const uint8_t *addr,
         memcpy(name + 8, addr, 16)
 
 
+cdef int _txq_alloc(sn_txq *q) noexcept nogil:
+    """Allocate a TX queue's scratch (zeroed); 0, or -1 with everything freed."""
+    memset(q, 0, sizeof(sn_txq))
+    q.msgs = <mmsghdr *>calloc(SN_IO_TX_MSGS, sizeof(mmsghdr))
+    q.iovs = <iovec *>calloc(SN_IO_TX_IOVS, sizeof(iovec))
+    q.iov_pkt = <int *>calloc(SN_IO_TX_IOVS, sizeof(int))
+    q.msg_iov0 = <int *>calloc(SN_IO_TX_MSGS, sizeof(int))
+    q.msg_seg = <uint32_t *>calloc(SN_IO_TX_MSGS, sizeof(uint32_t))
+    q.msg_bytes = <uint32_t *>calloc(SN_IO_TX_MSGS, sizeof(uint32_t))
+    q.msg_tos = <uint8_t *>calloc(SN_IO_TX_MSGS, 1)
+    q.names = <uint8_t *>calloc(SN_IO_TX_MSGS, SN_SA_LEN)
+    q.cmsgs = <uint8_t *>calloc(SN_IO_TX_MSGS, SN_IO_CMSG)
+    if (not q.msgs or not q.iovs or not q.iov_pkt or not q.msg_iov0 or not q.msg_seg
+            or not q.msg_bytes or not q.msg_tos or not q.names or not q.cmsgs):
+        _txq_free(q)
+        return -1
+    return 0
+
+
+cdef void _txq_free(sn_txq *q) noexcept nogil:
+    free(q.msgs)
+    free(q.iovs)
+    free(q.iov_pkt)
+    free(q.msg_iov0)
+    free(q.msg_seg)
+    free(q.msg_bytes)
+    free(q.msg_tos)
+    free(q.names)
+    free(q.cmsgs)
+    memset(q, 0, sizeof(sn_txq))
+
+
+cdef int _ul_flush(const sn_ul *ul, sn_txq *q, int fd, int nm, sn_pkt *pkts) noexcept nogil:
+    """sendmmsg the nm prepared messages on fd; returns datagrams the kernel took.
+
+    A partial result resumes after the sent ones; the failing message's packets are
+    marked and counted, and the rest are retried (EAGAIN/ENOBUFS: all the rest are
+    dropped as ring full, since the socket buffer will not drain within the burst)."""
+    cdef int sent = 0
+    cdef int done = 0
+    cdef int r, k, j, e, too_big
+    cdef uint16_t reason
+    cdef msghdr *m
+    cdef cmsghdr *c
+    cdef size_t clen
+    # Ancillary data per message: UDP_SEGMENT for a train, IP_TOS / IPV6_TCLASS when
+    # the outer header asks for a TOS (ECN, DSCP) other than the socket's 0.
+    for k in range(nm):
+        m = &q.msgs[k].msg_hdr
+        clen = 0
+        if m.msg_iovlen > 1:
+            clen += CMSG_SPACE(sizeof(uint16_t))
+        if q.msg_tos[k]:
+            clen += CMSG_SPACE(sizeof(int))
+        if clen == 0:
+            m.msg_control = NULL
+            m.msg_controllen = 0
+            continue
+        m.msg_control = q.cmsgs + <size_t>k * SN_IO_CMSG
+        m.msg_controllen = clen
+        memset(m.msg_control, 0, clen)
+        c = CMSG_FIRSTHDR(m)
+        if m.msg_iovlen > 1:
+            c.cmsg_level = SOL_UDP
+            c.cmsg_type = UDP_SEGMENT
+            c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
+            (<uint16_t *>CMSG_DATA(c))[0] = <uint16_t>q.msg_seg[k]
+            c = CMSG_NXTHDR(m, c)
+        if q.msg_tos[k]:
+            c.cmsg_level = IPPROTO_IP if ul.family == 4 else IPPROTO_IPV6
+            c.cmsg_type = IP_TOS if ul.family == 4 else IPV6_TCLASS
+            c.cmsg_len = CMSG_LEN(sizeof(int))
+            (<int *>CMSG_DATA(c))[0] = q.msg_tos[k]
+    while sent < nm:
+        r = sendmmsg(fd, q.msgs + sent, nm - sent, MSG_DONTWAIT)
+        q.st.tx_syscalls += 1
+        if r > 0:
+            for k in range(sent, sent + r):
+                done += <int>q.msgs[k].msg_hdr.msg_iovlen
+                q.st.tx_bytes += q.msg_bytes[k]
+                if q.msgs[k].msg_hdr.msg_iovlen > 1:
+                    q.st.tx_gso_msgs += 1
+            sent += r
+            continue
+        e = errno
+        if e == EINTR:
+            continue
+        if e == EAGAIN or e == ENOBUFS:
+            q.st.tx_eagain += 1
+            for k in range(sent, nm):
+                for j in range(<int>q.msgs[k].msg_hdr.msg_iovlen):
+                    pkts[q.iov_pkt[q.msg_iov0[k] + j]].drop = SN_DROP_RING_FULL
+                    q.st.tx_ring_full += 1
+            break
+        # EMSGSIZE: larger than the path MTU with DF; EINVAL on a GSO message: its
+        # segment (plus headers) exceeds the MTU, or too many segments.
+        too_big = e == EMSGSIZE or (e == EINVAL and q.msgs[sent].msg_hdr.msg_iovlen > 1)
+        reason = SN_DROP_TOO_BIG if too_big else SN_DROP_RING_FULL
+        for j in range(<int>q.msgs[sent].msg_hdr.msg_iovlen):
+            pkts[q.iov_pkt[q.msg_iov0[sent] + j]].drop = reason
+            if too_big:
+                q.st.tx_emsgsize += 1
+            else:
+                q.st.tx_errors += 1
+        sent += 1
+    q.st.tx_pkts += done
+    return done
+
+cdef int sn_ul_send(const sn_ul *ul, sn_txq *q, sn_pkt *pkts, int n) noexcept nogil:
+    """Send n outer packets ([IP][UDP][payload] or [IP][ESP...]) through the sockets of
+    `ul`, using the scratch and counters of TX queue `q` (one thread per queue).
+
+    Consecutive packets for one socket go out in one sendmmsg; within it, consecutive
+    packets with the same destination, ports and payload length (the last one may be
+    shorter) form one message with UDP_SEGMENT, which the kernel splits (GSO).
+    Slots already marked dropped are skipped; unusable ones are marked
+    SN_DROP_MALFORMED_L3 (SN_DROP_NO_FDB if their socket is not open); refusals as in
+    _flush. Slots stay owned by the caller. Returns the datagrams the kernel took.
+    """
+    cdef int i, fd, proto
+    cdef int cur_fd = -1
+    cdef int nm = 0
+    cdef int niov = 0
+    cdef int done = 0
+    cdef int last
+    cdef uint8_t *dst
+    cdef uint8_t *pl
+    cdef uint8_t cand[28]
+    cdef uint16_t sport, dport
+    cdef uint32_t plen
+    cdef uint8_t tos
+    cdef int gso_ok
+    cdef msghdr *m
+    cdef sn_pkt *p
+    for i in range(n):
+        p = &pkts[i]
+        if p.drop:
+            continue
+        if _parse_tx(p, ul.family, &dst, &proto, &sport, &dport, &pl, &plen,
+                     &tos) != 0:
+            p.drop = SN_DROP_MALFORMED_L3
+            q.st.tx_malformed += 1
+            continue
+        if proto == 50:
+            fd = ul.esp_fd
+            dport = 0
+        elif dport == 4500 and ul.natt_fd >= 0:
+            fd = ul.natt_fd
+        else:
+            fd = ul.pool_fds[sport % ul.pool_n]
+        if fd < 0:
+            p.drop = SN_DROP_NO_FDB
+            q.st.tx_no_socket += 1
+            continue
+        if fd != cur_fd and nm:
+            done += _ul_flush(ul, q, cur_fd, nm, pkts)
+            nm = 0
+            niov = 0
+        cur_fd = fd
+        # Extend the previous message into (or as) a GSO train?
+        if nm and proto == 17 and plen > 0:
+            last = nm - 1
+            m = &q.msgs[last].msg_hdr
+            gso_ok = (
+                <int>m.msg_iovlen < ul.gso_segs
+                and m.msg_iovlen < SN_GSO_MAX_SEGS
+                and niov < SN_IO_TX_IOVS
+                and plen <= q.msg_seg[last]
+                # a train closes after its one shorter (final) segment
+                and m.msg_iov[m.msg_iovlen - 1].iov_len == q.msg_seg[last]
+                and q.msg_bytes[last] + plen <= SN_GSO_MAX_BYTES
+                and q.msg_tos[last] == tos
+            )
+            if gso_ok:
+                _set_name(cand, ul.family, dst, dport)
+                if memcmp(cand, q.names + <size_t>last * SN_SA_LEN, SN_SA_LEN) == 0:
+                    q.iovs[niov].iov_base = pl
+                    q.iovs[niov].iov_len = plen
+                    q.iov_pkt[niov] = i
+                    niov += 1
+                    m.msg_iovlen += 1
+                    q.msg_bytes[last] += plen
+                    continue
+        if nm == SN_IO_TX_MSGS or niov == SN_IO_TX_IOVS:
+            done += _ul_flush(ul, q, cur_fd, nm, pkts)
+            nm = 0
+            niov = 0
+        _set_name(q.names + <size_t>nm * SN_SA_LEN, ul.family, dst, dport)
+        m = &q.msgs[nm].msg_hdr
+        m.msg_name = q.names + <size_t>nm * SN_SA_LEN
+        m.msg_namelen = 16 if ul.family == 4 else SN_SA_LEN
+        m.msg_iov = &q.iovs[niov]
+        m.msg_iovlen = 1
+        m.msg_control = NULL
+        m.msg_controllen = 0
+        m.msg_flags = 0
+        q.iovs[niov].iov_base = pl
+        q.iovs[niov].iov_len = plen
+        q.iov_pkt[niov] = i
+        q.msg_iov0[nm] = niov
+        q.msg_seg[nm] = plen
+        q.msg_bytes[nm] = plen
+        q.msg_tos[nm] = tos
+        niov += 1
+        nm += 1
+    if nm:
+        done += _ul_flush(ul, q, cur_fd, nm, pkts)
+    return done
+
+
+cdef class TxQueue:
+    """One sender's view of an Underlay: its own scratch and TX counters over the shared
+    sockets (the kernel serialises per socket), so several workers may send at once,
+    each on its own queue. Get one with Underlay.tx_queue()."""
+
+    def __cinit__(self, Underlay owner not None):
+        if _txq_alloc(&self.q) != 0:
+            raise MemoryError()
+        self.owner = owner
+        self.ul = &owner.ul
+
+    def __dealloc__(self):
+        _txq_free(&self.q)
+
+    cdef int send_pkts(self, sn_pkt *pkts, int n) noexcept nogil:
+        return sn_ul_send(self.ul, &self.q, pkts, n)
+
+    def send_burst(self, Batch batch not None, int start=0, int n=-1):
+        """Send slots [start, start+n) (n < 0: to the end); returns datagrams sent."""
+        cdef int done
+        if n < 0:
+            n = batch.count - start
+        if start < 0 or n < 0 or start + n > batch.count:
+            raise IndexError("slots outside the batch")
+        with nogil:
+            done = sn_ul_send(self.ul, &self.q, batch.pkts + start, n)
+        return done
+
+    def counters(self):
+        """This queue's TX counters (a dict)."""
+        return {k: v for k, v in dict(self.q.st).items() if k.startswith("tx_")}
+
+
 cdef class Underlay:
     """The sockets of an uplink, driven in batches with the GIL released.
 
     Python (softnic.uplink.Uplink) opens and configures the sockets and owns them; this
-    object only uses their fds. One thread may send while another receives; two threads
-    must not send (or receive) on one Underlay at the same time.
+    object only uses their fds. One thread receives; senders each use their own TxQueue
+    (tx_queue()), or the default one through send_burst / send_pkts.
 
     Source ports: the pool has n sockets, socket i bound to a port p with p % n == i
     (searched across 49152..65535). A packet whose UDP source port is s leaves through
@@ -335,32 +578,24 @@ cdef class Underlay:
             raise ValueError("local_addr must be a packed address of the family")
         if not 0 < len(pool_fds) <= SN_IO_POOL_MAX:
             raise ValueError(f"pool size must be 1..{SN_IO_POOL_MAX}")
-        self.family = family
+        memset(&self.ul, 0, sizeof(sn_ul))
+        self.ul.family = family
         memset(self.laddr, 0, 16)
         memcpy(self.laddr, <const char *>la, len(la))
-        self.natt_fd = natt_fd
-        self.esp_fd = esp_fd
-        self.pool_n = len(pool_fds)
-        self.pool_fds = <int *>calloc(self.pool_n, sizeof(int))
-        self.tmsgs = <mmsghdr *>calloc(SN_IO_TX_MSGS, sizeof(mmsghdr))
-        self.tiovs = <iovec *>calloc(SN_IO_TX_IOVS, sizeof(iovec))
-        self.tiov_pkt = <int *>calloc(SN_IO_TX_IOVS, sizeof(int))
-        self.tmsg_iov0 = <int *>calloc(SN_IO_TX_MSGS, sizeof(int))
-        self.tmsg_seg = <uint32_t *>calloc(SN_IO_TX_MSGS, sizeof(uint32_t))
-        self.tmsg_bytes = <uint32_t *>calloc(SN_IO_TX_MSGS, sizeof(uint32_t))
-        self.tmsg_tos = <uint8_t *>calloc(SN_IO_TX_MSGS, 1)
-        self.tnames = <uint8_t *>calloc(SN_IO_TX_MSGS, SN_SA_LEN)
-        self.tcmsgs = <uint8_t *>calloc(SN_IO_TX_MSGS, SN_IO_CMSG)
-        if (not self.pool_fds or not self.tmsgs or not self.tiovs or not self.tiov_pkt
-                or not self.tmsg_iov0 or not self.tmsg_seg or not self.tmsg_bytes
-                or not self.tmsg_tos
-                or not self.tnames or not self.tcmsgs):
+        self.ul.natt_fd = natt_fd
+        self.ul.esp_fd = esp_fd
+        self.ul.gso_segs = SN_GSO_MAX_SEGS
+        self.ul.pool_fds = <int *>calloc(len(pool_fds), sizeof(int))
+        if not self.ul.pool_fds:
             raise MemoryError()
-        for i in range(self.pool_n):
-            self.pool_fds[i] = pool_fds[i]
+        self.ul.pool_n = len(pool_fds)
+        for i in range(self.ul.pool_n):
+            self.ul.pool_fds[i] = pool_fds[i]
         self.n_chans = 0
         self.rr = 0
-        self.gso_segs = SN_GSO_MAX_SEGS
+        self.txqs = []
+        self.txq0 = self.tx_queue()
+        self.q0 = &self.txq0.q
 
     def __dealloc__(self):
         cdef int i
@@ -370,16 +605,31 @@ cdef class Underlay:
             free(self.chans[i].iovs)
             free(self.chans[i].names)
             free(self.chans[i].cmsgs)
-        free(self.pool_fds)
-        free(self.tmsgs)
-        free(self.tiovs)
-        free(self.tiov_pkt)
-        free(self.tmsg_iov0)
-        free(self.tmsg_seg)
-        free(self.tmsg_bytes)
-        free(self.tmsg_tos)
-        free(self.tnames)
-        free(self.tcmsgs)
+        free(self.ul.pool_fds)
+        self.ul.pool_fds = NULL
+        self.ul.pool_n = 0
+
+    def tx_queue(self):
+        """A new TxQueue over these sockets, for one more sending thread. Its counters
+        are included in counters()."""
+        q = TxQueue(self)
+        self.txqs.append(q)
+        return q
+
+    @property
+    def gso_segs(self):
+        """Most segments per UDP_SEGMENT message (1 turns GSO off)."""
+        return self.ul.gso_segs
+
+    @gso_segs.setter
+    def gso_segs(self, int v):
+        if not 1 <= v <= SN_GSO_MAX_SEGS:
+            raise ValueError(f"gso_segs must be 1..{SN_GSO_MAX_SEGS}")
+        self.ul.gso_segs = v
+
+    cdef int send_pkts(self, sn_pkt *pkts, int n) noexcept nogil:
+        """sn_ul_send on the default TX queue (the one sending thread of simple users)."""
+        return sn_ul_send(&self.ul, self.q0, pkts, n)
 
     def add_rx(self, int fd, int kind, int lport=0):
         """Receive from `fd` (kind SN_CH_UDP / SN_CH_NATT / SN_CH_ESP = 0 / 1 / 2)."""
@@ -412,182 +662,6 @@ cdef class Underlay:
         self.n_chans += 1
 
     # ------------------------------------------------------------ TX
-
-    cdef int _flush(self, int fd, int nm, sn_pkt *pkts) noexcept nogil:
-        """sendmmsg the nm prepared messages on fd; returns datagrams the kernel took.
-
-        A partial result resumes after the sent ones; the failing message's packets are
-        marked and counted, and the rest are retried (EAGAIN/ENOBUFS: all the rest are
-        dropped as ring full, since the socket buffer will not drain within the burst)."""
-        cdef int sent = 0
-        cdef int done = 0
-        cdef int r, k, j, e, too_big
-        cdef uint16_t reason
-        cdef msghdr *m
-        cdef cmsghdr *c
-        cdef size_t clen
-        # Ancillary data per message: UDP_SEGMENT for a train, IP_TOS / IPV6_TCLASS when
-        # the outer header asks for a TOS (ECN, DSCP) other than the socket's 0.
-        for k in range(nm):
-            m = &self.tmsgs[k].msg_hdr
-            clen = 0
-            if m.msg_iovlen > 1:
-                clen += CMSG_SPACE(sizeof(uint16_t))
-            if self.tmsg_tos[k]:
-                clen += CMSG_SPACE(sizeof(int))
-            if clen == 0:
-                m.msg_control = NULL
-                m.msg_controllen = 0
-                continue
-            m.msg_control = self.tcmsgs + <size_t>k * SN_IO_CMSG
-            m.msg_controllen = clen
-            memset(m.msg_control, 0, clen)
-            c = CMSG_FIRSTHDR(m)
-            if m.msg_iovlen > 1:
-                c.cmsg_level = SOL_UDP
-                c.cmsg_type = UDP_SEGMENT
-                c.cmsg_len = CMSG_LEN(sizeof(uint16_t))
-                (<uint16_t *>CMSG_DATA(c))[0] = <uint16_t>self.tmsg_seg[k]
-                c = CMSG_NXTHDR(m, c)
-            if self.tmsg_tos[k]:
-                c.cmsg_level = IPPROTO_IP if self.family == 4 else IPPROTO_IPV6
-                c.cmsg_type = IP_TOS if self.family == 4 else IPV6_TCLASS
-                c.cmsg_len = CMSG_LEN(sizeof(int))
-                (<int *>CMSG_DATA(c))[0] = self.tmsg_tos[k]
-        while sent < nm:
-            r = sendmmsg(fd, self.tmsgs + sent, nm - sent, MSG_DONTWAIT)
-            self.st.tx_syscalls += 1
-            if r > 0:
-                for k in range(sent, sent + r):
-                    done += <int>self.tmsgs[k].msg_hdr.msg_iovlen
-                    self.st.tx_bytes += self.tmsg_bytes[k]
-                    if self.tmsgs[k].msg_hdr.msg_iovlen > 1:
-                        self.st.tx_gso_msgs += 1
-                sent += r
-                continue
-            e = errno
-            if e == EINTR:
-                continue
-            if e == EAGAIN or e == ENOBUFS:
-                self.st.tx_eagain += 1
-                for k in range(sent, nm):
-                    for j in range(<int>self.tmsgs[k].msg_hdr.msg_iovlen):
-                        pkts[self.tiov_pkt[self.tmsg_iov0[k] + j]].drop = SN_DROP_RING_FULL
-                        self.st.tx_ring_full += 1
-                break
-            # EMSGSIZE: larger than the path MTU with DF; EINVAL on a GSO message: its
-            # segment (plus headers) exceeds the MTU, or too many segments.
-            too_big = e == EMSGSIZE or (e == EINVAL and self.tmsgs[sent].msg_hdr.msg_iovlen > 1)
-            reason = SN_DROP_TOO_BIG if too_big else SN_DROP_RING_FULL
-            for j in range(<int>self.tmsgs[sent].msg_hdr.msg_iovlen):
-                pkts[self.tiov_pkt[self.tmsg_iov0[sent] + j]].drop = reason
-                if too_big:
-                    self.st.tx_emsgsize += 1
-                else:
-                    self.st.tx_errors += 1
-            sent += 1
-        self.st.tx_pkts += done
-        return done
-
-    cdef int send_pkts(self, sn_pkt *pkts, int n) noexcept nogil:
-        """Send n outer packets ([IP][UDP][payload] or [IP][ESP...]) to the underlay.
-
-        Consecutive packets for one socket go out in one sendmmsg; within it, consecutive
-        packets with the same destination, ports and payload length (the last one may be
-        shorter) form one message with UDP_SEGMENT, which the kernel splits (GSO).
-        Slots already marked dropped are skipped; unusable ones are marked
-        SN_DROP_MALFORMED_L3 (SN_DROP_NO_FDB if their socket is not open); refusals as in
-        _flush. Slots stay owned by the caller. Returns the datagrams the kernel took.
-        """
-        cdef int i, fd, proto
-        cdef int cur_fd = -1
-        cdef int nm = 0
-        cdef int niov = 0
-        cdef int done = 0
-        cdef int last
-        cdef uint8_t *dst
-        cdef uint8_t *pl
-        cdef uint8_t cand[28]
-        cdef uint16_t sport, dport
-        cdef uint32_t plen
-        cdef uint8_t tos
-        cdef int gso_ok
-        cdef msghdr *m
-        cdef sn_pkt *p
-        for i in range(n):
-            p = &pkts[i]
-            if p.drop:
-                continue
-            if _parse_tx(p, self.family, &dst, &proto, &sport, &dport, &pl, &plen,
-                         &tos) != 0:
-                p.drop = SN_DROP_MALFORMED_L3
-                self.st.tx_malformed += 1
-                continue
-            if proto == 50:
-                fd = self.esp_fd
-                dport = 0
-            elif dport == 4500 and self.natt_fd >= 0:
-                fd = self.natt_fd
-            else:
-                fd = self.pool_fds[sport % self.pool_n]
-            if fd < 0:
-                p.drop = SN_DROP_NO_FDB
-                self.st.tx_no_socket += 1
-                continue
-            if fd != cur_fd and nm:
-                done += self._flush(cur_fd, nm, pkts)
-                nm = 0
-                niov = 0
-            cur_fd = fd
-            # Extend the previous message into (or as) a GSO train?
-            if nm and proto == 17 and plen > 0:
-                last = nm - 1
-                m = &self.tmsgs[last].msg_hdr
-                gso_ok = (
-                    <int>m.msg_iovlen < self.gso_segs
-                    and m.msg_iovlen < SN_GSO_MAX_SEGS
-                    and niov < SN_IO_TX_IOVS
-                    and plen <= self.tmsg_seg[last]
-                    # a train closes after its one shorter (final) segment
-                    and m.msg_iov[m.msg_iovlen - 1].iov_len == self.tmsg_seg[last]
-                    and self.tmsg_bytes[last] + plen <= SN_GSO_MAX_BYTES
-                    and self.tmsg_tos[last] == tos
-                )
-                if gso_ok:
-                    _set_name(cand, self.family, dst, dport)
-                    if memcmp(cand, self.tnames + <size_t>last * SN_SA_LEN, SN_SA_LEN) == 0:
-                        self.tiovs[niov].iov_base = pl
-                        self.tiovs[niov].iov_len = plen
-                        self.tiov_pkt[niov] = i
-                        niov += 1
-                        m.msg_iovlen += 1
-                        self.tmsg_bytes[last] += plen
-                        continue
-            if nm == SN_IO_TX_MSGS or niov == SN_IO_TX_IOVS:
-                done += self._flush(cur_fd, nm, pkts)
-                nm = 0
-                niov = 0
-            _set_name(self.tnames + <size_t>nm * SN_SA_LEN, self.family, dst, dport)
-            m = &self.tmsgs[nm].msg_hdr
-            m.msg_name = self.tnames + <size_t>nm * SN_SA_LEN
-            m.msg_namelen = 16 if self.family == 4 else SN_SA_LEN
-            m.msg_iov = &self.tiovs[niov]
-            m.msg_iovlen = 1
-            m.msg_control = NULL
-            m.msg_controllen = 0
-            m.msg_flags = 0
-            self.tiovs[niov].iov_base = pl
-            self.tiovs[niov].iov_len = plen
-            self.tiov_pkt[niov] = i
-            self.tmsg_iov0[nm] = niov
-            self.tmsg_seg[nm] = plen
-            self.tmsg_bytes[nm] = plen
-            self.tmsg_tos[nm] = tos
-            niov += 1
-            nm += 1
-        if nm:
-            done += self._flush(cur_fd, nm, pkts)
-        return done
 
     # ------------------------------------------------------------ RX
 
@@ -701,15 +775,15 @@ cdef class Underlay:
                     self.st.rx_natt_ike += 1
                     continue
             if ch.kind == SN_CH_ESP:
-                hl = 0 if self.family == 4 else 40
+                hl = 0 if self.ul.family == 4 else 40
             else:
-                hl = 28 if self.family == 4 else 48
+                hl = 28 if self.ul.family == 4 else 48
             p = &pkts[filled]
             if headroom > p.cap or hl + seg > p.cap - headroom:
                 self.st.rx_truncated += 1
                 continue
             h = p.data + headroom
-            if self.family == 4 and hl:
+            if self.ul.family == 4 and hl:
                 h[0] = 0x45
                 h[1] = ch.cur_tos
                 _wr16(h + 2, <uint16_t>(hl + seg))
@@ -809,11 +883,17 @@ cdef class Underlay:
         return got
 
     def counters(self):
-        """A snapshot of the counters (a dict); safe while another thread does I/O."""
-        return dict(self.st)
+        """A snapshot of the counters (a dict), TX summed over every queue; safe while
+        other threads do I/O."""
+        c = dict(self.st)
+        for q in self.txqs:
+            for k, v in (<TxQueue>q).counters().items():
+                c[k] += v
+        return c
 
     def pool_size(self):
-        return self.pool_n
+        return self.ul.pool_n
 
     def __repr__(self):
-        return f"Underlay(IPv{self.family}, pool={self.pool_n}, rx_channels={self.n_chans})"
+        return (f"Underlay(IPv{self.ul.family}, pool={self.ul.pool_n}, "
+                f"rx_channels={self.n_chans}, tx_queues={len(self.txqs)})")

@@ -369,3 +369,27 @@ def test_outer_tos_and_ecn_cross_both_ways(ups):
         p = parse(t, r.get(i))
         got[bytes(p[UDP].payload)[0]] = p.tc if t.v6 else p.tos
     assert got == dict(enumerate(toss))
+
+
+def test_tx_queues_send_concurrently(ups):
+    t, ua, ub = ups
+    ul = ua._u()
+    queues = [ul.tx_queue() for _ in range(3)]
+    per = 40
+
+    def sender(k, q):
+        b = Batch(per)
+        for i in range(per):
+            b.push(outer(t, bytes([k, i]) * 300, sport=50100 + k))
+        assert q.send_burst(b) == per
+
+    ths = [threading.Thread(target=sender, args=(k, q)) for k, q in enumerate(queues)]
+    for th in ths:
+        th.start()
+    for th in ths:
+        th.join()
+    assert [q.counters()["tx_pkts"] for q in queues] == [per] * 3
+    assert ua.counters()["tx_pkts"] == 3 * per            # summed over queues
+    r = receive(ub, 3 * per)
+    got = sorted(bytes(parse(t, r.get(i))[UDP].payload)[:2] for i in range(r.count))
+    assert got == sorted(bytes([k, i]) for k in range(3) for i in range(per))
