@@ -15,6 +15,10 @@ sees whole packets. IPv4 raw sockets deliver the IP header themselves, IPv6 ones
 
 Every function here is a burst: slots in, a count out; each failure is a counter (and, on
 TX, a drop reason in the slot). No allocation and no Python object per packet.
+
+C entry points for the data plane (declared in softnic/_io.pxd): sn_tap_read,
+sn_tap_write, sn_ul_send (one TxQueue per sending thread), Underlay.recv_pkts (one
+receiving thread).
 """
 
 from libc.errno cimport EAGAIN, EINTR, EINVAL, EMSGSIZE, ENOBUFS, errno

@@ -163,6 +163,15 @@ class Uplink:
             raise ValueError("uplink is closed")
         return self._ul
 
+    @property
+    def underlay(self) -> Underlay:
+        """The compiled side, for data-plane code that cimports softnic._io."""
+        return self._u()
+
+    def tx_queue(self) -> Any:
+        """A TxQueue of its own for one more sending thread (send_burst, counters)."""
+        return self._u().tx_queue()
+
     def send_burst(self, batch: Batch, start: int = 0, n: int = -1) -> int:
         """Send slots [start, start+n) (outer IP packets); returns datagrams sent.
         Refused slots carry their drop reason (batch.drop_reason(i))."""

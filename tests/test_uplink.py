@@ -373,8 +373,7 @@ def test_outer_tos_and_ecn_cross_both_ways(ups):
 
 def test_tx_queues_send_concurrently(ups):
     t, ua, ub = ups
-    ul = ua._u()
-    queues = [ul.tx_queue() for _ in range(3)]
+    queues = [ua.tx_queue() for _ in range(3)]
     per = 40
 
     def sender(k, q):
