@@ -78,7 +78,9 @@ ctypedef struct sn_ul_stats:
     uint64_t rx_truncated      # datagram larger than buffer or slot, dropped
     uint64_t rx_errors         # recvmmsg failed otherwise
     uint64_t rx_empty          # zero-length datagrams, dropped
-    uint64_t rx_overflow       # dropped by the kernel, socket buffer full (SO_RXQ_OVFL)
+    # kernel drops on a full socket buffer (SO_RXQ_OVFL), counted in skbs: one lost GRO
+    # super-buffer counts once however many datagrams it held
+    uint64_t rx_overflow
     uint64_t rx_vxlan          # delivered per channel
     uint64_t rx_natt
     uint64_t rx_esp
