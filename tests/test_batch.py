@@ -1,5 +1,4 @@
 import pytest
-
 from softnic._batch import DROP_REASONS, Batch
 
 
