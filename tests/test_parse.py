@@ -192,13 +192,22 @@ frames = st.sampled_from([bytes(p) for p in WELL_FORMED])
 
 @settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(frames, st.lists(st.tuples(st.integers(0, 200), st.integers(0, 255)), max_size=6),
-       st.integers(0, 300))
-def test_corrupted_and_truncated_match_reference(frame, flips, cut):
+       st.integers(0, 300), st.booleans())
+def test_corrupted_and_truncated_match_reference(frame, flips, cut, fix_len):
+    l3 = parse(frame)["l3off"]
     f = bytearray(frame)
     for pos, val in flips:
         if pos < len(f):
             f[pos] = val
-    f = bytes(f[:max(0, len(f) - cut)] if cut < len(f) else f)
+    if cut < len(f):
+        del f[len(f) - cut:]
+    if fix_len and len(f) >= l3 + 40:
+        # Make the IP length agree with the cut, so the damage reaches L4 and beyond.
+        if frame[l3] >> 4 == 4:
+            f[l3 + 2:l3 + 4] = struct.pack("!H", len(f) - l3)
+        else:
+            f[l3 + 4:l3 + 6] = struct.pack("!H", len(f) - l3 - 40)
+    f = bytes(f)
     assert run_parse(f) == ref_parse(f)
 
 
