@@ -24,6 +24,11 @@ VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
 IP6_EXT = (0, 43, 44, 60)
 
 
+
+def eth():
+    """Explicit MAC addresses: scapy would otherwise resolve them (slowly, via ARP/routes)."""
+    return Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
+
 def ref_parse(f: bytes):
     """Reference: a dict like parse() or the drop reason name."""
     n = len(f)
@@ -128,15 +133,15 @@ def scapy_offsets(pkt):
 
 
 WELL_FORMED = [
-    Ether() / IP() / TCP() / b"x",
-    Ether() / IP(options=[IPOption_RR(), IPOption_Router_Alert()]) / TCP(
+    eth() / IP() / TCP() / b"x",
+    eth() / IP(options=[IPOption_RR(), IPOption_Router_Alert()]) / TCP(
         options=[("MSS", 1460), ("SAckOK", b""), ("Timestamp", (1, 2)), ("WScale", 7)]) / b"hi",
-    Ether() / Dot1Q(vlan=7) / IP() / UDP() / b"payload",
-    Ether() / Dot1AD(vlan=3) / Dot1Q(vlan=9) / IPv6() / TCP() / b"q",
-    Ether() / IPv6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting(addresses=["::1"])
+    eth() / Dot1Q(vlan=7) / IP() / UDP() / b"payload",
+    eth() / Dot1AD(vlan=3) / Dot1Q(vlan=9) / IPv6() / TCP() / b"q",
+    eth() / IPv6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrRouting(addresses=["::1"])
     / IPv6ExtHdrDestOpt() / UDP() / b"abc",
-    Ether() / IPv6() / IPv6ExtHdrFragment(m=1, offset=0) / TCP() / b"abc",
-    Ether() / IP() / ICMP() / b"ping",
+    eth() / IPv6() / IPv6ExtHdrFragment(m=1, offset=0) / TCP() / b"abc",
+    eth() / IP() / ICMP() / b"ping",
 ]
 
 
@@ -154,35 +159,35 @@ def test_offsets_match_scapy(pkt):
 
 def test_padding_fragments_and_non_ip():
     # A 60-byte minimum frame: padding after the IP total length is tolerated.
-    small = bytes(Ether() / IP() / UDP() / b"a")
+    small = bytes(eth() / IP() / UDP() / b"a")
     padded = small + bytes(60 - len(small))
     assert parse(padded)["l3len_total"] == len(small) - 14
-    assert parse(bytes(Ether() / ARP()))["ipver"] == 0
-    later = parse(bytes(Ether() / IP(frag=100, flags=0) / Raw(b"x" * 30)))
+    assert parse(bytes(eth() / ARP()))["ipver"] == 0
+    later = parse(bytes(eth() / IP(frag=100, flags=0) / Raw(b"x" * 30)))
     assert later["is_fragment"] and later["l4hdrlen"] == 0
-    later6 = parse(bytes(Ether() / IPv6() / IPv6ExtHdrFragment(offset=5, m=0) / Raw(b"y" * 16)))
+    later6 = parse(bytes(eth() / IPv6() / IPv6ExtHdrFragment(offset=5, m=0) / Raw(b"y" * 16)))
     assert later6["is_fragment"] and later6["l4hdrlen"] == 0
-    atomic = parse(bytes(Ether() / IPv6() / IPv6ExtHdrFragment(offset=0, m=0) / UDP()))
+    atomic = parse(bytes(eth() / IPv6() / IPv6ExtHdrFragment(offset=0, m=0) / UDP()))
     assert not atomic["is_fragment"] and atomic["l4proto"] == 17
 
 
 def test_drop_reasons():
-    good = bytes(Ether() / IP() / TCP() / b"data")
+    good = bytes(eth() / IP() / TCP() / b"data")
     assert run_parse(good[:13]) == "malformed_l2"
     assert run_parse(good[:14 + 19]) == "malformed_l3"
     assert run_parse(good[:-1]) == "malformed_l3"  # total length beyond the frame
     bad_doff = bytearray(good)
     bad_doff[14 + 20 + 12] = 0x40
     assert run_parse(bytes(bad_doff)) == "malformed_l4"
-    three_tags = bytes(Ether() / Dot1AD() / Dot1Q() / Dot1Q() / IP() / TCP())
+    three_tags = bytes(eth() / Dot1AD() / Dot1Q() / Dot1Q() / IP() / TCP())
     assert run_parse(three_tags) == "malformed_l2"
-    hbh_twice = bytes(Ether() / IPv6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrHopByHop() / UDP())
+    hbh_twice = bytes(eth() / IPv6() / IPv6ExtHdrHopByHop() / IPv6ExtHdrHopByHop() / UDP())
     assert run_parse(hbh_twice) == "malformed_l3"
-    chain = Ether() / IPv6()
+    chain = eth() / IPv6()
     for _ in range(9):
         chain = chain / IPv6ExtHdrDestOpt()
     assert run_parse(bytes(chain / UDP())) == "malformed_l3"
-    bad_ulen = bytearray(bytes(Ether() / IP() / UDP() / b"abc"))
+    bad_ulen = bytearray(bytes(eth() / IP() / UDP() / b"abc"))
     bad_ulen[14 + 20 + 4:14 + 20 + 6] = b"\x00\x40"
     assert run_parse(bytes(bad_ulen)) == "malformed_l4"
 
