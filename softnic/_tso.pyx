@@ -487,7 +487,7 @@ def bench_tso(const uint8_t[::1] vnet_frame not None, uint32_t mss_cap, int iter
     cdef Batch outb = Batch(64)
     cdef uint32_t drops[SN_DROP_MAX]
     cdef uint32_t n = 0
-    cdef int it, k
+    cdef int _it, k
     cdef double t0, t_tso, t_cpy
     cdef uint32_t flen = <uint32_t>vnet_frame.shape[0] - SN_VNET_HDR_LEN
     cdef uint32_t pos, ln
@@ -497,7 +497,7 @@ def bench_tso(const uint8_t[::1] vnet_frame not None, uint32_t mss_cap, int iter
     inb.push(vnet_frame)
     with nogil:
         t0 = _now()
-        for it in range(iters):
+        for _it in range(iters):
             outb.count = 0
             n = _segment_batch(inb, outb, mss_cap, drops)
         t_tso = _now() - t0
@@ -506,7 +506,7 @@ def bench_tso(const uint8_t[::1] vnet_frame not None, uint32_t mss_cap, int iter
     with nogil:
         t0 = _now()
         src = inb.pkts[0].data + inb.pkts[0].off + SN_VNET_HDR_LEN
-        for it in range(iters):
+        for _it in range(iters):
             pos = 0
             for k in range(<int>n):
                 # the same bytes out, read from across the frame as TSO reads them

@@ -9,7 +9,6 @@ import struct
 import dpkt
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from softnic._parse import (
     checksum,
     checksum_chain,
@@ -59,10 +58,10 @@ def test_checksum_edge_sizes():
     assert checksum(b"\xff" * 65536) == ref_csum(b"\xff" * 65536) == 0
     assert checksum(bytes(100)) == 0xFFFF
     # A buffer with its checksum inserted sums to zero.
-    data = bytearray(os.urandom(64))
-    data[10:12] = b"\0\0"
-    data[10:12] = struct.pack("!H", checksum(bytes(data)))
-    assert checksum(bytes(data)) == 0
+    buf = bytearray(os.urandom(64))
+    buf[10:12] = b"\0\0"
+    buf[10:12] = struct.pack("!H", checksum(bytes(buf)))
+    assert checksum(bytes(buf)) == 0
 
 
 @settings(max_examples=300, deadline=None)

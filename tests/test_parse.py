@@ -7,7 +7,7 @@ import struct
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR, IPOption_Router_Alert
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_Router_Alert, IPOption_RR
 from scapy.layers.inet6 import (
     IPv6,
     IPv6ExtHdrDestOpt,
@@ -17,7 +17,6 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
-
 from softnic._parse import parse
 
 VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)
@@ -119,9 +118,9 @@ def scapy_offsets(pkt):
     pkt = Ether(raw)  # dissected back, so every field (data offset...) is filled in
     l3 = None
     l4 = None
-    for layer in (IP, IPv6):
-        if layer in pkt:
-            l3 = len(raw) - len(bytes(pkt[layer]))
+    for l3layer in (IP, IPv6):
+        if l3layer in pkt:
+            l3 = len(raw) - len(bytes(pkt[l3layer]))
             break
     for layer, proto in ((TCP, 6), (UDP, 17), (ICMP, 1)):
         if layer in pkt:
@@ -200,19 +199,19 @@ frames = st.sampled_from([bytes(p) for p in WELL_FORMED])
        st.integers(0, 300), st.booleans())
 def test_corrupted_and_truncated_match_reference(frame, flips, cut, fix_len):
     l3 = parse(frame)["l3off"]
-    f = bytearray(frame)
+    buf = bytearray(frame)
     for pos, val in flips:
-        if pos < len(f):
-            f[pos] = val
-    if cut < len(f):
-        del f[len(f) - cut:]
-    if fix_len and len(f) >= l3 + 40:
+        if pos < len(buf):
+            buf[pos] = val
+    if cut < len(buf):
+        del buf[len(buf) - cut:]
+    if fix_len and len(buf) >= l3 + 40:
         # Make the IP length agree with the cut, so the damage reaches L4 and beyond.
         if frame[l3] >> 4 == 4:
-            f[l3 + 2:l3 + 4] = struct.pack("!H", len(f) - l3)
+            buf[l3 + 2:l3 + 4] = struct.pack("!H", len(buf) - l3)
         else:
-            f[l3 + 4:l3 + 6] = struct.pack("!H", len(f) - l3 - 40)
-    f = bytes(f)
+            buf[l3 + 4:l3 + 6] = struct.pack("!H", len(buf) - l3 - 40)
+    f = bytes(buf)
     assert run_parse(f) == ref_parse(f)
 
 
@@ -223,7 +222,7 @@ def test_random_bytes_match_reference(tail, et):
     assert run_parse(f) == ref_parse(f)
     # Version nibble forced right, so the random bytes reach the deeper layers.
     if et in (0x0800, 0x86DD) and tail:
-        g = bytearray(f)
-        g[14] = (0x45 if et == 0x0800 else 0x60) | (g[14] & 0x0F if et == 0x0800 else 0)
-        g = bytes(g)
+        gb = bytearray(f)
+        gb[14] = (0x45 if et == 0x0800 else 0x60) | (gb[14] & 0x0F if et == 0x0800 else 0)
+        g = bytes(gb)
         assert run_parse(g) == ref_parse(g)
