@@ -382,14 +382,21 @@ def segment(const uint8_t[::1] vnet_hdr not None, const uint8_t[::1] frame not N
     cdef const uint8_t *p = &frame[0] if n else <const uint8_t *>b""
     cdef int rc
     cdef Batch out
+    cdef sn_hdrs h
+    cdef uint32_t mss
     _load_vnet(vnet_hdr, &vh)
     # First pass with no room: validates everything and says how many segments.
     with nogil:
         rc = sn_tso_segment(p, n, &vh, mss_cap, NULL, 0, &produced)
     if rc != SN_DROP_NO_ROOM:
         raise ValueError(DROP_REASONS[rc if rc else SN_DROP_NO_ROOM])
-    # A segment is at most the frame, or headers + mss: never larger than the frame.
-    out = Batch(produced, slot_size=n + 64, headroom=64)
+    # Slots just big enough for headers + mss (the frame parsed in the first pass).
+    sn_parse_frame(p, n, &h)
+    mss = le16toh(vh.gso_size)
+    if mss_cap and mss_cap < mss:
+        mss = mss_cap
+    out = Batch(produced, slot_size=min(n, <uint32_t>h.l4off + h.l4hdrlen + mss) + 64,
+                headroom=64)
     with nogil:
         rc = sn_tso_segment(p, n, &vh, mss_cap, out.pkts, produced, &produced)
     if rc:
