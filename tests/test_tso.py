@@ -9,6 +9,7 @@ written here from the rules in softnic/_tso.pyx's header comments.
 
 import os
 import random
+import socket
 import struct
 
 import dpkt
@@ -232,11 +233,17 @@ def test_source_routes_use_the_final_destination():
                               options=[IPOption_LSRR(routers=["10.8.8.8", "10.7.7.7"])]),
                   payload=os.urandom(3000))
     segs = segment(vnet_for(f, 1000), f)
-    check_segments(f, segs, 1000)  # pseudo-header with 10.7.7.7
+    assert ref_final_dst(f, ref_parse(f)) == socket.inet_aton("10.7.7.7")
+    check_segments(f, segs, 1000)
+    # RFC 8754: the segment list is stored last hop first; Segment List[0] is the final
+    # destination, as scapy's dissection names it.
     f6 = tcp_frame(eth(), IPv6(src="fd00::1", dst="fd00::99") /
                    IPv6ExtHdrSegmentRouting(addresses=["fd00::7", "fd00::99"], segleft=1),
                    payload=os.urandom(3000))
-    check_segments(f6, segment(vnet_for(f6, 1000), f6), 1000)  # Segment List[0]
+    final = Ether(f6)[IPv6ExtHdrSegmentRouting].addresses[0]
+    assert ref_final_dst(f6, ref_parse(f6)) == socket.inet_pton(socket.AF_INET6, final)
+    assert final != "fd00::99"
+    check_segments(f6, segment(vnet_for(f6, 1000), f6), 1000)
     rh0 = tcp_frame(eth(), IPv6() / IPv6ExtHdrRouting(addresses=["fd00::5"], segleft=1),
                     payload=os.urandom(3000))
     with pytest.raises(ValueError, match="malformed_l3"):
