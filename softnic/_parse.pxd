@@ -16,4 +16,6 @@ ctypedef struct sn_hdrs:
     uint8_t is_fragment     # IPv4 MF or offset != 0; IPv6 fragment header with M or offset != 0
 
 
+# Reads f[0:len] only; *h always fully written. 0 or SN_DROP_MALFORMED_L2/L3/L4.
+# Non-IP ethertypes parse OK with ipver 0. IPv6: 40 + payload length must fit 16 bits.
 cdef int sn_parse_frame(const uint8_t *f, uint32_t len, sn_hdrs *h) noexcept nogil
