@@ -73,6 +73,12 @@ cdef extern from *:
     """
     uint64_t sn__csum_sum_words(const uint8_t *p, size_t nw) nogil
     uint64_t sn__csum_copy_qwords(uint8_t *d, const uint8_t *s, size_t nq) nogil
+    # Each variant by name, for tests; the avx2 ones only when SN__CSUM_AVX2() is true.
+    uint64_t sn__csum_sum_base(const uint8_t *p, size_t nw) nogil
+    uint64_t sn__csum_copy_base(uint8_t *d, const uint8_t *s, size_t nq) nogil
+    uint64_t sn__csum_sum_avx2(const uint8_t *p, size_t nw) nogil
+    uint64_t sn__csum_copy_avx2(uint8_t *d, const uint8_t *s, size_t nq) nogil
+    bint SN__CSUM_AVX2() nogil
 
 
 cdef enum:

@@ -11,6 +11,12 @@ comes first). Also the Python surface for tests of this module and of softnic/_c
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from softnic._csum cimport (
+    SN__CSUM_AVX2,
+    _sn_csum_fold_raw,
+    sn__csum_copy_avx2,
+    sn__csum_copy_base,
+    sn__csum_sum_avx2,
+    sn__csum_sum_base,
     sn_csum,
     sn_csum_copy,
     sn_csum_finish,
@@ -278,3 +284,22 @@ def l4_checksum(const uint8_t[::1] src not None, const uint8_t[::1] dst not None
     else:
         raise ValueError("addresses must be 4 or 16 bytes")
     return sn_csum_finish(sn_csum_partial(_ptr(segment), n, acc))
+
+
+def checksum_bulk_variants(const uint8_t[::1] data not None):
+    """{variant: (folded sum of the 4-byte words, (copy ok, folded sum of the 8-byte
+    words))} for each bulk loop this CPU can run; tests compare them with a reference."""
+    cdef size_t n = <size_t>data.shape[0]
+    out = bytearray(n)
+    cdef uint8_t[::1] o = out
+    cdef uint8_t *d = &o[0] if n else NULL
+    res = {}
+    res["base"] = (_sn_csum_fold_raw(sn__csum_sum_base(_ptr(data), n >> 2)),
+                   _sn_csum_fold_raw(sn__csum_copy_base(d, _ptr(data), n >> 3)),
+                   bytes(out[:n & ~7]) == bytes(data[:n & ~7]))
+    if SN__CSUM_AVX2():
+        out[:] = bytes(n)
+        res["avx2"] = (_sn_csum_fold_raw(sn__csum_sum_avx2(_ptr(data), n >> 2)),
+                       _sn_csum_fold_raw(sn__csum_copy_avx2(d, _ptr(data), n >> 3)),
+                       bytes(out[:n & ~7]) == bytes(data[:n & ~7]))
+    return res
