@@ -30,7 +30,7 @@ build: venv
 
 lint: venv
 	$(VENV)/bin/ruff check softnic vhost tests benchmarks
-	$(VENV)/bin/cython-lint softnic vhost
+	PATH=$(abspath $(VENV))/bin:$$PATH $(VENV)/bin/cython-lint softnic vhost
 	$(VENV)/bin/mypy softnic vhost
 
 test: build lint

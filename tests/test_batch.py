@@ -1,4 +1,5 @@
 import pytest
+
 from softnic._batch import DROP_REASONS, Batch
 
 

@@ -9,6 +9,7 @@ import struct
 import dpkt
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from softnic._parse import (
     checksum,
     checksum_bulk_variants,

@@ -30,10 +30,10 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import Ether
 from scapy.packet import Packet, Raw
-from softnic._batch import DROP_REASONS, Batch
-from softnic._esp import EspError, SecurityAssociation
 
 from softnic import _crypto
+from softnic._batch import DROP_REASONS, Batch
+from softnic._esp import EspError, SecurityAssociation
 
 sipsec.CRYPT_ALGOS["AES-GCM-T"] = sipsec.CryptAlgo(
     "AES-GCM",

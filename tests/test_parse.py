@@ -17,6 +17,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import ARP, Dot1AD, Dot1Q, Ether
 from scapy.packet import Raw
+
 from softnic._parse import parse
 
 VLAN_TPIDS = (0x8100, 0x88A8, 0x9100)

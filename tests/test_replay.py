@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scapy.layers import ipsec as sipsec
 from scapy.layers.inet import IP, UDP
+
 from softnic._esp import EspError, SecurityAssociation, _infer_seq, _replay_accept
 
 V4 = ("192.0.2.1", "198.51.100.7")

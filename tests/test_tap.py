@@ -11,9 +11,9 @@ import time
 
 import dpkt
 import pytest
-from softnic._batch import Batch
 
 from softnic import topo
+from softnic._batch import Batch
 
 pytestmark = [
     pytest.mark.netns,

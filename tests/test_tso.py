@@ -25,10 +25,11 @@ from scapy.layers.inet6 import (
     IPv6ExtHdrSegmentRouting,
 )
 from scapy.layers.l2 import Dot1AD, Dot1Q, Ether
-from softnic._batch import Batch
-from softnic._tso import csum_complete, make_vnet_hdr, mss_clamp, segment, segment_batch
 from test_csum import ref_csum
 from test_parse import ref_parse
+
+from softnic._batch import Batch
+from softnic._tso import csum_complete, make_vnet_hdr, mss_clamp, segment, segment_batch
 
 NEEDS_CSUM = 1
 TCPV4, UDP_UFO, TCPV6, UDP_L4, ECN = 1, 3, 4, 5, 0x80

@@ -11,9 +11,9 @@ import time
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from softnic._batch import Batch
 
 from softnic import topo
+from softnic._batch import Batch
 
 pytestmark = [
     pytest.mark.netns,
