@@ -626,7 +626,7 @@ class Config:
         def many(key: str, build: Any) -> tuple[Any, ...]:
             items = d.get(key, [])
             if not isinstance(items, list):
-                raise ValidationError(key, "must be a list of tables ([[%s]])" % key)
+                raise ValidationError(key, f"must be a list of tables ([[{key}]])")
             return tuple(build(x, f"{key}[{i}]") for i, x in enumerate(items))
 
         return cls(
