@@ -389,6 +389,8 @@ class SA:
         _choice(self.mode, "mode", ("tunnel", "transport"))
         _int(self.replay_window, "replay_window", 0, 4096)
         _bool(self.esn, "esn")
+        if self.esn and self.replay_window == 0:  # as the kernel: ESN needs a window
+            raise ValidationError("esn", "needs replay_window > 0")
         if (self.encap_sport is None) != (self.encap_dport is None):
             raise ValidationError("encap_dport" if self.encap_dport is None else "encap_sport",
                                   "encap needs both ports")
@@ -484,7 +486,8 @@ class Policy:
     def to_dict(self) -> dict[str, Any]:
         inv = {v: k for k, v in PROTOCOLS.items() if k not in ("icmpv6",)}
         return {"scope": self.scope, "dir": self.dir, "src": str(self.src),
-                "dst": str(self.dst), "proto": inv.get(self.proto, self.proto),
+                "dst": str(self.dst),
+                "proto": None if self.proto is None else inv.get(self.proto, self.proto),
                 "sport": self.sport, "dport": self.dport, "action": self.action,
                 "reqid": self.reqid,
                 "spi": None if self.spi is None else f"0x{self.spi:08x}",

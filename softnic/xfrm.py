@@ -159,13 +159,12 @@ def parse_state(argv: Sequence[str]) -> dict[str, Any]:
             except ValueError:
                 raise XfrmError("encap_oa", "must be an address (0.0.0.0)") from None
         elif tok == "limit":
-            while w.peek() in LIMITS or w.peek() == "limit":
-                k = w.take("", "")
-                if k == "limit":
-                    continue
-                out[LIMITS[k]] = _num(w.take(LIMITS[k], f"number after '{k}'"), LIMITS[k])
-            if w.peek() is not None and w.peek().startswith("time-"):  # type: ignore[union-attr]
-                raise XfrmError("limit", "time limits are not supported; use bytes/packets")
+            # One LIMIT per `limit` word, as ip-xfrm(8) parses it.
+            k = w.take("limit", "byte-soft|byte-hard|packet-soft|packet-hard")
+            if k not in LIMITS:
+                raise XfrmError("limit", "must be byte-soft|byte-hard|packet-soft|packet-hard"
+                                " (time limits are not supported)")
+            out[LIMITS[k]] = _num(w.take(LIMITS[k], f"number after '{k}'"), LIMITS[k])
         elif tok == "engine":
             out["engine"] = w.take("engine", "auto|openssl|ipsec-mb after 'engine'")
         else:
