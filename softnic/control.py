@@ -387,8 +387,15 @@ class Controller:
         return ops
 
     def _change(self, fn: Callable[[Config], Config]) -> dict[str, Any]:
+        """One object added or removed: the whole new config is still validated, but an
+        error names the request's field ("mac"), not its place in the config ("vf[2].mac")."""
         with self._lock:
-            return self.apply(fn(self._config))
+            try:
+                return self.apply(fn(self._config))
+            except ControlError as e:
+                if e.field:
+                    e.field = re.sub(r"^\w+\[\d+\]\.", "", e.field)
+                raise
 
     # VFs
 

@@ -117,6 +117,14 @@ def _opt_int(v: Any, f: str, lo: int, hi: int) -> int | None:
     return None if v is None else _int(v, f, lo, hi)
 
 
+def _seti(obj: Any, name: str, lo: int, hi: int, optional: bool = False) -> int | None:
+    """Check an int field of a frozen dataclass and store its canonical value."""
+    v = getattr(obj, name)
+    v = None if optional and v is None else _int(v, name, lo, hi)
+    object.__setattr__(obj, name, v)
+    return v
+
+
 def _bool(v: Any, f: str) -> bool:
     if not isinstance(v, bool):
         raise ValidationError(f, "must be true or false")
@@ -232,10 +240,10 @@ class Uplink:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "local", _addr(self.local, "local"))
-        _int(self.mtu, "mtu", 576 if self.local.version == 4 else 1280, 65535)
-        _int(self.vxlan_port, "vxlan_port", 1, 65535)
+        _seti(self, "mtu", 576 if self.local.version == 4 else 1280, 65535)
+        _seti(self, "vxlan_port", 1, 65535)
         _choice(self.ipsec, "ipsec", ("off", "esp", "espinudp"))
-        _int(self.espinudp_port, "espinudp_port", 1, 65535)
+        _seti(self, "espinudp_port", 1, 65535)
         _choice(self.sa_select, "sa_select", ("flow-hash", "single"))
         _bool(self.fdb_learning, "fdb_learning")
 
@@ -274,8 +282,8 @@ class VF:
             raise ValidationError("name", f"'{UPLINK}' is reserved")
         _choice(self.kind, "kind", ("tap", "vhost-user"))
         object.__setattr__(self, "mac", _mac(self.mac, "mac"))
-        _int(self.vni, "vni", 0, (1 << 24) - 1)
-        _int(self.mtu, "mtu", 68, 65535)
+        _seti(self, "vni", 0, (1 << 24) - 1)
+        _seti(self, "mtu", 68, 65535)
         _choice(self.ipsec, "ipsec", ("off", "offload", "enforce"))
         if self.kind == "tap":
             for f in ("socket", "vhost_mode", "queues"):
@@ -365,7 +373,7 @@ class SA:
         s(self, "dst", _addr(self.dst, "dst"))
         if self.src.version != self.dst.version:
             raise ValidationError("dst", "address family differs from src")
-        _int(self.spi, "spi", 256, 0xFFFFFFFF)  # 0 is invalid, 1-255 reserved (RFC 4303 §2.1)
+        _seti(self, "spi", 256, 0xFFFFFFFF)  # 0 is invalid, 1-255 reserved (RFC 4303 §2.1)
         _choice(self.alg, "alg", tuple(ALGS))
         _, key_lens, icvs, needs_auth = ALGS[self.alg]
         if not isinstance(self.key, Secret):
@@ -374,7 +382,7 @@ class SA:
             raise ValidationError("key", f"{self.alg} needs {' or '.join(map(str, key_lens))}"
                                   f" bytes{'' if needs_auth else ' (key + 4-byte salt)'},"
                                   f" got {len(self.key)}")
-        _int(self.icv_bits, "icv_bits", 0, 512)
+        _seti(self, "icv_bits", 0, 512)
         if self.icv_bits not in icvs:
             raise ValidationError("icv_bits", f"{self.alg} allows {'/'.join(map(str, icvs))}")
         if needs_auth:
@@ -385,9 +393,9 @@ class SA:
                                       f" got {len(self.auth_key)}")
         elif self.auth_key is not None:
             raise ValidationError("auth_key", "only for aes-cbc-hmac-sha256")
-        _int(self.reqid, "reqid", 0, 0xFFFFFFFF)
+        _seti(self, "reqid", 0, 0xFFFFFFFF)
         _choice(self.mode, "mode", ("tunnel", "transport"))
-        _int(self.replay_window, "replay_window", 0, 4096)
+        _seti(self, "replay_window", 0, 4096)
         _bool(self.esn, "esn")
         if self.esn and self.replay_window == 0:  # as the kernel: ESN needs a window
             raise ValidationError("esn", "needs replay_window > 0")
@@ -395,11 +403,13 @@ class SA:
             raise ValidationError("encap_dport" if self.encap_dport is None else "encap_sport",
                                   "encap needs both ports")
         if self.encap_sport is not None:
-            _int(self.encap_sport, "encap_sport", 1, 65535)
-            _int(self.encap_dport, "encap_dport", 1, 65535)
+            _seti(self, "encap_sport", 1, 65535)
+            _seti(self, "encap_dport", 1, 65535)
         for kind in ("bytes", "packets"):
             soft = _opt_int(getattr(self, "soft_" + kind), "soft_" + kind, 1, (1 << 64) - 1)
             hard = _opt_int(getattr(self, "hard_" + kind), "hard_" + kind, 1, (1 << 64) - 1)
+            object.__setattr__(self, "soft_" + kind, soft)
+            object.__setattr__(self, "hard_" + kind, hard)
             if soft is not None and hard is not None and soft > hard:
                 raise ValidationError("soft_" + kind, "must not exceed hard_" + kind)
         _choice(self.engine, "engine", ("auto", "openssl", "ipsec-mb"))
@@ -462,16 +472,16 @@ class Policy:
             if getattr(self, f) is not None:
                 if self.proto not in PORT_PROTOCOLS:
                     raise ValidationError(f, "ports need proto tcp, udp or sctp")
-                _int(getattr(self, f), f, 0, 65535)
-        _opt_int(self.reqid, "reqid", 1, 0xFFFFFFFF)
-        _opt_int(self.spi, "spi", 256, 0xFFFFFFFF)
+                object.__setattr__(self, f, _int(getattr(self, f), f, 0, 65535))
+        _seti(self, "reqid", 1, 0xFFFFFFFF, optional=True)
+        _seti(self, "spi", 256, 0xFFFFFFFF, optional=True)
         if self.action == "protect":
             if (self.reqid is None) == (self.spi is None):
                 raise ValidationError("reqid", "protect needs exactly one of reqid or spi")
         elif self.reqid is not None or self.spi is not None:
             raise ValidationError("reqid" if self.reqid is not None else "spi",
                                   "only for action protect")
-        _int(self.priority, "priority", 0, 0xFFFFFFFF)
+        _seti(self, "priority", 0, 0xFFFFFFFF)
 
     @property
     def ident(self) -> tuple[Any, ...]:
@@ -503,7 +513,7 @@ class FdbEntry:
     remote: IPAddress
 
     def __post_init__(self) -> None:
-        _int(self.vni, "vni", 0, (1 << 24) - 1)
+        _seti(self, "vni", 0, (1 << 24) - 1)
         if self.mac != "flood":
             object.__setattr__(self, "mac", _mac(self.mac, "mac"))
         object.__setattr__(self, "remote", _addr(self.remote, "remote"))
@@ -539,7 +549,7 @@ class Daemon:
         if self.admin_group is not None:
             _str(self.admin_group, "admin_group", r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}",
                  "a group name")
-        _int(self.admin_max_clients, "admin_max_clients", 1, 1024)
+        _seti(self, "admin_max_clients", 1, 1024)
         if self.metrics_listen is not None:
             m = re.fullmatch(r"\[?([0-9a-fA-F.:]+)\]?:(\d+)", str(self.metrics_listen))
             if not m:
@@ -575,8 +585,9 @@ class Config:
                 if key is None:
                     continue
                 if (what, key) in seen:
+                    j = seen[(what, key)]
                     raise ValidationError(f"vf[{i}].{what}",
-                                          f"duplicate of vf[{seen[(what, key)]}]")
+                                          f"duplicate of vf[{j}] ({self.vfs[j].name})")
                 seen[(what, key)] = i
         ul_family = self.uplink.local.version if self.uplink else None
         sa_ids: dict[tuple[str, str, int], int] = {}
