@@ -256,6 +256,7 @@ class Controller:
         self._bus = _EventBus()
         self._vf_state: dict[str, dict[str, Any]] = {}
         self._captures: dict[int, str] = {}
+        self._file_config = config if config is not None else Config()
         self.broken = False  # a rollback itself failed: state may differ from the config
         datapath.set_event_sink(self.post_event)
         if config is not None:
@@ -544,19 +545,46 @@ class Controller:
     # reload
 
     def reload(self) -> dict[str, Any]:
-        """Re-read the config (the loader given at start) and apply the difference.
-        Daemon settings (socket path etc.) need a restart and are kept."""
+        """Re-read the config file (the loader given at start) and apply what changed in
+        the FILE since it was last applied. Objects added live through the admin socket
+        (e.g. SAs an IKE daemon installed) are kept, unless the file removes the VF they
+        live in. Daemon settings (socket path etc.) need a restart and are kept."""
         if self._loader is None:
             raise ControlError("unavailable", "no configuration file to reload")
         try:
-            new = self._loader()
+            new_file = self._loader()
         except ValidationError as e:
             raise ControlError.invalid(e) from None
         except ValueError as e:  # config.ConfigError
             raise ControlError("invalid-params", scrub(str(e)),
                                getattr(e, "field", None) or None) from None
         with self._lock:
-            result = self.apply(new.replace(daemon=self._config.daemon))
+            old_file = self._file_config
+            run = self._config
+
+            def merge(cur: tuple[Any, ...], old: tuple[Any, ...], new: tuple[Any, ...],
+                      key: Callable[[Any], Any]) -> tuple[Any, ...]:
+                out = {key(x): x for x in cur}
+                for x in old:
+                    out.pop(key(x), None)
+                for x in new:
+                    out[key(x)] = x
+                return tuple(out.values())
+
+            vfs = merge(run.vfs, old_file.vfs, new_file.vfs, lambda v: v.name)
+            names = {v.name for v in vfs} | {UPLINK}
+            vnis = {v.vni for v in vfs}
+            target = Config(
+                daemon=run.daemon, uplink=new_file.uplink, vfs=vfs,
+                sas=tuple(x for x in merge(run.sas, old_file.sas, new_file.sas,
+                                           lambda x: x.ident) if x.scope in names),
+                policies=tuple(x for x in merge(run.policies, old_file.policies,
+                                                new_file.policies, lambda x: x.ident)
+                               if x.scope in names),
+                fdb=tuple(x for x in merge(run.fdb, old_file.fdb, new_file.fdb,
+                                           lambda x: x.ident) if x.vni in vnis))
+            result = self.apply(target)
+            self._file_config = new_file
         self._bus.post({"type": "reloaded", "changes": len(result["changes"]),
                         "time": time.time()})
         return result

@@ -261,6 +261,19 @@ def test_reload_touches_only_what_changed(env):
     assert Client(env.path).reload() == {"changes": []}
 
 
+def test_reload_keeps_live_objects_unless_their_vf_goes(env):
+    c = Client(env.path)
+    c.sa_add(**sa_params())                      # vm1, added live (e.g. by an IKE daemon)
+    c.sa_add(**sa_params(scope="vm2", spi=0x3001))
+    c.fdb_add(200, "02:00:00:00:00:0b", "192.0.2.7")
+    with open(env.cfg_path, "w") as f:           # the file drops vm2
+        f.write(CONFIG[:CONFIG.index('[[vf]]\nname = "vm2"')] + CONFIG[CONFIG.index("[[fdb]]"):])
+    r = c.reload()
+    assert r["changes"] == ["del sa vm2/out/0x00003001", "del fdb 200/02:00:00:00:00:0b/192.0.2.7",
+                            "del vf vm2"]
+    assert ("vm1", "out", 0x1001) in env.dp.sas and set(env.dp.vfs) == {"vm1"}
+
+
 def test_changed_vf_reinstalls_its_sas_and_policies(env):
     c = Client(env.path)
     c.sa_add(**sa_params())
@@ -341,7 +354,9 @@ def test_stale_socket_is_replaced_and_live_one_refused(env):
 def _as_nobody(path, group=None, extra=()):
     code = ("import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.settimeout(5)\n"
             "try:\n s.connect(sys.argv[1])\nexcept PermissionError:\n print('EACCES'); sys.exit()\n"
-            "s.sendall(b'{\"id\":1,\"method\":\"version\"}\\n')\nprint(s.recv(4096).decode())")
+            "try:\n s.sendall(b'{\"id\":1,\"method\":\"version\"}\\n')\n"
+            "except OSError:\n pass\n"  # a refused peer may already be disconnected
+            "print(s.recv(4096).decode())")
     r = subprocess.run([SYS_PYTHON, "-c", code, path], capture_output=True, text=True,
                        timeout=20, user=65534, group=group if group is not None else 65534,
                        extra_groups=list(extra))
