@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import queue
+import select
 import socket
 import stat
 import struct
@@ -474,12 +475,17 @@ class AdminServer:
     # --- streams ------------------------------------------------------------------
 
     def _peer_gone(self, conn: socket.socket) -> bool:
-        """True if the client closed its side; anything it sends meanwhile is discarded."""
+        """True if the client closed its side; anything it sends meanwhile is discarded.
+        Never blocks (a socket timeout would make recv wait first, hence the select)."""
         try:
-            data = conn.recv(4096, socket.MSG_DONTWAIT)
+            readable, _, _ = select.select([conn], [], [], 0)
+            if not readable:
+                return False
+            conn.settimeout(0)
+            data = conn.recv(4096)
         except (BlockingIOError, InterruptedError):
             return False
-        except OSError:
+        except (OSError, ValueError):
             return True
         return not data
 

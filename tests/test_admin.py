@@ -29,6 +29,9 @@ from softnic.config import load, loads
 from softnic.control import Controller
 from softnic.model import SA, VF
 
+# An exception in a server or reader thread fails the test, not just warns.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 # A distinctive key; every output and log of these tests is searched for it.
 KEY = bytes.fromhex("d1e2f3a4b5c6d7e8f90a1b2c3d4e5f60718293a4")
 KEY_FORMS = [KEY.hex(), KEY.hex().upper(), base64.b64encode(KEY).decode(), KEY[:8].hex()]
@@ -603,7 +606,9 @@ def test_monitor_streams_events(env):
 
     t = threading.Thread(target=reader, daemon=True)
     t.start()
-    time.sleep(0.3)  # the subscription is acknowledged before any event is sent
+    deadline = time.monotonic() + 5
+    while not env.ctl._bus._subs and time.monotonic() < deadline:
+        time.sleep(0.02)
     c.sa_add(**sa_params())
     env.dp.sink({"type": "sa-soft-expire", "scope": "vm1", "dir": "out", "spi": "0x00001001",
                  "reason": "bytes", "key": KEY.hex()})

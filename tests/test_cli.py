@@ -20,6 +20,9 @@ from softnic.admin import AdminServer  # noqa: E402
 from softnic.config import load  # noqa: E402
 from softnic.control import Controller  # noqa: E402
 
+# An exception in a server or reader thread fails the test, not just warns.
+pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 K = "0x" + KEY.hex()
 K36 = "0x" + (KEY + KEY[:16]).hex()
@@ -168,7 +171,10 @@ def test_monitor(env):
     assert p.returncode == 0
     evs = [json.loads(x) for x in out.splitlines()]
     assert [e["type"] for e in evs] == ["sa-hard-expire", "vf-link"]
-    # Human form: one line per event.
+    # Human form: one line per event. (First the old subscription must be gone.)
+    deadline = time.monotonic() + 10
+    while env.ctl._bus._subs and time.monotonic() < deadline:
+        time.sleep(0.05)
     p = subprocess.Popen(cmd(env, "monitor --count 1"), stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True, cwd=ROOT)
     deadline = time.monotonic() + 10
