@@ -36,7 +36,7 @@ from typing import Any
 
 from . import __version__
 from .control import ControlError, Controller, scrub
-from .model import SA, UPLINK, VF, FdbEntry, Policy, ValidationError, _int
+from .model import SA, UPLINK, VF, Daemon, FdbEntry, Policy, ValidationError, _int
 
 log = logging.getLogger("softnic.admin")
 
@@ -141,6 +141,12 @@ class AdminServer:
         self._streams: dict[str, Callable[[socket.socket, Any, Any], None]] = {
             "monitor": self._monitor, "capture.start": self._capture,
         }
+
+    @classmethod
+    def from_config(cls, controller: Controller, daemon: Daemon) -> AdminServer:
+        """The server the `[daemon]` table describes (not started)."""
+        return cls(controller, daemon.admin_socket, group=daemon.admin_group,
+                   max_clients=daemon.admin_max_clients)
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -586,6 +592,14 @@ class MetricsServer:
         self.httpd.timeout = 5
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
                                         daemon=True)
+
+    @classmethod
+    def from_config(cls, controller: Controller, daemon: Daemon) -> MetricsServer | None:
+        """The listener `[daemon] metrics_listen` asks for, or None (not started)."""
+        if not daemon.metrics_listen:
+            return None
+        host, _, port = daemon.metrics_listen.rpartition(":")
+        return cls(controller, host.strip("[]"), int(port))
 
     @property
     def port(self) -> int:

@@ -27,7 +27,7 @@ from softnic.admin import AdminServer, MetricsServer
 from softnic.client import AdminError
 from softnic.config import load, loads
 from softnic.control import Controller
-from softnic.model import SA, VF
+from softnic.model import SA, VF, Daemon
 
 # An exception in a server or reader thread fails the test, not just warns.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -689,7 +689,8 @@ def test_prometheus_text_and_http_listener(env):
             assert line.split("{")[0].split(" ")[0] in typed
     assert 'softnic_sa_packets_total{scope="vm1",dir="out",spi="0x00001001"} 5' in lines
     assert 'softnic_vf_rx_packets_total{vf="vm1"} 1' in lines
-    m = MetricsServer(env.ctl, "127.0.0.1", 0)
+    assert MetricsServer.from_config(env.ctl, env.ctl.config.daemon) is None
+    m = MetricsServer.from_config(env.ctl, Daemon(metrics_listen="127.0.0.1:0"))
     m.start()
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{m.port}/metrics", timeout=5) as resp:
