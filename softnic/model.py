@@ -555,7 +555,7 @@ class Daemon:
             if not m:
                 raise ValidationError("metrics_listen", "must be ADDRESS:PORT")
             _addr(m.group(1), "metrics_listen")
-            _int(int(m.group(2)), "metrics_listen", 1, 65535)
+            _int(int(m.group(2)), "metrics_listen", 0, 65535)  # 0: any free port
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], prefix: str = "daemon") -> Daemon:
