@@ -51,15 +51,19 @@ def test_secret_never_shows_its_bytes():
     s = Secret(raw)
     shown = [repr(s), str(s), f"{s}", f"{s!r}", "%s" % (s,), format(s, "x")]  # noqa: UP031
     for text in shown:
-        assert raw.hex() not in text.lower() and "c8c9ca" not in text
+        if raw.hex() in text.lower() or "c8c9ca" in text:
+            pytest.fail("key bytes shown")  # not assert: it would print them
         assert "redacted" in text
     with pytest.raises(TypeError):
         json.dumps({"k": s})
     with pytest.raises(TypeError):
         pickle.dumps(s)
-    assert copy.deepcopy(s) == s and s.reveal() == raw and len(s) == 36
+    assert copy.deepcopy(s) == s and len(s) == 36
+    if s.reveal() != raw:
+        pytest.fail("reveal() differs")
     sa = SA.from_dict(sa_dict(key="0x" + raw[:20].hex()))
-    assert raw[:20].hex() not in repr(sa) and raw[:20].hex() not in json.dumps(sa.to_dict())
+    if raw[:20].hex() in repr(sa) + json.dumps(sa.to_dict()):
+        pytest.fail("key bytes shown")
     assert sa.to_dict()["key"] == "<redacted>"
 
 
@@ -97,7 +101,8 @@ def test_sa_errors_name_the_field(bad, field):
         SA.from_dict(sa_dict(**bad), "sa[2]")
     assert ei.value.field == f"sa[2].{field}"
     assert str(ei.value).startswith(f"sa[2].{field}: ")
-    assert "5a5a5a5a" not in str(ei.value)  # the key never appears in an error
+    if "5a5a5a5a" in str(ei.value):
+        pytest.fail("the key appears in an error")
 
 
 def test_sa_missing_field_is_named():
@@ -257,7 +262,7 @@ def test_uplink_rules():
                      "mode", "replay_window", "esn", "encap_sport", "encap_dport",
                      "soft_bytes", "hard_bytes", "engine", "reqid", "junk"]),
     st.one_of(st.none(), st.booleans(), st.integers(-2, 1 << 33), st.text(max_size=12),
-              st.sampled_from(["10.0.0.1", "::1", "aes-gcm", "out", KEY20, "0x" + "ab" * 36,
+              st.sampled_from(["10.0.0.1", "::1", "aes-gcm", "out", "<KEY20>", "<KEY36>",
                                "tunnel", "chacha20-poly1305"]),
               st.lists(st.integers(), max_size=2), st.dictionaries(st.text(), st.integers(),
                                                                     max_size=1)),
@@ -266,13 +271,15 @@ def test_hostile_sa_params_only_raise_validation_errors(d):
     """Whatever JSON a client sends, the model answers a ValidationError naming a field
     (or accepts a valid SA) - never another exception."""
     base = sa_dict()
-    base.update(d)
+    base.update({k: {"<KEY20>": KEY20, "<KEY36>": "0x" + "ab" * 36}.get(v, v)
+                 if isinstance(v, str) else v for k, v in d.items()})
     try:
         sa = SA.from_dict(base)
     except ValidationError as e:
         known = {f.name for f in dataclasses.fields(SA)} | set(base)
         assert e.field and e.field.split(".", 1)[1] in known
-        assert "5a5a5a5a" not in str(e) and "abababab" not in str(e)
+        if "5a5a5a5a" in str(e) or "abababab" in str(e):
+            pytest.fail("key in error")
     else:
         assert 256 <= sa.spi <= 0xFFFFFFFF
 
@@ -332,7 +339,9 @@ def test_config_errors_name_the_field(text, field):
 def test_config_syntax_error_and_missing_file(tmp_path):
     with pytest.raises(ConfigError) as ei:
         loads('key = "' + KEY20 + '\n', "t.toml")
-    assert "line 1" in str(ei.value) and "5a5a5a" not in str(ei.value)
+    assert "line 1" in str(ei.value)
+    if "5a5a5a" in str(ei.value):
+        pytest.fail("key in error")
     with pytest.raises(ConfigError) as ei:
         load(tmp_path / "nope.toml")
     assert "cannot read" in str(ei.value)
