@@ -34,6 +34,7 @@ usage: softnicctl [-s SOCKET] [--json] COMMAND ...
   vf del NAME | vf list | vf show NAME
   sa add vf NAME|uplink dir in|out src A dst B proto esp spi SPI [reqid N]
          [mode tunnel|transport] aead 'rfc4106(gcm(aes))' 0xKEY 128
+         (any KEY may be @FILE or - for a line of stdin: keeps keys out of argv)
          | aead 'rfc7539esp(chacha20,poly1305)' 0xKEY 128
          | enc 'cbc(aes)' 0xKEY auth-trunc 'hmac(sha256)' 0xKEY 128
          [replay-window N] [flag esn] [encap espinudp SPORT DPORT 0.0.0.0]
@@ -90,6 +91,21 @@ def _scope_words(words: list[str]) -> str | None:
     if len(words) == 2 and words[0] == "vf":
         return words[1]
     raise Usage("expected 'vf NAME' or 'uplink'")
+
+
+def _read_secret(word: str) -> str:
+    """A key given as `@FILE` (hex in a file) or `-` (one line of stdin, per `-`)."""
+    if word == "-":
+        line = sys.stdin.readline()
+        if not line:
+            raise Usage("key '-': no line left on stdin")
+        return line
+    try:
+        with open(word[1:], encoding="ascii") as f:
+            return f.read(4096)
+    except (OSError, UnicodeDecodeError) as e:
+        raise Usage(f"key file {word[1:]}: {getattr(e, 'strerror', None) or 'not hex text'}") \
+            from None
 
 
 def _vf_params(name: str, words: list[str]) -> dict[str, Any]:
@@ -179,7 +195,7 @@ class Ctl:
                 raise Usage(f"unknown vf verb '{verb[:20]}'")
         elif obj == "sa":
             if verb == "add":
-                self._changed(c.call("sa.add", **parse_state(args)))
+                self._changed(c.call("sa.add", **parse_state(args, _read_secret)))
             elif verb in ("del", "get"):
                 p = parse_state_id(args)
                 if verb == "del":

@@ -16,7 +16,7 @@ validates with `model.SA.from_dict` / `model.Policy.from_dict`. Parse errors are
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .model import ALGS, PROTOCOLS, REDACTED, UPLINK, ValidationError
@@ -36,9 +36,11 @@ class XfrmError(ValidationError):
 
 
 class _Words:
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str],
+                 read_secret: Callable[[str], str] | None = None) -> None:
         self.w = list(argv)
         self.i = 0
+        self.read_secret = read_secret
 
     def more(self) -> bool:
         return self.i < len(self.w)
@@ -55,6 +57,11 @@ class _Words:
     def secret(self, field: str) -> str:
         # The token is a key: never echoed, only checked to be hex.
         tok = self.take(field, "key (0x...)")
+        if self.read_secret is not None and (tok == "-" or tok.startswith("@")):
+            # `@FILE` or `-` (a line of stdin): keeps the key out of argv, which every
+            # local user can read in /proc/PID/cmdline.
+            tok = self.read_secret(tok).strip()
+            tok = tok if tok[:2] in ("0x", "0X") else "0x" + tok
         s = tok[2:] if tok[:2] in ("0x", "0X") else ""
         if not s or len(s) % 2 or any(c not in "0123456789abcdefABCDEF" for c in s):
             raise XfrmError(field, "must be an even number of hex digits after 0x")
@@ -104,9 +111,11 @@ def _common_id(w: _Words, out: dict[str, Any], tok: str) -> bool:
     return True
 
 
-def parse_state(argv: Sequence[str]) -> dict[str, Any]:
-    """`ip xfrm state add` words -> SA params (model.SA.from_dict shape)."""
-    w = _Words(argv)
+def parse_state(argv: Sequence[str],
+                read_secret: Callable[[str], str] | None = None) -> dict[str, Any]:
+    """`ip xfrm state add` words -> SA params (model.SA.from_dict shape). With
+    `read_secret`, a key word `@FILE` or `-` is replaced by read_secret(word) (hex)."""
+    w = _Words(argv, read_secret)
     out: dict[str, Any] = {}
     while w.more():
         tok = w.take("", "")

@@ -124,6 +124,26 @@ def test_sa_verbs(env):
     assert env.dp.sas == {}
 
 
+def test_keys_from_file_and_stdin(env):
+    """Keys can stay out of argv (which any local user can read in /proc/PID/cmdline)."""
+    kf = os.path.join(env.dir, "k.hex")
+    with open(kf, "w") as f:
+        f.write(K16 + "\n")
+    os.chmod(kf, 0o600)
+    line = CBC_UPLINK.replace(K32, "-").replace(K16, "@" + kf)
+    assert K16 not in line and K32 not in line
+    r = subprocess.run(cmd(env, line), input=K32[2:] + "\n", capture_output=True, text=True,
+                       timeout=30, cwd=ROOT)
+    check_output_clean(r.stdout, r.stderr)
+    assert r.returncode == 0, r.stderr
+    sa = env.dp.sas[("uplink", "out", 0x2001)]
+    if sa.key.reveal() != bytes.fromhex(K16[2:]) or sa.auth_key.reveal() != bytes.fromhex(K32[2:]):
+        pytest.fail("key bytes differ")
+    r = subprocess.run(cmd(env, line.replace("@" + kf, "@/nonexistent")), input="",
+                       capture_output=True, text=True, timeout=30, cwd=ROOT)
+    assert r.returncode == 2 and "key file /nonexistent" in r.stderr
+
+
 def test_policy_and_fdb_verbs(env):
     ctl(env, GCM_OUT)
     ctl(env, "policy add vf vm1 src 10.0.0.1/32 dst 10.0.0.3/32 proto tcp dport 443 dir out "
