@@ -355,7 +355,7 @@ class AdminServer:
                 ) -> tuple[Any, dict[str, Any] | None]:
         try:
             req = json.loads(line)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, RecursionError):  # RecursionError: "[[[[..." nested too deep
             return None, {"id": None, "error": {"code": "parse-error",
                                                 "message": "not a JSON object"}}
         if not isinstance(req, dict):

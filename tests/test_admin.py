@@ -21,13 +21,15 @@ import urllib.request
 
 import dpkt
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from softnic import Client
 from softnic.admin import AdminServer, MetricsServer
 from softnic.client import AdminError
 from softnic.config import load, loads
 from softnic.control import Controller
-from softnic.model import SA, VF, Daemon
+from softnic.model import SA, VF, Daemon, Policy
 
 # An exception in a server or reader thread fails the test, not just warns.
 pytestmark = pytest.mark.filterwarnings("error::pytest.PytestUnhandledThreadExceptionWarning")
@@ -516,6 +518,11 @@ def test_garbage_half_lines_and_oversize(env):
     assert r.line()["error"]["field"] == "junk"
     r.send(b"\xff\xfe\x00garbage\n\n\n")
     assert r.line()["error"]["code"] == "parse-error"
+    r.send(b"[" * 60000 + b"\n")  # nesting deeper than any parser's recursion limit
+    assert r.line()["error"]["code"] == "parse-error"
+    r.send(b'{"id": 1, "method": "sa.get", "params": {"scope": "vm1", "spi": ' + b"9" * 5000
+           + b"}}\n")
+    assert r.line()["error"]["code"] in ("parse-error", "invalid-params")
     assert r.rpc("version")["result"]  # still usable after all that
     # A started line that never ends: an error after line_timeout, then closed.
     r.send(b'{"id": 5, "meth')
@@ -532,6 +539,64 @@ def test_garbage_half_lines_and_oversize(env):
     h.send(b'{"id": 1, "method": "vers')
     h.close()
     assert Client(env.path).version()
+
+
+JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False)
+                    | st.text(max_size=8),
+                    lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=6), c,
+                                                                        max_size=3),
+                    max_leaves=8)
+METHODS = st.sampled_from(["version", "vf.add", "vf.del", "vf.list", "vf.show", "sa.add",
+                           "sa.del", "sa.get", "sa.list", "sa.flush", "policy.add",
+                           "policy.del", "policy.list", "fdb.add", "fdb.del", "fdb.list",
+                           "stats", "reload", "capture.stop", "nope"])
+
+
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(req=st.one_of(
+    st.fixed_dictionaries({"id": st.one_of(st.integers(), st.text(max_size=5)),
+                           "method": METHODS}, optional={"params": JSON}),
+    JSON))
+def test_random_requests_always_get_a_reply(env, req):
+    """Hostile JSON: every line gets exactly one well-formed reply, with the id echoed
+    when there was a valid one, and the server keeps serving."""
+    r = Raw(env.path)
+    r.send(json.dumps(req).encode() + b"\n")
+    reply = r.line()
+    assert set(reply) in ({"id", "result"}, {"id", "error"})
+    if "error" in reply:
+        assert set(reply["error"]) <= {"code", "message", "field"}
+        assert reply["error"]["code"] != "internal-error"
+    if isinstance(req, dict) and isinstance(req.get("id"), int) and set(req) <= {
+            "id", "method", "params"}:
+        assert reply["id"] == req["id"]
+    r.close()
+
+
+def test_rekeys_are_make_before_break():
+    """Ten rekeys: the new outbound SA is installed before the old one is removed, so at
+    every datapath call an outbound SA with the policy's reqid exists."""
+    dp = RecordingDatapath()
+    ctl = Controller(dp, loads(CONFIG))
+    ctl.add_policy(Policy.from_dict({"scope": "vm1", "dir": "out", "src": "10.0.0.1/32",
+                                     "dst": "10.0.0.3/32", "action": "protect", "reqid": 1}))
+    ctl.add_sa(SA.from_dict(sa_params(spi=0x1000)))
+    seen = []
+    orig_add, orig_del = dp.add_sa, dp.del_sa
+
+    def check(fn):
+        def wrapped(sa):
+            fn(sa)
+            seen.append(sum(1 for s in dp.sas.values() if s.dir == "out" and s.reqid == 1))
+        return wrapped
+
+    dp.add_sa, dp.del_sa = check(orig_add), check(orig_del)
+    for i in range(10):
+        ctl.add_sa(SA.from_dict(sa_params(spi=0x1001 + i)))
+        ctl.del_sa("vm1", 0x1000 + i, dir="out")
+    assert len(seen) == 20 and min(seen) == 1 and seen[::2] == [2] * 10
+    assert [s.spi for s in ctl.config.sas] == [0x100a]
 
 
 def test_twenty_clients_while_others_stall():
