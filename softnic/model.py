@@ -598,6 +598,14 @@ class Config:
                     raise ValidationError(f"{p}.scope", "no uplink is configured")
                 if sa.src.version != ul_family:
                     raise ValidationError(f"{p}.src", "address family differs from uplink.local")
+                # The uplink's mode decides the wire format of all its SAs.
+                if self.uplink.ipsec == "off":
+                    raise ValidationError(f"{p}.scope", "uplink.ipsec is off")
+                if (sa.encap_sport is not None) != (self.uplink.ipsec == "espinudp"):
+                    raise ValidationError(f"{p}.encap_sport", "uplink.ipsec is "
+                                          f"{self.uplink.ipsec}: encap ports "
+                                          + ("required" if sa.encap_sport is None
+                                             else "not allowed"))
             elif self.vf(sa.scope) is None:
                 raise ValidationError(f"{p}.scope", f"no VF named '{sa.scope}'")
             if sa.ident in sa_ids:

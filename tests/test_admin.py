@@ -41,6 +41,7 @@ KEY_FORMS = [KEY.hex(), KEY.hex().upper(), base64.b64encode(KEY).decode(), KEY[:
 CONFIG = """
 [uplink]
 local = "192.0.2.1"
+ipsec = "espinudp"
 
 [[vf]]
 name = "vm1"

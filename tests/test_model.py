@@ -317,6 +317,12 @@ CONFIG_BAD = [
      'spi = 4096\nalg = "aes-gcm"\nkey = "' + KEY20 + '"\n', "sa[0].scope"),
     (BASE + '[[sa]]\nscope = "uplink"\ndir = "out"\nsrc = "fd00::1"\ndst = "fd00::2"\n'
      'spi = 4096\nalg = "aes-gcm"\nkey = "' + KEY20 + '"\n', "sa[0].src"),
+    (BASE.replace('local = "192.0.2.1"', 'local = "192.0.2.1"\nipsec = "esp"') +
+     '[[sa]]\nscope = "uplink"\ndir = "out"\nsrc = "192.0.2.1"\ndst = "192.0.2.2"\n'
+     'spi = 4096\nalg = "aes-gcm"\nencap_sport = 4500\nencap_dport = 4500\nkey = "'
+     + KEY20 + '"\n', "sa[0].encap_sport"),
+    (BASE + '[[sa]]\nscope = "uplink"\ndir = "out"\nsrc = "192.0.2.1"\ndst = "192.0.2.2"\n'
+     'spi = 4096\nalg = "aes-gcm"\nkey = "' + KEY20 + '"\n', "sa[0].scope"),
     (BASE + '[[fdb]]\nvni = 300\nmac = "flood"\nremote = "192.0.2.2"\n', "fdb[0].vni"),
     (BASE + '[[fdb]]\nvni = 100\nmac = "flood"\nremote = "fd00::2"\n', "fdb[0].remote"),
     (BASE + '[[policy]]\nscope = "vm3"\ndir = "out"\nsrc = "0.0.0.0/0"\ndst = "0.0.0.0/0"\n'
