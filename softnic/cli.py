@@ -274,7 +274,8 @@ class Ctl:
     @staticmethod
     def _vf_show_text(r: dict[str, Any]) -> str:
         vf = r["vf"]
-        lines = [f"{k}: {v}" for k, v in vf.items() if v not in (None, [])]
+        lines = [f"{k}: {', '.join(v) if isinstance(v, list) else v}"
+                 for k, v in vf.items() if v not in (None, [])]
         if r.get("state"):
             lines.append("state: " + " ".join(f"{k}={v}" for k, v in r["state"].items()))
         if r.get("stats"):
