@@ -131,7 +131,7 @@ class AdminServer:
             "sa.flush": self._sa_flush,
             "policy.add": lambda p: self.ctl.add_policy(_build(Policy, p)),
             "policy.del": self._policy_del, "policy.list": self._policy_list,
-            "fdb.add": lambda p: self.ctl.add_fdb(_build(FdbEntry, p)),
+            "fdb.add": self._fdb_add,
             "fdb.del": lambda p: self.ctl.del_fdb(_build(FdbEntry, p)),
             "fdb.list": self._fdb_list,
             "stats": self._stats, "reload": self._reload,
@@ -447,6 +447,13 @@ class AdminServer:
     def _policy_list(self, p: Any) -> Any:
         p = _params(p, {"scope"})
         return self.ctl.list_policies(_scope(p, required=False))
+
+    def _fdb_add(self, p: Any) -> Any:
+        p = _params(p, {"vni", "mac", "remote", "replace"})
+        replace = p.pop("replace", False)
+        if not isinstance(replace, bool):
+            raise ControlError("invalid-params", "must be true or false", "replace")
+        return self.ctl.add_fdb(_build(FdbEntry, p), replace)
 
     def _fdb_list(self, p: Any) -> Any:
         p = _params(p, {"vni"})

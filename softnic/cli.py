@@ -45,7 +45,7 @@ usage: softnicctl [-s SOCKET] [--json] COMMAND ...
          [priority N] [action protect|bypass|discard] [reqid N | spi SPI | tmpl ... reqid N]
   policy del vf NAME|uplink src PFX dst PFX [proto P ...] dir in|out
   policy list [vf NAME|uplink]
-  fdb add|del vni N mac MAC|flood remote ADDR | fdb list [vni N]
+  fdb add|replace|del vni N mac MAC|flood remote ADDR | fdb list [vni N]
   stats [--prometheus]
   top [--interval S] [--count N]
   monitor [--count N] [TYPE]...
@@ -231,12 +231,14 @@ class Ctl:
             else:
                 raise Usage(f"unknown policy verb '{verb[:20]}'")
         elif obj == "fdb":
-            if verb in ("add", "del"):
+            if verb in ("add", "del", "replace"):
                 p = _fdb_params(args)
                 for f in ("vni", "mac", "remote"):
                     if f not in p:
                         raise Usage(f"fdb {verb} needs {f}")
-                self._changed(c.call(f"fdb.{verb}", **p))
+                if verb == "replace":
+                    p["replace"] = True
+                self._changed(c.call("fdb.del" if verb == "del" else "fdb.add", **p))
             elif verb == "list":
                 p = _fdb_params(args)
                 r = c.call("fdb.list", **p)

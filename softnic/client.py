@@ -178,8 +178,10 @@ class Client:
     def policy_list(self, scope: str | None = None) -> list[dict[str, Any]]:
         return self.call("policy.list", **({} if scope is None else {"scope": scope}))
 
-    def fdb_add(self, vni: int, mac: str, remote: str) -> dict[str, Any]:
-        return self.call("fdb.add", vni=vni, mac=mac, remote=remote)
+    def fdb_add(self, vni: int, mac: str, remote: str, replace: bool = False
+                ) -> dict[str, Any]:
+        return self.call("fdb.add", vni=vni, mac=mac, remote=remote,
+                         **({"replace": True} if replace else {}))
 
     def fdb_del(self, vni: int, mac: str, remote: str) -> dict[str, Any]:
         return self.call("fdb.del", vni=vni, mac=mac, remote=remote)

@@ -525,18 +525,21 @@ class Controller:
 
     # FDB
 
-    def add_fdb(self, e: FdbEntry) -> dict[str, Any]:
+    def add_fdb(self, e: FdbEntry, replace: bool = False) -> dict[str, Any]:
+        """Add an entry; with replace, a MAC that lives elsewhere moves in one change
+        (as `bridge fdb replace`)."""
         def f(c: Config) -> Config:
-            if any(x.ident == e.ident for x in c.fdb):
+            old = [x for x in c.fdb if x.ident == e.ident]
+            if old and not replace:
                 raise ControlError("exists", "this FDB entry exists", "mac")
-            return c.replace(fdb=c.fdb + (e,))
+            return c.replace(fdb=tuple(x for x in c.fdb if x.ident != e.ident) + (e,))
         return self._change(f)
 
     def del_fdb(self, e: FdbEntry) -> dict[str, Any]:
         def f(c: Config) -> Config:
-            if not any(x.ident == e.ident for x in c.fdb):
+            if e not in c.fdb:  # the remote must match too
                 raise ControlError("not-found", "no such FDB entry", "mac")
-            return c.replace(fdb=tuple(x for x in c.fdb if x.ident != e.ident))
+            return c.replace(fdb=tuple(x for x in c.fdb if x != e))
         return self._change(f)
 
     def list_fdb(self, vni: int | None = None) -> list[dict[str, Any]]:

@@ -476,6 +476,8 @@ BAD_REQUESTS = [
     ("fdb.add", {"vni": 100, "mac": "flood", "remote": "fd00::5"}, "invalid-params",
      "remote"),
     ("fdb.del", {"vni": 100, "mac": "flood", "remote": "192.0.2.77"}, "not-found", "mac"),
+    ("fdb.add", {"vni": 100, "mac": "02:00:00:00:00:0c", "remote": "192.0.2.5",
+                 "replace": "yes"}, "invalid-params", "replace"),
     ("fdb.list", {"vni": "x"}, "invalid-params", "vni"),
     ("stats", {"format": "xml"}, "invalid-params", "format"),
     ("capture.stop", {"capture": 77}, "not-found", "capture"),

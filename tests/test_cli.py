@@ -159,7 +159,11 @@ def test_policy_and_fdb_verbs(env):
     ctl(env, "fdb add vni 100 mac 02:00:00:00:00:0a remote 192.0.2.3")
     rows = ctl(env, "fdb list vni 100").stdout.splitlines()
     assert rows[0].split() == ["VNI", "MAC", "REMOTE"] and len(rows) == 3
-    ctl(env, "fdb del vni 100 mac 02:00:00:00:00:0a remote 192.0.2.3")
+    ctl(env, "fdb add vni 100 mac 02:00:00:00:00:0a remote 192.0.2.4", rc=1)  # exists
+    mark = len(env.dp.calls)
+    ctl(env, "fdb replace vni 100 mac 02:00:00:00:00:0a remote 192.0.2.4")
+    assert [c[0] for c in env.dp.calls[mark:]] == ["del_fdb", "add_fdb"]
+    ctl(env, "fdb del vni 100 mac 02:00:00:00:00:0a remote 192.0.2.4")
     assert js(env, "fdb list") == [{"vni": 100, "mac": "flood", "remote": "192.0.2.2"}]
 
 
