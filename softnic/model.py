@@ -337,6 +337,9 @@ ALGS: dict[str, tuple[str, tuple[int, ...], tuple[int, ...], bool]] = {
     "aes-cbc-hmac-sha256": ("cbc(aes)", (16, 32), (128,), True),
 }
 AUTH_KEY_LEN = 32  # hmac(sha256) per RFC 4868: key = output size
+# enum sn_alg / enum sn_engine of softnic/csrc/sn_crypto.h
+ALG_IDS = {"aes-gcm": 1, "chacha20-poly1305": 2, "aes-cbc-hmac-sha256": 3}
+ENGINE_IDS = {"auto": 0, "openssl": 1, "ipsec-mb": 2}
 
 
 @dataclass(frozen=True)
@@ -417,6 +420,20 @@ class SA:
     @property
     def ident(self) -> tuple[str, str, int]:
         return (self.scope, self.dir, self.spi)
+
+    # What sn_xform_new() (softnic/csrc/sn_crypto.h) takes; key/auth_key already have the
+    # layout it expects (GCM/ChaCha: key || 4-byte salt, as `ip xfrm`).
+    @property
+    def alg_id(self) -> int:
+        return ALG_IDS[self.alg]
+
+    @property
+    def engine_id(self) -> int:
+        return ENGINE_IDS[self.engine]
+
+    @property
+    def icv_len(self) -> int:
+        return self.icv_bits // 8
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], prefix: str = "sa") -> SA:

@@ -8,6 +8,7 @@ import ipaddress
 import json
 import os
 import pickle
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -103,6 +104,24 @@ def test_sa_errors_name_the_field(bad, field):
     assert str(ei.value).startswith(f"sa[2].{field}: ")
     if "5a5a5a5a" in str(ei.value):
         pytest.fail("the key appears in an error")
+
+
+def test_sa_ids_match_the_crypto_header():
+    """alg_id/engine_id are the enums of softnic/csrc/sn_crypto.h (read from the header)."""
+    with open(os.path.join(os.path.dirname(HERE), "softnic", "csrc", "sn_crypto.h")) as f:
+        hdr = f.read()
+    enum = {m.group(1): int(m.group(2)) for m in re.finditer(r"(SN_\w+) = (\d+)", hdr)}
+    for alg, name in (("aes-gcm", "SN_ALG_AES_GCM"), ("chacha20-poly1305",
+                      "SN_ALG_CHACHA20_POLY1305"), ("aes-cbc-hmac-sha256",
+                                                    "SN_ALG_AES_CBC_HMAC_SHA256")):
+        d = sa_dict(alg=alg, key="0x" + "11" * (36 if alg != "aes-cbc-hmac-sha256" else 16))
+        if alg == "aes-cbc-hmac-sha256":
+            d["auth_key"] = "0x" + "22" * 32
+        assert SA.from_dict(d).alg_id == enum[name]
+    for engine, name in (("auto", "SN_ENGINE_AUTO"), ("openssl", "SN_ENGINE_OPENSSL"),
+                         ("ipsec-mb", "SN_ENGINE_IPSECMB")):
+        assert SA.from_dict(sa_dict(engine=engine)).engine_id == enum[name]
+    assert SA.from_dict(sa_dict(icv_bits=96)).icv_len == 12
 
 
 def test_sa_missing_field_is_named():
