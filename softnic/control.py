@@ -51,6 +51,7 @@ EVENT_TYPES = (
     "vf-broken",           # vf, reason (a misbehaving guest broke its own VF)
     "sa-added", "sa-deleted", "policy-added", "policy-deleted",
     "vf-added", "vf-deleted", "fdb-added", "fdb-deleted", "uplink-changed", "reloaded",
+    "reload-failed",
     "events-lost",         # count: this subscriber was too slow
 )
 
@@ -591,6 +592,22 @@ class Controller:
         self._bus.post({"type": "reloaded", "changes": len(result["changes"]),
                         "time": time.time()})
         return result
+
+    def request_reload(self) -> threading.Thread:
+        """Reload in a new thread; safe to call from a signal handler (SIGHUP), which must
+        not take the controller lock itself (it may interrupt the thread holding it).
+        The outcome is logged and posted as a "reloaded" or "reload-failed" event."""
+        def run() -> None:
+            try:
+                r = self.reload()
+                log.info("reload: %d changes", len(r["changes"]))
+            except ControlError as e:
+                log.error("reload failed: %s %s", e.code, scrub(str(e)))
+                self._bus.post({"type": "reload-failed", "code": e.code,
+                                "field": e.field, "time": time.time()})
+        t = threading.Thread(target=run, name="reload", daemon=True)
+        t.start()
+        return t
 
     # stats and capture
 

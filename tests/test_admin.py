@@ -280,6 +280,25 @@ def test_reload_keeps_live_objects_unless_their_vf_goes(env):
     assert ("vm1", "out", 0x1001) in env.dp.sas and set(env.dp.vfs) == {"vm1"}
 
 
+def test_sighup_style_reload_in_a_thread(env):
+    """request_reload() is what a SIGHUP handler calls: it never takes the lock itself."""
+    sub = env.ctl.subscribe(types=["reloaded", "reload-failed"])
+    with open(env.cfg_path, "a") as f:
+        f.write('[[fdb]]\nvni = 200\nmac = "flood"\nremote = "192.0.2.4"\n')
+    with env.ctl._lock:  # as if the signal interrupted a change in progress
+        t = env.ctl.request_reload()
+        time.sleep(0.1)
+        assert t.is_alive()  # waits for the lock instead of changing state under it
+    t.join(5)
+    assert [e["type"] for e in sub.get(1)] == ["reloaded"]
+    with open(env.cfg_path, "a") as f:
+        f.write("[[fdb]]\nvni = 5\n")
+    env.ctl.request_reload().join(5)
+    ev = sub.get(1)
+    assert ev[0]["type"] == "reload-failed" and ev[0]["field"] == "fdb[2].mac"
+    sub.close()
+
+
 def test_changed_vf_reinstalls_its_sas_and_policies(env):
     c = Client(env.path)
     c.sa_add(**sa_params())
