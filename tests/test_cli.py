@@ -231,6 +231,11 @@ def test_capture(env):
         got = [(ts, buf) for ts, buf in dpkt.pcap.Reader(f)]
     assert [b for _, b in got] == frames[:2] and got[1][0] == pytest.approx(1700000101.5)
     assert dpkt.ethernet.Ethernet(got[0][1]).type == dpkt.ethernet.ETH_TYPE_ARP
+    # A second, independent reader: scapy decodes the same frames (ARP here).
+    from scapy.layers.l2 import ARP
+    from scapy.utils import rdpcap
+    pkts = rdpcap(pcap)
+    assert [bytes(p) for p in pkts] == frames[:2] and pkts[0].haslayer(ARP)
     assert ctl(env, "capture stop 99", rc=1).stderr.startswith("softnicctl: not-found")
 
 
