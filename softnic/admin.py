@@ -407,7 +407,8 @@ class AdminServer:
     def _version(self, p: Any) -> Any:
         _params(p, set())
         return {"version": __version__, "protocol": PROTOCOL_VERSION,
-                "methods": sorted(list(self._methods) + list(self._streams))}
+                "methods": sorted(list(self._methods) + list(self._streams)),
+                "consistent": not self.ctl.broken}
 
     def _vf_del(self, p: Any) -> Any:
         p = _params(p, {"name"}, ("name",))

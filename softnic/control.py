@@ -302,10 +302,14 @@ class Controller:
                 except Exception as e:  # noqa: BLE001 - any datapath failure rolls back
                     failed = op.name
                     msg = scrub(f"{type(e).__name__}: {e}")
-                    self._rollback(done)
-                    log.warning("change rolled back: %s failed (%s)", failed, msg)
+                    if self._rollback(done):
+                        log.warning("change rolled back: %s failed (%s)", failed, msg)
+                        outcome = "nothing was changed"
+                    else:
+                        outcome = "the rollback failed too: the data plane may differ from" \
+                                  " the configuration (see the daemon log)"
                     raise ControlError("datapath-failed",
-                                       f"{failed} failed ({msg}); nothing was changed") from None
+                                       f"{failed} failed ({msg}); {outcome}") from None
                 done.append(op)
             self._config = new
             for name in {v.name for v in old.vfs} - {v.name for v in new.vfs}:
@@ -314,14 +318,18 @@ class Controller:
             self._bus.post(dict(op.event, time=time.time()))
         return {"changes": [op.name for op in done]}
 
-    def _rollback(self, done: list[_Op]) -> None:
+    def _rollback(self, done: list[_Op]) -> bool:
+        """Undo `done` in reverse; False (and `broken` set) if any undo failed."""
+        ok = True
         for op in reversed(done):
             try:
                 op.undo()
             except Exception as e:  # noqa: BLE001
+                ok = False
                 self.broken = True
                 log.error("rollback of %s failed (%s); datapath may differ from config",
                           op.name, scrub(str(e)))
+        return ok
 
     def _plan(self, old: Config, new: Config) -> list[_Op]:
         dp = self._dp

@@ -330,6 +330,19 @@ def test_datapath_failure_rolls_back_everything(env, caplog):
     assert_no_key(str(ei.value), caplog.text)
 
 
+def test_failed_rollback_is_reported(env):
+    c = Client(env.path)
+    c.sa_add(**sa_params())
+    # The VF change fails at add_vf, and undoing its del_sa fails as well.
+    env.dp.fail = lambda name, arg: name == "add_vf" or (name == "add_sa" and env.dp.vfs)
+    with open(env.cfg_path, "w") as f:
+        f.write(CONFIG.replace('ipsec = "enforce"', 'ipsec = "offload"'))
+    with pytest.raises(AdminError) as ei:
+        c.reload()
+    assert "the rollback failed too" in ei.value.message
+    assert env.ctl.broken and c.version()["consistent"] is False
+
+
 def test_event_fanout_and_slow_subscriber():
     dp = RecordingDatapath()
     ctl = Controller(dp, loads(CONFIG))
