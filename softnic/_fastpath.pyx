@@ -1,11 +1,1245 @@
 # cython: language_level=3
-"""softnic's data plane: batches of packets through TSO, ESP and VXLAN.
+"""softnic's data plane: VF frames through TSO, ESP and VXLAN to the underlay and back.
 
-Pipeline order (DESIGN.md): TX host-terminated = policy -> TSO/csum -> ESP -> VXLAN;
-TX device-terminated = TSO/csum -> VXLAN -> ESP; RX is the reverse. Every entry point
-works on a batch and returns counts; drops are counted by reason (softnic/_pkt.pxd).
+Pipeline order (DESIGN.md, and the seed's questions):
+  TX host-terminated   : policy -> TSO / checksum completion -> ESP (VF's SA) -> VXLAN
+  TX device-terminated : TSO / checksum completion -> VXLAN -> ESP (uplink SA, per VTEP)
+  RX                   : the reverse; anti-replay and the ICV before anything is trusted,
+                         the inbound policy after decryption.
+Segment size is derived from the underlay MTU minus the exact ESP + VXLAN overhead, so
+nothing is ever fragmented in the underlay (RFC 7348 §4.3).
+
+Threads: one thread runs TX bursts and one runs RX bursts at a time (tx_lock, rx_lock);
+the control plane takes both to change tables, so a burst never sees a half-made change
+and an SA is never freed under a burst. Everything per packet is C, without the GIL.
 """
 
-from softnic._batch import DROP_REASONS, Batch
+import ipaddress
 
-__all__ = ["Batch", "DROP_REASONS"]
+from cpython.pythread cimport (
+    NOWAIT_LOCK,
+    WAIT_LOCK,
+    PyThread_acquire_lock,
+    PyThread_allocate_lock,
+    PyThread_free_lock,
+    PyThread_release_lock,
+    PyThread_type_lock,
+)
+from cpython.mem cimport PyMem_Calloc, PyMem_Free
+from libc.stdint cimport int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy, memset
+
+from softnic._batch cimport Batch
+from softnic._esp cimport (
+    SN_ESP_TUNNEL,
+    SecurityAssociation,
+    sn_esp_decap,
+    sn_esp_encap,
+    sn_esp_max_ip_len,
+    sn_esp_read_spi,
+    sn_sa,
+)
+from softnic._io cimport TxQueue, Underlay, sn_tap_read, sn_tap_stats, sn_tap_write
+from softnic._parse cimport sn_hdrs, sn_parse_frame
+from softnic._pkt cimport (
+    SN_DROP_MALFORMED_L2,
+    SN_DROP_MALFORMED_L3,
+    SN_DROP_MAX,
+    SN_DROP_NO_FDB,
+    SN_DROP_NO_ROOM,
+    SN_DROP_NO_SA,
+    SN_DROP_POLICY,
+    SN_DROP_TOO_BIG,
+    SN_DROP_UNKNOWN_VNI,
+    SN_OK,
+    SN_PKT_ESP,
+    SN_VNET_HDR_LEN,
+    VIRTIO_NET_HDR_F_DATA_VALID,
+    VIRTIO_NET_HDR_F_NEEDS_CSUM,
+    VIRTIO_NET_HDR_GSO_NONE,
+    sn_pkt,
+    sn_vnet_hdr,
+)
+from softnic._tso cimport sn_csum_complete, sn_tcp_mss_clamp, sn_tso_segment
+from softnic._vxlan cimport (
+    SN_AF_INET,
+    sn_flow_hash,
+    sn_icmp_too_big,
+    sn_vxlan_decap,
+    sn_vxlan_encap,
+    sn_vxlan_rx,
+    sn_vxlan_tx,
+    sn_vxlan_tx_init,
+)
+
+from softnic._batch import DROP_REASONS
+
+cdef extern from *:
+    """
+    #define MIX_K1 0x7feb352dU
+    #define MIX_K2 0x846ca68bU
+    #define MIX_GOLDEN 0x9e3779b1U
+    #define MIX_FNV 0x01000193U
+    """
+    const uint32_t MIX_K1, MIX_K2, MIX_GOLDEN, MIX_FNV
+
+cdef enum:
+    FP_MAX_VF = 256
+    FP_MAX_VTEP = 256
+    FP_MAX_FLOOD = 64
+    FP_MAX_POLICY = 64          # per VF and direction; first match in priority order
+    FP_MAX_SA = 4096            # per scope; SPI lookup is a short linear probe
+    FP_MAX_UL_SAS = 16          # uplink SAs per VTEP pair, chosen by the inner flow hash
+    FP_MAX_SEGS = 1400          # a 64 KB frame at the smallest MSS (48) is 1366 segments
+    FP_UPLINK = FP_MAX_VF       # the scope index of the uplink's SAs
+
+    FP_MODE_OFF = 0
+    FP_MODE_OFFLOAD = 1
+    FP_MODE_ENFORCE = 2
+
+    FP_UL_OFF = 0               # no device-terminated IPsec
+    FP_UL_ESP = 1               # raw ESP (IP protocol 50) between VTEPs
+    FP_UL_ESPINUDP = 2          # ESP in UDP 4500 (RFC 3948)
+
+    FP_ACT_BYPASS = 0
+    FP_ACT_PROTECT = 1
+    FP_ACT_DISCARD = 2
+
+ctypedef struct fp_counters:
+    uint64_t tx_frames          # frames taken from the VF
+    uint64_t tx_bytes
+    uint64_t tx_tso_frames      # of which GSO frames segmented here
+    uint64_t tx_segments        # packets made from them
+    uint64_t tx_esp             # packets protected with the VF's SA
+    uint64_t tx_packets         # packets handed to the underlay
+    uint64_t tx_local           # frames switched to another VF on this host
+    uint64_t tx_icmp_too_big    # ICMP too-big / packet-too-big replies sent to the VF
+    uint64_t tx_mss_clamped     # SYNs whose MSS option was lowered
+    uint64_t rx_frames          # frames delivered to the VF
+    uint64_t rx_bytes
+    uint64_t rx_esp             # of which decrypted with the VF's SA
+    uint64_t rx_esp_passthrough  # ESP passed untouched (offload mode, SPI not ours)
+    uint64_t drops[<int>SN_DROP_MAX]
+
+ctypedef struct fp_policy:
+    uint8_t family              # 4 or 6
+    uint8_t action              # FP_ACT_*
+    uint8_t src_len
+    uint8_t dst_len
+    uint8_t src[16]
+    uint8_t dst[16]
+    int16_t proto               # -1 = any
+    int32_t sport               # -1 = any
+    int32_t dport
+    int32_t priority            # lower first (as ip xfrm)
+    sn_sa *sa                   # PROTECT: outbound SA, or the inbound SA it expects
+
+ctypedef struct fp_vf:
+    uint8_t used
+    uint8_t mode                # FP_MODE_*
+    uint8_t mac[6]
+    uint32_t vni
+    uint32_t mtu                # the VF's own MTU (largest L3 packet it may send)
+    int tap_fd                  # -1 when the VF is not a TAP
+    int n_out
+    int n_in
+    fp_policy out_pol[FP_MAX_POLICY]
+    fp_policy in_pol[FP_MAX_POLICY]
+    fp_counters c
+    sn_tap_stats tap
+
+ctypedef struct fp_vtep:
+    uint8_t used
+    uint8_t family
+    uint8_t addr[16]
+    sn_vxlan_tx tx              # template; the VNI is set per frame
+    int n_sas
+    sn_sa *sas[FP_MAX_UL_SAS]   # device-terminated outbound SAs towards this VTEP
+
+ctypedef struct fp_fdb:
+    uint8_t used
+    uint8_t mac[6]
+    uint32_t vni
+    uint32_t vtep
+    uint8_t learned
+
+ctypedef struct fp_sa_slot:
+    uint32_t spi
+    uint16_t scope
+    sn_sa *sa
+
+ctypedef struct fp_uplink_counters:
+    uint64_t rx_packets
+    uint64_t rx_esp             # packets decrypted with an uplink SA
+    uint64_t tx_esp             # packets protected with an uplink SA
+    uint64_t drops[<int>SN_DROP_MAX]
+
+
+cdef inline uint32_t _mix(uint32_t h) noexcept nogil:
+    # A 32-bit integer finaliser (lowbias32): every input bit moves every output bit.
+    h ^= h >> 16
+    h *= MIX_K1
+    h ^= h >> 15
+    h *= MIX_K2
+    h ^= h >> 16
+    return h
+
+
+cdef inline bint _prefix_match(const uint8_t *addr, const uint8_t *pfx,
+                               uint8_t plen) noexcept nogil:
+    cdef uint32_t full = plen >> 3, rem = plen & 7
+    if full and memcmp(addr, pfx, full) != 0:
+        return False
+    if rem:
+        return ((addr[full] ^ pfx[full]) & (<uint8_t>(0xFF << (8 - rem)))) == 0
+    return True
+
+
+cdef struct fp_sel:
+    # The selector fields of one IP packet, read once per frame.
+    uint8_t family
+    uint8_t proto
+    uint16_t sport
+    uint16_t dport
+    uint8_t src[16]
+    uint8_t dst[16]
+
+
+cdef bint _selector(const uint8_t *f, const sn_hdrs *h, fp_sel *s) noexcept nogil:
+    """Fill s from a parsed frame; False for non-IP."""
+    cdef const uint8_t *ip = f + h.l3off
+    cdef const uint8_t *l4
+    if h.ipver == 4:
+        s.family = 4
+        memcpy(s.src, ip + 12, 4)
+        memcpy(s.dst, ip + 16, 4)
+    elif h.ipver == 6:
+        s.family = 6
+        memcpy(s.src, ip + 8, 16)
+        memcpy(s.dst, ip + 24, 16)
+    else:
+        return False
+    s.proto = h.l4proto
+    s.sport = 0
+    s.dport = 0
+    if (h.l4proto == 6 or h.l4proto == 17) and h.l4hdrlen and not h.is_fragment:
+        l4 = f + h.l4off
+        s.sport = (l4[0] << 8) | l4[1]
+        s.dport = (l4[2] << 8) | l4[3]
+    return True
+
+
+cdef fp_policy *_policy_lookup(fp_policy *pol, int n, const fp_sel *s) noexcept nogil:
+    cdef int i
+    cdef fp_policy *p
+    for i in range(n):
+        p = &pol[i]
+        if p.family != s.family:
+            continue
+        if p.proto >= 0 and p.proto != s.proto:
+            continue
+        if p.sport >= 0 and p.sport != s.sport:
+            continue
+        if p.dport >= 0 and p.dport != s.dport:
+            continue
+        if not _prefix_match(s.src, p.src, p.src_len):
+            continue
+        if not _prefix_match(s.dst, p.dst, p.dst_len):
+            continue
+        return p
+    return NULL
+
+
+cdef bint _is_neighbour_discovery(const uint8_t *f, const sn_hdrs *h,
+                                  uint32_t len) noexcept nogil:
+    # ICMPv6 router/neighbour solicitation/advertisement and redirect (133..137) must
+    # pass in every mode, as ARP does, or the overlay cannot resolve addresses.
+    if h.ipver != 6 or h.l4proto != 58 or h.l4off >= len:
+        return False
+    return 133 <= f[h.l4off] <= 137
+
+
+cdef class Datapath:
+    """The packet pipeline and its tables. Configuration methods take the GIL and both
+    locks; `tx_*`/`rx_*` bursts release the GIL and take one lock each."""
+
+    cdef fp_vf *vfs
+    cdef fp_vtep *vteps
+    cdef fp_fdb *fdb
+    cdef uint32_t fdb_cap
+    cdef uint32_t flood[FP_MAX_VTEP]
+    cdef fp_sa_slot *sas
+    cdef uint32_t sa_cap
+    cdef uint32_t n_sa
+    cdef fp_uplink_counters ul
+    cdef readonly uint32_t underlay_mtu
+    cdef uint8_t ul_mode
+    cdef uint8_t local[16]
+    cdef uint8_t local_family
+    cdef uint8_t learning
+    cdef PyThread_type_lock tx_lock
+    cdef PyThread_type_lock rx_lock
+    cdef dict sa_refs          # (scope, spi) -> SecurityAssociation, keeps sn_sa alive
+    cdef dict vtep_index       # packed address -> index
+    cdef dict vf_flood         # vni -> list of vtep indices (flood list)
+    cdef Underlay underlay
+    cdef TxQueue txq
+    cdef Batch tx_in
+    cdef Batch tx_out
+    cdef Batch tx_local
+    cdef Batch rx_in
+    cdef Batch rx_out
+
+    def __cinit__(self):
+        self.vfs = NULL
+        self.vteps = NULL
+        self.fdb = NULL
+        self.sas = NULL
+        self.tx_lock = PyThread_allocate_lock()
+        self.rx_lock = PyThread_allocate_lock()
+        if self.tx_lock == NULL or self.rx_lock == NULL:
+            raise MemoryError()
+
+    def __init__(self, local, uint32_t underlay_mtu=1500, str ipsec="off",
+                 bint learning=False, uint32_t fdb_size=4096, int burst=64):
+        la = ipaddress.ip_address(local)
+        if underlay_mtu < 1280 or underlay_mtu > 9216:
+            raise ValueError("underlay_mtu: must be 1280..9216")
+        if ipsec not in ("off", "esp", "espinudp"):
+            raise ValueError("ipsec: must be off, esp or espinudp")
+        self.vfs = <fp_vf *>PyMem_Calloc(FP_MAX_VF, sizeof(fp_vf))
+        self.vteps = <fp_vtep *>PyMem_Calloc(FP_MAX_VTEP, sizeof(fp_vtep))
+        self.fdb_cap = 1
+        while self.fdb_cap < fdb_size * 2:
+            self.fdb_cap <<= 1
+        self.fdb = <fp_fdb *>PyMem_Calloc(self.fdb_cap, sizeof(fp_fdb))
+        self.sa_cap = 2 * FP_MAX_SA
+        self.sas = <fp_sa_slot *>PyMem_Calloc(self.sa_cap, sizeof(fp_sa_slot))
+        if not self.vfs or not self.vteps or not self.fdb or not self.sas:
+            raise MemoryError()
+        self.underlay_mtu = underlay_mtu
+        self.ul_mode = {"off": FP_UL_OFF, "esp": FP_UL_ESP, "espinudp": FP_UL_ESPINUDP}[ipsec]
+        memcpy(self.local, <const char *>la.packed, len(la.packed))
+        self.local_family = la.version
+        self.learning = learning
+        self.sa_refs = {}
+        self.vtep_index = {}
+        self.vf_flood = {}
+        cdef int i
+        for i in range(FP_MAX_VF):
+            self.vfs[i].tap_fd = -1
+        # Scratch batches of the TX and RX threads: a TSO frame needs a 64 KB slot;
+        # outputs are underlay-MTU sized.
+        out_slot = underlay_mtu + 256 + 320
+        self.tx_in = Batch(burst, slot_size=65536 + 1024, headroom=64)
+        self.tx_out = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
+        self.tx_local = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
+        self.rx_in = Batch(burst, slot_size=65536 + 1024 if False else 2048 + 576)
+        self.rx_out = Batch(burst, slot_size=2048 + 576)
+
+    def __dealloc__(self):
+        PyMem_Free(self.vfs)
+        PyMem_Free(self.vteps)
+        PyMem_Free(self.fdb)
+        PyMem_Free(self.sas)
+        if self.tx_lock != NULL:
+            PyThread_free_lock(self.tx_lock)
+        if self.rx_lock != NULL:
+            PyThread_free_lock(self.rx_lock)
+
+    # ---- configuration (GIL held, both locks) ------------------------------------------
+
+    cdef void _lock(self):
+        with nogil:
+            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
+            PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
+
+    cdef void _unlock(self):
+        PyThread_release_lock(self.rx_lock)
+        PyThread_release_lock(self.tx_lock)
+
+    def attach_underlay(self, Underlay underlay):
+        """Use this Underlay's sockets for the poll_* loops."""
+        self._lock()
+        try:
+            self.underlay = underlay
+            self.txq = underlay.tx_queue()
+        finally:
+            self._unlock()
+
+    def set_vf(self, int index, mac, uint32_t vni, uint32_t mtu=1500, str ipsec="off",
+               int tap_fd=-1):
+        if index < 0 or index >= FP_MAX_VF:
+            raise ValueError(f"vf index: must be 0..{FP_MAX_VF - 1}")
+        if vni > 0xFFFFFF:
+            raise ValueError("vni: must fit 24 bits")
+        if mtu < 68 or mtu > 65535:
+            raise ValueError("mtu: must be 68..65535")
+        modes = {"off": FP_MODE_OFF, "offload": FP_MODE_OFFLOAD, "enforce": FP_MODE_ENFORCE}
+        if ipsec not in modes:
+            raise ValueError("ipsec: must be off, offload or enforce")
+        macb = _mac(mac)
+        self._lock()
+        try:
+            v = &self.vfs[index]
+            if not v.used:
+                memset(v, 0, sizeof(fp_vf))
+            v.used = 1
+            memcpy(v.mac, <const char *>macb, 6)
+            v.vni = vni
+            v.mtu = mtu
+            v.mode = modes[ipsec]
+            v.tap_fd = tap_fd
+        finally:
+            self._unlock()
+
+    def del_vf(self, int index):
+        if index < 0 or index >= FP_MAX_VF:
+            raise ValueError("vf index out of range")
+        self._lock()
+        try:
+            memset(&self.vfs[index], 0, sizeof(fp_vf))
+            self.vfs[index].tap_fd = -1
+            self._drop_scope_sas(index)
+        finally:
+            self._unlock()
+
+    cdef void _drop_scope_sas(self, int scope):
+        for key in [k for k in self.sa_refs if k[0] == scope]:
+            self._sa_remove(scope, key[1], key[2])
+
+    cdef int _vtep(self, remote) except -1:
+        ra = ipaddress.ip_address(remote)
+        key = ra.packed
+        if key in self.vtep_index:
+            return self.vtep_index[key]
+        cdef int i
+        for i in range(FP_MAX_VTEP):
+            if not self.vteps[i].used:
+                break
+        else:
+            raise ValueError("too many remote VTEPs")
+        if ra.version != self.local_family:
+            raise ValueError("remote VTEP family differs from the local address")
+        sn_vxlan_tx_init(&self.vteps[i].tx, ipaddress.ip_address(bytes(self.local[:4] if
+                         self.local_family == 4 else self.local[:16])), ra, 0)
+        self.vteps[i].used = 1
+        self.vteps[i].family = ra.version
+        memcpy(self.vteps[i].addr, <const char *>key, len(key))
+        self.vtep_index[key] = i
+        return i
+
+    def fdb_add(self, uint32_t vni, mac, remote):
+        """(VNI, MAC) -> remote VTEP; mac None adds the VTEP to the VNI's flood list."""
+        self._lock()
+        try:
+            vt = self._vtep(remote)
+            if mac is None:
+                lst = self.vf_flood.setdefault(vni, [])
+                if vt not in lst:
+                    if len(lst) >= FP_MAX_FLOOD:
+                        raise ValueError("flood list full")
+                    lst.append(vt)
+            else:
+                self._fdb_put(vni, _mac(mac), vt, 0)
+        finally:
+            self._unlock()
+
+    def fdb_del(self, uint32_t vni, mac, remote=None):
+        self._lock()
+        try:
+            if mac is None:
+                key = ipaddress.ip_address(remote).packed
+                vt = self.vtep_index.get(key)
+                lst = self.vf_flood.get(vni, [])
+                if vt in lst:
+                    lst.remove(vt)
+            else:
+                self._fdb_remove(vni, _mac(mac))
+        finally:
+            self._unlock()
+
+    cdef uint32_t _fdb_slot(self, uint32_t vni, const uint8_t *mac) noexcept nogil:
+        cdef uint32_t h = vni * MIX_GOLDEN
+        cdef int i
+        for i in range(6):
+            h = (h ^ mac[i]) * MIX_FNV
+        return _mix(h) & (self.fdb_cap - 1)
+
+    cdef fp_fdb *_fdb_find(self, uint32_t vni, const uint8_t *mac) noexcept nogil:
+        cdef uint32_t i = self._fdb_slot(vni, mac), n = 0
+        cdef fp_fdb *e
+        while n < self.fdb_cap:
+            e = &self.fdb[i]
+            if e.used == 0:
+                return NULL
+            if e.used == 1 and e.vni == vni and memcmp(e.mac, mac, 6) == 0:
+                return e
+            i = (i + 1) & (self.fdb_cap - 1)
+            n += 1
+        return NULL
+
+    cdef int _fdb_put(self, uint32_t vni, const uint8_t *mac, uint32_t vt,
+                      uint8_t learned) noexcept nogil:
+        cdef fp_fdb *e = self._fdb_find(vni, mac)
+        cdef uint32_t i, n = 0
+        if e != NULL:
+            if learned and not e.learned:
+                return 0        # a static entry is never overridden by learning
+            e.vtep = vt
+            e.learned = learned
+            return 0
+        i = self._fdb_slot(vni, mac)
+        while n < self.fdb_cap // 2:
+            e = &self.fdb[i]
+            if e.used != 1:     # empty or tombstone
+                e.used = 1
+                e.vni = vni
+                memcpy(e.mac, mac, 6)
+                e.vtep = vt
+                e.learned = learned
+                return 0
+            i = (i + 1) & (self.fdb_cap - 1)
+            n += 1
+        return -1
+
+    cdef void _fdb_remove(self, uint32_t vni, const uint8_t *mac) noexcept nogil:
+        cdef fp_fdb *e = self._fdb_find(vni, mac)
+        if e != NULL:
+            e.used = 2          # tombstone keeps later probes intact
+
+    # SA table: open addressing keyed by (scope, SPI, direction). The scope is the VF
+    # index (or FP_UPLINK), so a VF can never find another VF's SA even with equal SPIs.
+
+    cdef uint32_t _sa_hash(self, uint16_t scope, uint32_t spi, uint8_t inbound) noexcept nogil:
+        return _mix(spi ^ (<uint32_t>scope << 20) ^ (<uint32_t>inbound << 31)) & (self.sa_cap - 1)
+
+    cdef sn_sa *_sa_find(self, uint16_t scope, uint32_t spi, uint8_t inbound) noexcept nogil:
+        cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
+        cdef fp_sa_slot *s
+        cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
+        while n < self.sa_cap:
+            s = &self.sas[i]
+            if s.sa == NULL and s.scope == 0:
+                return NULL
+            if s.sa != NULL and s.spi == spi and s.scope == sc:
+                return s.sa
+            i = (i + 1) & (self.sa_cap - 1)
+            n += 1
+        return NULL
+
+    cdef int _sa_insert(self, uint16_t scope, uint32_t spi, uint8_t inbound,
+                        sn_sa *sa) except -1:
+        cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
+        cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
+        if self.n_sa >= FP_MAX_SA:
+            raise ValueError("SA table full")
+        while n < self.sa_cap:
+            if self.sas[i].sa == NULL:
+                self.sas[i].sa = sa
+                self.sas[i].spi = spi
+                self.sas[i].scope = sc
+                self.n_sa += 1
+                return 0
+            i = (i + 1) & (self.sa_cap - 1)
+            n += 1
+        raise ValueError("SA table full")
+
+    cdef void _sa_remove(self, uint16_t scope, uint32_t spi, uint8_t inbound):
+        cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
+        cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
+        while n < self.sa_cap:
+            if self.sas[i].sa == NULL and self.sas[i].scope == 0:
+                break
+            if self.sas[i].sa != NULL and self.sas[i].spi == spi and self.sas[i].scope == sc:
+                self.sas[i].sa = NULL   # tombstone: scope stays non-zero
+                self.sas[i].scope = 0xFFFF
+                self.n_sa -= 1
+                break
+            i = (i + 1) & (self.sa_cap - 1)
+            n += 1
+        self.sa_refs.pop((scope, spi, inbound), None)
+        # Policies and VTEP lists that point at it lose the pointer.
+        self._forget_sa_pointers()
+
+    cdef void _forget_sa_pointers(self):
+        cdef int i, j, k
+        cdef set live = {(<SecurityAssociation>s).spi for s in self.sa_refs.values()}
+        cdef dict ptrs = {}
+        for s in self.sa_refs.values():
+            ptrs[<size_t>(<SecurityAssociation>s).sa] = True
+        for i in range(FP_MAX_VF):
+            if not self.vfs[i].used:
+                continue
+            for j in range(self.vfs[i].n_out):
+                if self.vfs[i].out_pol[j].sa != NULL and \
+                        <size_t>self.vfs[i].out_pol[j].sa not in ptrs:
+                    self.vfs[i].out_pol[j].sa = NULL
+            for j in range(self.vfs[i].n_in):
+                if self.vfs[i].in_pol[j].sa != NULL and \
+                        <size_t>self.vfs[i].in_pol[j].sa not in ptrs:
+                    self.vfs[i].in_pol[j].sa = NULL
+        for i in range(FP_MAX_VTEP):
+            k = 0
+            for j in range(self.vteps[i].n_sas):
+                if <size_t>self.vteps[i].sas[j] in ptrs:
+                    self.vteps[i].sas[k] = self.vteps[i].sas[j]
+                    k += 1
+            self.vteps[i].n_sas = k
+        del live
+
+    def sa_add(self, int scope, str direction, SecurityAssociation sa not None):
+        """Install an SA for a VF index (or -1 for the uplink). Outbound uplink SAs are
+        attached to the VTEP of their destination; inbound SAs are found by SPI."""
+        cdef uint16_t sc = FP_UPLINK if scope < 0 else scope
+        cdef uint8_t inbound = 1 if direction == "in" else 0
+        if direction not in ("in", "out"):
+            raise ValueError("dir: must be in or out")
+        if scope >= FP_MAX_VF or (scope >= 0 and not self.vfs[scope].used):
+            raise ValueError("scope: no such VF")
+        spi = int(sa.spi)
+        key = (sc, spi, inbound)
+        self._lock()
+        try:
+            if key in self.sa_refs:
+                raise ValueError("spi: an SA with this SPI and direction exists")
+            if sc == FP_UPLINK and not inbound:
+                vt = self._vtep(sa.dst)
+                if self.vteps[vt].n_sas >= FP_MAX_UL_SAS:
+                    raise ValueError("too many SAs towards this VTEP")
+            self._sa_insert(sc, spi, inbound, sa.sa)
+            self.sa_refs[key] = sa
+            if sc == FP_UPLINK and not inbound:
+                self.vteps[vt].sas[self.vteps[vt].n_sas] = sa.sa
+                self.vteps[vt].n_sas += 1
+        finally:
+            self._unlock()
+
+    def sa_del(self, int scope, str direction, uint32_t spi):
+        cdef uint16_t sc = FP_UPLINK if scope < 0 else scope
+        cdef uint8_t inbound = 1 if direction == "in" else 0
+        self._lock()
+        try:
+            if (sc, spi, inbound) not in self.sa_refs:
+                raise KeyError("no such SA")
+            self._sa_remove(sc, spi, inbound)
+        finally:
+            self._unlock()
+
+    def policy_set(self, int vf, str direction, list policies):
+        """Replace a VF's policies of one direction. Each is a dict: src, dst (networks),
+        action (protect|bypass|discard), proto, sport, dport (None = any), priority,
+        spi (protect: the SA of this VF and direction)."""
+        cdef fp_policy tmp[FP_MAX_POLICY]
+        cdef fp_policy *p
+        cdef int i
+        cdef SecurityAssociation sa
+        if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
+            raise ValueError("scope: no such VF")
+        if direction not in ("in", "out"):
+            raise ValueError("dir: must be in or out")
+        if len(policies) > FP_MAX_POLICY:
+            raise ValueError(f"policies: at most {FP_MAX_POLICY} per VF and direction")
+        inbound = direction == "in"
+        ordered = sorted(policies, key=lambda d: d.get("priority", 0))
+        memset(tmp, 0, sizeof(tmp))
+        for i, d in enumerate(ordered):
+            p = &tmp[i]
+            src = ipaddress.ip_network(d["src"], strict=False)
+            dst = ipaddress.ip_network(d["dst"], strict=False)
+            if src.version != dst.version:
+                raise ValueError("src/dst: address families differ")
+            p.family = src.version
+            memcpy(p.src, <const char *>src.network_address.packed, len(src.network_address.packed))
+            memcpy(p.dst, <const char *>dst.network_address.packed, len(dst.network_address.packed))
+            p.src_len = src.prefixlen
+            p.dst_len = dst.prefixlen
+            p.proto = -1 if d.get("proto") is None else int(d["proto"])
+            p.sport = -1 if d.get("sport") is None else int(d["sport"])
+            p.dport = -1 if d.get("dport") is None else int(d["dport"])
+            p.priority = int(d.get("priority", 0))
+            act = d["action"]
+            if act == "bypass":
+                p.action = FP_ACT_BYPASS
+            elif act == "discard":
+                p.action = FP_ACT_DISCARD
+            elif act == "protect":
+                p.action = FP_ACT_PROTECT
+                ref = self.sa_refs.get((vf, int(d["spi"]), 1 if inbound else 0))
+                if ref is None:
+                    raise ValueError("spi: no SA with this SPI for this VF and direction")
+                sa = ref
+                p.sa = sa.sa
+            else:
+                raise ValueError("action: must be protect, bypass or discard")
+        self._lock()
+        try:
+            if inbound:
+                memcpy(self.vfs[vf].in_pol, tmp, sizeof(tmp))
+                self.vfs[vf].n_in = len(ordered)
+            else:
+                memcpy(self.vfs[vf].out_pol, tmp, sizeof(tmp))
+                self.vfs[vf].n_out = len(ordered)
+        finally:
+            self._unlock()
+
+    # ---- counters (read without the locks: plain 64-bit loads) ------------------------
+
+    def vf_counters(self, int vf):
+        if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
+            raise ValueError("no such VF")
+        c = &self.vfs[vf].c
+        out = {
+            "tx_frames": c.tx_frames, "tx_bytes": c.tx_bytes, "tx_tso_frames": c.tx_tso_frames,
+            "tx_segments": c.tx_segments, "tx_esp": c.tx_esp, "tx_packets": c.tx_packets,
+            "tx_local": c.tx_local, "tx_icmp_too_big": c.tx_icmp_too_big,
+            "tx_mss_clamped": c.tx_mss_clamped, "rx_frames": c.rx_frames,
+            "rx_bytes": c.rx_bytes, "rx_esp": c.rx_esp,
+            "rx_esp_passthrough": c.rx_esp_passthrough,
+        }
+        out["drops"] = {DROP_REASONS[i]: c.drops[i] for i in range(1, SN_DROP_MAX)
+                        if c.drops[i]}
+        t = &self.vfs[vf].tap
+        out["tap"] = {"rx_pkts": t.rx_pkts, "rx_syscalls": t.rx_syscalls,
+                      "tx_pkts": t.tx_pkts, "tx_syscalls": t.tx_syscalls,
+                      "tx_ring_full": t.tx_ring_full, "rx_truncated": t.rx_truncated}
+        return out
+
+    def uplink_counters(self):
+        out = {"rx_packets": self.ul.rx_packets, "rx_esp": self.ul.rx_esp,
+               "tx_esp": self.ul.tx_esp}
+        out["drops"] = {DROP_REASONS[i]: self.ul.drops[i] for i in range(1, SN_DROP_MAX)
+                        if self.ul.drops[i]}
+        return out
+
+    def mss_for(self, int vf, int ipver=4, int spi=-1):
+        """The TCP MSS a frame of this VF gets towards the underlay (for tests/docs)."""
+        cdef sn_sa *sa = NULL
+        if spi >= 0:
+            sa = self._sa_find(vf, spi, 0)
+        hdr = 20 if ipver == 4 else 40
+        return self._l3_budget(&self.vfs[vf], sa, hdr, 14) - hdr - 20
+
+    # ---- the pipeline ------------------------------------------------------------------
+
+    cdef uint32_t _l3_budget(self, fp_vf *v, sn_sa *sa, uint32_t iphdr,
+                             uint32_t l2len) noexcept nogil:
+        """Largest inner IP packet that leaves as one underlay packet <= underlay MTU,
+        with the exact VXLAN and ESP overheads (padding included)."""
+        cdef uint32_t room = self.underlay_mtu
+        cdef uint32_t outer = (20 if self.local_family == 4 else 40) + 8 + 8
+        cdef int i
+        cdef sn_sa *ul
+        cdef uint32_t m
+        if self.ul_mode != FP_UL_OFF:
+            # Device-terminated ESP wraps the outer packet: take the tightest of its SAs.
+            for i in range(FP_MAX_VTEP):
+                if self.vteps[i].used and self.vteps[i].n_sas:
+                    ul = self.vteps[i].sas[0]
+                    m = sn_esp_max_ip_len(ul, self.underlay_mtu,
+                                          20 if self.local_family == 4 else 40)
+                    if m < room:
+                        room = m
+        if room <= outer + l2len:
+            return 0
+        room -= outer + l2len
+        if sa != NULL:
+            room = sn_esp_max_ip_len(sa, room, iphdr)
+        if room > v.mtu:
+            room = v.mtu
+        return room
+
+    cdef int _finish_tx(self, fp_vf *v, sn_pkt *p, sn_sa *sa, uint32_t l2len,
+                        uint32_t vt) noexcept nogil:
+        """ESP (host-terminated), VXLAN, ESP (device-terminated) for one packet."""
+        cdef int r
+        cdef sn_vxlan_tx tx
+        cdef fp_vtep *e = &self.vteps[vt]
+        cdef sn_sa *ul
+        if sa != NULL:
+            r = sn_esp_encap(sa, p, l2len)
+            if r != SN_OK:
+                return r
+            v.c.tx_esp += 1
+        p.hash = sn_flow_hash(p.data + p.off, p.len)
+        tx = e.tx
+        tx.vni = v.vni
+        r = sn_vxlan_encap(p, &tx)
+        if r != SN_OK:
+            return r
+        if self.ul_mode != FP_UL_OFF:
+            if e.n_sas == 0:
+                return SN_DROP_NO_SA
+            ul = e.sas[p.hash % e.n_sas]
+            r = sn_esp_encap(ul, p, 0)
+            if r != SN_OK:
+                self.ul.drops[r] += 1
+                return r
+            self.ul.tx_esp += 1
+        p.port = vt
+        return SN_OK
+
+    cdef int _tx_frame(self, int vfi, sn_pkt *inp, Batch out, Batch loc) noexcept nogil:
+        """Process one VF frame into `out` (underlay) and `loc` (frames for VFs here).
+        Returns SN_OK or a drop reason for the whole frame; -1 when `out` or `loc`
+        lacks room (nothing was consumed: flush and call again)."""
+        cdef fp_vf *v = &self.vfs[vfi]
+        cdef sn_vnet_hdr *vh
+        cdef uint8_t *f
+        cdef uint32_t flen, budget, mss, need, nseg, k, dst_count, d, j, produced
+        cdef sn_hdrs h
+        cdef fp_sel sel
+        cdef fp_policy *pol = NULL
+        cdef sn_sa *sa = NULL
+        cdef int r, i, local_vf = -1
+        cdef fp_fdb *fe
+        cdef uint32_t dests[FP_MAX_FLOOD + 1]
+        cdef sn_pkt *p
+        cdef bint bum
+
+        if inp.len < SN_VNET_HDR_LEN + 14:
+            return SN_DROP_MALFORMED_L2
+        vh = <sn_vnet_hdr *>(inp.data + inp.off)
+        f = inp.data + inp.off + SN_VNET_HDR_LEN
+        flen = inp.len - SN_VNET_HDR_LEN
+        r = sn_parse_frame(f, flen, &h)
+        if r != SN_OK:
+            return r
+
+        # Where to: a VF on this host, one remote VTEP, or (broadcast, multicast,
+        # unknown unicast) the VNI's VFs here and its flood list (head-end replication).
+        dst_count = 0
+        bum = (f[0] & 1) != 0
+        if not bum:
+            for i in range(FP_MAX_VF):
+                if i != vfi and self.vfs[i].used and self.vfs[i].vni == v.vni and \
+                        memcmp(self.vfs[i].mac, f, 6) == 0:
+                    local_vf = i
+                    break
+            if local_vf < 0:
+                fe = self._fdb_find(v.vni, f)
+                if fe != NULL:
+                    dests[0] = fe.vtep
+                    dst_count = 1
+                else:
+                    bum = True
+        if bum:
+            with gil:
+                lst = self.vf_flood.get(v.vni)
+                if lst:
+                    for d in lst:
+                        if dst_count < FP_MAX_FLOOD:
+                            dests[dst_count] = d
+                            dst_count += 1
+        if dst_count == 0 and local_vf < 0 and not bum:
+            return SN_DROP_NO_FDB
+
+        # Policy: only IP is subject to it; ARP and neighbour discovery always pass.
+        if v.mode != FP_MODE_OFF and _selector(f, &h, &sel) and \
+                not _is_neighbour_discovery(f, &h, flen):
+            pol = _policy_lookup(v.out_pol, v.n_out, &sel)
+            if pol == NULL:
+                if v.mode == FP_MODE_ENFORCE:
+                    return SN_DROP_POLICY
+            elif pol.action == FP_ACT_DISCARD:
+                return SN_DROP_POLICY
+            elif pol.action == FP_ACT_PROTECT:
+                sa = pol.sa
+                if sa == NULL:
+                    return SN_DROP_NO_SA
+
+        budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
+        nseg = 1
+        if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            if h.l3len_total == 0 or budget <= (h.l4off - h.l3off) + h.l4hdrlen:
+                return SN_DROP_TOO_BIG
+            mss = budget - (h.l4off - h.l3off) - h.l4hdrlen
+            if vh.gso_size < mss and vh.gso_size != 0:
+                nseg = (flen - h.l4off - h.l4hdrlen + vh.gso_size - 1) // vh.gso_size + 1
+            else:
+                nseg = (flen - h.l4off - h.l4hdrlen + mss - 1) // mss + 1
+        need = nseg * (dst_count if dst_count else 1)
+        if <uint32_t>(out.size - out.count) < need or \
+                (local_vf >= 0 or bum) and <uint32_t>(loc.size - loc.count) < nseg:
+            if out.count == 0 and loc.count == 0:
+                return SN_DROP_NO_ROOM   # would never fit
+            return -1
+
+        # TSO or checksum completion, into the first destination's slots.
+        k = out.count
+        if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            for j in range(nseg):
+                out.pkts[k + j].off = out.headroom
+                out.pkts[k + j].drop = 0
+                out.pkts[k + j].flags = 0
+            r = sn_tso_segment(f, flen, vh, mss, &out.pkts[k], out.size - k, &produced)
+            if r != SN_OK:
+                return r
+            v.c.tx_tso_frames += 1
+            v.c.tx_segments += produced
+        else:
+            if vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
+                r = sn_csum_complete(f, flen, vh)
+                if r != SN_OK:
+                    return r
+            if h.ipver and h.l3len_total > budget:
+                # A tunnel endpoint's answer (RFC 1191 / RFC 8201): tell the sender.
+                if loc.count < loc.size:
+                    p = &loc.pkts[loc.count]
+                    p.off = loc.headroom + SN_VNET_HDR_LEN
+                    p.drop = 0
+                    if sn_icmp_too_big(f, flen, budget, p) == SN_OK:
+                        p.off -= SN_VNET_HDR_LEN
+                        memset(p.data + p.off, 0, SN_VNET_HDR_LEN)
+                        p.len += SN_VNET_HDR_LEN
+                        p.port = vfi
+                        loc.count += 1
+                        v.c.tx_icmp_too_big += 1
+                return SN_DROP_TOO_BIG
+            p = &out.pkts[k]
+            if flen > p.cap - out.headroom - 320:
+                return SN_DROP_TOO_BIG
+            p.off = out.headroom
+            p.len = flen
+            p.drop = 0
+            p.flags = 0
+            memcpy(p.data + p.off, f, flen)
+            if h.l4proto == 6 and h.l4hdrlen and budget > (h.l4off - h.l3off) + 20:
+                if sn_tcp_mss_clamp(p.data + p.off, flen, &h,
+                                    <uint16_t>(budget - (h.l4off - h.l3off) - 20)) == 1:
+                    v.c.tx_mss_clamped += 1
+            produced = 1
+
+        # Local VFs (same VNI) get the plain segments, with a virtio-net header.
+        if local_vf >= 0 or bum:
+            for i in range(FP_MAX_VF):
+                if not self.vfs[i].used or i == vfi or self.vfs[i].vni != v.vni:
+                    continue
+                if local_vf >= 0 and i != local_vf:
+                    continue
+                if bum and local_vf < 0 and not (f[0] & 1) and \
+                        memcmp(self.vfs[i].mac, f, 6) != 0:
+                    continue
+                for j in range(produced):
+                    if loc.count >= loc.size:
+                        break
+                    p = &loc.pkts[loc.count]
+                    p.off = loc.headroom
+                    memset(p.data + p.off, 0, SN_VNET_HDR_LEN)
+                    memcpy(p.data + p.off + SN_VNET_HDR_LEN,
+                           out.pkts[k + j].data + out.pkts[k + j].off, out.pkts[k + j].len)
+                    p.len = out.pkts[k + j].len + SN_VNET_HDR_LEN
+                    p.port = i
+                    p.drop = 0
+                    loc.count += 1
+                    v.c.tx_local += 1
+        if dst_count == 0:
+            return SN_OK
+
+        # Replicate for every further destination before ESP (each copy gets its own
+        # sequence number), then finish each packet.
+        for d in range(1, dst_count):
+            for j in range(produced):
+                p = &out.pkts[k + d * produced + j]
+                p.off = out.headroom
+                p.len = out.pkts[k + j].len
+                p.drop = 0
+                p.flags = out.pkts[k + j].flags
+                memcpy(p.data + p.off, out.pkts[k + j].data + out.pkts[k + j].off, p.len)
+        j = 0
+        for d in range(dst_count):
+            for i in range(produced):
+                p = &out.pkts[k + d * produced + i]
+                r = self._finish_tx(v, p, sa, h.l2len, dests[d])
+                if r != SN_OK:
+                    v.c.drops[r] += 1
+                    continue
+                if k + j != k + d * produced + i:
+                    _swap(&out.pkts[k + j], p)
+                j += 1
+        out.count = k + j
+        v.c.tx_packets += j
+        return SN_OK
+
+    cdef int _tx_burst(self, int vfi, Batch inb, int start, Batch out,
+                       Batch loc) noexcept nogil:
+        cdef int i, r
+        cdef fp_vf *v = &self.vfs[vfi]
+        for i in range(start, inb.count):
+            if inb.pkts[i].drop:
+                continue
+            r = self._tx_frame(vfi, &inb.pkts[i], out, loc)
+            if r == -1:
+                return i
+            v.c.tx_frames += 1
+            v.c.tx_bytes += inb.pkts[i].len
+            if r != SN_OK:
+                inb.pkts[i].drop = r
+                v.c.drops[r] += 1
+        return inb.count
+
+    def tx_burst(self, int vf, Batch inb not None, int start, Batch out not None,
+                 Batch loc not None):
+        """Frames (virtio-net header + Ethernet) of VF `vf` from inb[start:] into `out`
+        (outer IP packets, .port = VTEP index) and `loc` (frames for local VFs, .port = VF
+        index). Returns the index of the first frame not consumed (out/loc were full)."""
+        cdef int r
+        if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
+            raise ValueError("no such VF")
+        with nogil:
+            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
+            r = self._tx_burst(vf, inb, start, out, loc)
+            PyThread_release_lock(self.tx_lock)
+        return r
+
+    cdef int _rx_packet(self, sn_pkt *p) noexcept nogil:
+        """One outer IP packet from the underlay -> a frame for a VF (virtio-net header in
+        front, .port = VF index). Returns SN_OK or a drop reason."""
+        cdef uint8_t *b = p.data + p.off
+        cdef uint32_t ihl, esp_off, spi
+        cdef uint8_t proto, nh
+        cdef sn_sa *sa
+        cdef int r, i, vfi = -1
+        cdef bint protected = False
+        cdef sn_vxlan_rx info
+        cdef fp_vf *v
+        cdef sn_hdrs h
+        cdef fp_sel sel
+        cdef fp_policy *pol
+        cdef sn_vnet_hdr *vh
+        cdef uint16_t vnet_flags = 0
+        cdef fp_fdb *fe
+
+        if p.len < 20:
+            return SN_DROP_MALFORMED_L3
+        if (b[0] >> 4) == 4:
+            ihl = (b[0] & 15) * 4
+            proto = b[9]
+        elif (b[0] >> 4) == 6 and p.len >= 40:
+            ihl = 40
+            proto = b[6]
+        else:
+            return SN_DROP_MALFORMED_L3
+        if ihl < 20 or ihl > p.len:
+            return SN_DROP_MALFORMED_L3
+
+        # Device-terminated ESP between VTEPs: raw ESP or ESP-in-UDP (non-zero SPI word).
+        esp_off = 0
+        if proto == 50:
+            esp_off = ihl
+        elif proto == 17 and p.len >= ihl + 12 and ((b[ihl + 2] << 8) | b[ihl + 3]) == 4500:
+            if b[ihl + 8] | b[ihl + 9] | b[ihl + 10] | b[ihl + 11]:
+                esp_off = ihl + 8
+        if esp_off:
+            spi = sn_esp_read_spi(p, esp_off)
+            sa = self._sa_find(FP_UPLINK, spi, 1)
+            if sa == NULL:
+                return SN_DROP_NO_SA
+            r = sn_esp_decap(sa, p, 0, esp_off, &nh)
+            if r != SN_OK:
+                return r
+            self.ul.rx_esp += 1
+            protected = True
+        elif self.ul_mode != FP_UL_OFF:
+            return SN_DROP_POLICY       # the underlay policy requires ESP between VTEPs
+
+        r = sn_vxlan_decap(p, &info)
+        if r != SN_OK:
+            return r
+        b = p.data + p.off
+
+        # The VF: by VNI and destination MAC.
+        for i in range(FP_MAX_VF):
+            if self.vfs[i].used and self.vfs[i].vni == info.vni and \
+                    ((b[0] & 1) or memcmp(self.vfs[i].mac, b, 6) == 0):
+                vfi = i
+                break
+        if vfi < 0:
+            for i in range(FP_MAX_VF):
+                if self.vfs[i].used and self.vfs[i].vni == info.vni:
+                    return SN_DROP_NO_FDB
+            return SN_DROP_UNKNOWN_VNI
+        v = &self.vfs[vfi]
+        if self.learning:
+            self._learn(info.vni, b + 6, &info)
+
+        r = sn_parse_frame(b, p.len, &h)
+        if r != SN_OK:
+            return r
+        if v.mode != FP_MODE_OFF and h.ipver and not _is_neighbour_discovery(b, &h, p.len):
+            esp_off = 0
+            if h.l4proto == 50 and not h.is_fragment:
+                esp_off = h.l4off
+            elif h.l4proto == 17 and h.l4hdrlen and p.len >= h.l4off + 12 and \
+                    ((b[h.l4off + 2] << 8) | b[h.l4off + 3]) == 4500 and \
+                    (b[h.l4off + 8] | b[h.l4off + 9] | b[h.l4off + 10] | b[h.l4off + 11]):
+                esp_off = h.l4off + 8
+            if esp_off:
+                spi = sn_esp_read_spi(p, esp_off)
+                sa = self._sa_find(vfi, spi, 1)
+                if sa == NULL:
+                    if v.mode == FP_MODE_ENFORCE:
+                        v.c.drops[<int>SN_DROP_NO_SA] += 1
+                        return -SN_DROP_NO_SA
+                    v.c.rx_esp_passthrough += 1     # the guest's own IPsec: not ours
+                else:
+                    r = sn_esp_decap(sa, p, h.l2len, esp_off, &nh)
+                    if r != SN_OK:
+                        v.c.drops[r] += 1
+                        return -r
+                    b = p.data + p.off
+                    r = sn_parse_frame(b, p.len, &h)
+                    if r != SN_OK:
+                        v.c.drops[r] += 1
+                        return -r
+                    # Inbound policy: what came out must be what this SA may carry.
+                    if _selector(b, &h, &sel) and v.n_in:
+                        pol = _policy_lookup(v.in_pol, v.n_in, &sel)
+                        if pol == NULL or pol.action != FP_ACT_PROTECT or pol.sa != sa:
+                            v.c.drops[<int>SN_DROP_POLICY] += 1
+                            return -SN_DROP_POLICY
+                    v.c.rx_esp += 1
+                    vnet_flags = VIRTIO_NET_HDR_F_DATA_VALID
+            elif _selector(b, &h, &sel):
+                pol = _policy_lookup(v.in_pol, v.n_in, &sel)
+                if (pol != NULL and pol.action != FP_ACT_BYPASS) or \
+                        (pol == NULL and v.mode == FP_MODE_ENFORCE):
+                    v.c.drops[<int>SN_DROP_POLICY] += 1
+                    return -SN_DROP_POLICY
+
+        if p.off < SN_VNET_HDR_LEN:
+            v.c.drops[<int>SN_DROP_NO_ROOM] += 1
+            return -SN_DROP_NO_ROOM
+        p.off -= SN_VNET_HDR_LEN
+        p.len += SN_VNET_HDR_LEN
+        vh = <sn_vnet_hdr *>(p.data + p.off)
+        memset(vh, 0, SN_VNET_HDR_LEN)
+        vh.flags = vnet_flags
+        p.port = vfi
+        v.c.rx_frames += 1
+        v.c.rx_bytes += p.len - SN_VNET_HDR_LEN
+        if protected:
+            p.flags |= SN_PKT_ESP
+        return SN_OK
+
+    cdef void _learn(self, uint32_t vni, const uint8_t *mac,
+                     const sn_vxlan_rx *info) noexcept nogil:
+        cdef int i
+        cdef fp_fdb *fe
+        if mac[0] & 1:
+            return
+        for i in range(FP_MAX_VTEP):
+            if self.vteps[i].used and memcmp(self.vteps[i].addr, info.src,
+                                             4 if info.family == SN_AF_INET else 16) == 0:
+                fe = self._fdb_find(vni, mac)
+                if fe == NULL or (fe.learned and fe.vtep != <uint32_t>i):
+                    # The TX thread reads the FDB: change it under its lock, only when
+                    # something changed (rare), and never wait for it.
+                    if PyThread_acquire_lock(self.tx_lock, NOWAIT_LOCK):
+                        self._fdb_put(vni, mac, i, 1)
+                        PyThread_release_lock(self.tx_lock)
+                return
+
+    cdef int _rx_burst(self, Batch inb) noexcept nogil:
+        cdef int i, r, ok = 0
+        for i in range(inb.count):
+            if inb.pkts[i].drop:
+                continue
+            self.ul.rx_packets += 1
+            r = self._rx_packet(&inb.pkts[i])
+            if r > 0:
+                self.ul.drops[r] += 1
+                inb.pkts[i].drop = r
+            elif r < 0:
+                inb.pkts[i].drop = -r     # already counted on the VF
+            else:
+                ok += 1
+        return ok
+
+    def rx_burst(self, Batch inb not None):
+        """Outer IP packets in `inb`, processed in place: survivors become frames with a
+        virtio-net header and .port = VF index; the rest get .drop. Returns survivors."""
+        cdef int r
+        with nogil:
+            PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
+            r = self._rx_burst(inb)
+            PyThread_release_lock(self.rx_lock)
+        return r
+
+    # ---- poll loops for TAP VFs and the Underlay (one call = one burst, no GIL) ---------
+
+    def poll_tx(self, int vf):
+        """Read a burst from a TAP VF, run it through TX, send it. Returns frames read."""
+        cdef int n, start, fd
+        cdef Batch inb = self.tx_in, out = self.tx_out, loc = self.tx_local
+        if self.underlay is None:
+            raise RuntimeError("no underlay attached")
+        fd = self.vfs[vf].tap_fd
+        if not self.vfs[vf].used or fd < 0:
+            return 0
+        with nogil:
+            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
+            inb.count = 0
+            n = sn_tap_read(fd, inb.pkts, inb.size, inb.headroom, &self.vfs[vf].tap)
+            inb.count = n
+            start = 0
+            while start < n:
+                out.count = 0
+                loc.count = 0
+                start = self._tx_burst(vf, inb, start, out, loc)
+                if out.count:
+                    self.txq.send_pkts(out.pkts, out.count)
+                if loc.count:
+                    self._deliver(loc)
+            PyThread_release_lock(self.tx_lock)
+        return n
+
+    def poll_rx(self):
+        """Receive a burst from the underlay, run RX, write frames to the VFs."""
+        cdef int n
+        cdef Batch inb = self.rx_in
+        if self.underlay is None:
+            raise RuntimeError("no underlay attached")
+        with nogil:
+            PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
+            inb.count = 0
+            n = self.underlay.recv_pkts(inb.pkts, inb.size, inb.headroom)
+            inb.count = n
+            if n > 0:
+                self._rx_burst(inb)
+                self._deliver(inb)
+            PyThread_release_lock(self.rx_lock)
+        return n
+
+    cdef void _deliver(self, Batch b) noexcept nogil:
+        """Write each live frame to its VF's TAP; one write per frame (TAP has no batch)."""
+        cdef int i, fd
+        cdef fp_vf *v
+        for i in range(b.count):
+            if b.pkts[i].drop or b.pkts[i].port >= FP_MAX_VF:
+                continue
+            v = &self.vfs[b.pkts[i].port]
+            fd = v.tap_fd
+            if not v.used or fd < 0:
+                continue
+            if sn_tap_write(fd, &b.pkts[i], 1, &v.tap) != 1:
+                v.c.drops[b.pkts[i].drop if b.pkts[i].drop else SN_DROP_NO_ROOM] += 1
+
+
+cdef inline void _swap(sn_pkt *a, sn_pkt *b) noexcept nogil:
+    cdef sn_pkt t = a[0]
+    a[0] = b[0]
+    b[0] = t
+
+
+def _mac(mac):
+    if isinstance(mac, (bytes, bytearray)):
+        b = bytes(mac)
+    else:
+        parts = str(mac).split(":")
+        if len(parts) != 6:
+            raise ValueError("mac: must be six hex octets")
+        b = bytes(int(x, 16) for x in parts)
+    if len(b) != 6:
+        raise ValueError("mac: must be 6 bytes")
+    return b
