@@ -7,7 +7,7 @@ PYTEST_ARGS ?=
 # Debian packages the build and the tests use (headers for OpenSSL and intel-ipsec-mb,
 # iproute2 for namespaces, iperf3 for throughput, QEMU and busybox for guest tests).
 APT_PKGS := gcc python3-dev python3-venv libssl-dev libipsec-mb-dev iproute2 iperf3 \
-            qemu-system-x86 busybox-static procps kmod
+            qemu-system-x86 busybox-static procps kmod iputils-ping
 
 .PHONY: all sysdeps venv build test lint unit demo bench clean
 

@@ -1,0 +1,456 @@
+"""The running data plane: the compiled Datapath, its ports, and the worker threads.
+
+This implements softnic.control.Datapath for the Controller. Ports are TAP VFs
+(softnic.tap) and the underlay (softnic.uplink); the packet work happens in
+softnic._fastpath without the GIL, one burst per call. Two workers, matching the
+pipeline's two locks: TX serves every VF port, RX serves the underlay. Each polls while
+there is traffic and sleeps in epoll when there is none.
+"""
+
+from __future__ import annotations
+
+import logging
+import select
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from softnic import model
+from softnic._batch import DROP_REASONS, Batch
+from softnic._esp import SecurityAssociation
+from softnic._fastpath import Datapath as FastPath
+from softnic.tap import TapPort
+from softnic.uplink import Uplink
+
+log = logging.getLogger("softnic.dataplane")
+
+_EVENT_TYPES = {
+    "soft_expired": "sa-soft-expire",
+    "hard_expired": "sa-hard-expire",
+    "seq_near_end": "sa-seq-near-exhaustion",
+    "seq_exhausted": "sa-seq-exhausted",
+}
+_BUSY_POLLS = 64        # bursts in a row before looking at epoll again
+_IDLE_WAIT = 0.2        # seconds an idle worker sleeps in epoll (also the stop latency)
+_EVENT_PERIOD = 0.5     # how often SA events are collected
+
+
+class _Port:
+    def __init__(self, index: int, vf: model.VF, tap: TapPort | None) -> None:
+        self.index = index
+        self.vf = vf
+        self.tap = tap
+        self.captures: dict[int, tuple[Callable[[float, bytes], None], int]] = {}
+
+
+class Dataplane:
+    """softnic.control.Datapath over softnic._fastpath.Datapath."""
+
+    def __init__(self) -> None:
+        self._fp: FastPath | None = None
+        self._uplink_cfg: model.Uplink | None = None
+        self._uplink: Uplink | None = None
+        self._ports: dict[str, _Port] = {}
+        self._sas: dict[tuple[str, str, int], tuple[model.SA, SecurityAssociation]] = {}
+        self._policies: dict[tuple[str, str], dict[Any, model.Policy]] = {}
+        self._fdb: dict[Any, model.FdbEntry] = {}
+        self._sink: Callable[[dict[str, Any]], None] = lambda ev: None
+        self._lock = threading.RLock()
+        self._stop = threading.Event()
+        self._tx_epoll = select.epoll()
+        self._rx_epoll = select.epoll()
+        self._threads: list[threading.Thread] = []
+        self._uplink_captures: dict[int, tuple[Callable[[float, bytes], None], int]] = {}
+        self._next_capture = 1
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for name, fn in (("softnic-tx", self._tx_worker), ("softnic-rx", self._rx_worker)):
+            t = threading.Thread(target=fn, name=name, daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def close(self) -> None:
+        self._stop.set()
+        for t in self._threads:
+            t.join(timeout=5)
+        self._threads.clear()
+        with self._lock:
+            for name in list(self._ports):
+                self._close_port(name)
+            if self._uplink is not None:
+                self._uplink.close()
+                self._uplink = None
+        self._tx_epoll.close()
+        self._rx_epoll.close()
+
+    # ---- the Datapath protocol -----------------------------------------------------------
+
+    def set_event_sink(self, sink: Callable[[dict[str, Any]], None]) -> None:
+        self._sink = sink
+
+    def set_uplink(self, uplink: model.Uplink | None) -> None:
+        with self._lock:
+            if uplink == self._uplink_cfg:
+                return
+            if self._ports or self._sas:
+                raise ValueError("uplink: changing the uplink needs a restart while VFs or "
+                                 "SAs exist")
+            old = self._uplink
+            if old is not None:
+                for fd in old.filenos():
+                    self._rx_epoll.unregister(fd)
+                old.close()
+                self._uplink = None
+                self._fp = None
+                self._uplink_cfg = None
+            if uplink is None:
+                return
+            fp = FastPath(str(uplink.local), uplink.mtu, ipsec=uplink.ipsec,
+                          learning=uplink.fdb_learning)
+            ul = Uplink(str(uplink.local), vxlan_port=uplink.vxlan_port,
+                        esp=uplink.ipsec == "esp", espinudp=uplink.ipsec == "espinudp")
+            fp.attach_underlay(ul.underlay)
+            for fd in ul.filenos():
+                self._rx_epoll.register(fd, select.EPOLLIN)
+            self._fp, self._uplink, self._uplink_cfg = fp, ul, uplink
+
+    def _need_fp(self) -> FastPath:
+        if self._fp is None:
+            raise ValueError("uplink: configure the uplink first")
+        return self._fp
+
+    def add_vf(self, vf: model.VF) -> None:
+        with self._lock:
+            fp = self._need_fp()
+            if vf.name in self._ports:
+                raise ValueError(f"vf {vf.name}: exists")
+            if vf.kind != "tap":
+                raise ValueError(f"vf {vf.name}: kind {vf.kind} is not served by this build")
+            used = {p.index for p in self._ports.values()}
+            index = next(i for i in range(256) if i not in used)
+            tap = TapPort(vf.ifname, netns=vf.netns, mac=vf.mac, mtu=vf.mtu,
+                          addrs=[str(a) for a in vf.addresses])
+            try:
+                fp.set_vf(index, vf.mac, vf.vni, vf.mtu, vf.ipsec, tap.fileno())
+                self._tx_epoll.register(tap.fileno(), select.EPOLLIN)
+            except Exception:
+                tap.close()
+                raise
+            self._ports[vf.name] = _Port(index, vf, tap)
+            self._sink({"type": "vf-link", "vf": vf.name, "state": "up"})
+
+    def del_vf(self, name: str) -> None:
+        with self._lock:
+            if name not in self._ports:
+                raise KeyError(name)
+            for key in [k for k in self._sas if k[0] == name]:
+                del self._sas[key]
+            for pkey in [k for k in self._policies if k[0] == name]:
+                del self._policies[pkey]
+            self._close_port(name)
+            self._sink({"type": "vf-link", "vf": name, "state": "down"})
+
+    def _close_port(self, name: str) -> None:
+        port = self._ports.pop(name)
+        if self._fp is not None:
+            self._fp.del_vf(port.index)
+        if port.tap is not None:
+            try:
+                self._tx_epoll.unregister(port.tap.fileno())
+            except (OSError, ValueError):
+                pass
+            port.tap.close()
+
+    def _scope(self, scope: str) -> int:
+        if scope == model.UPLINK:
+            return -1
+        port = self._ports.get(scope)
+        if port is None:
+            raise ValueError(f"scope: no VF named {scope}")
+        return port.index
+
+    def add_sa(self, sa: model.SA) -> None:
+        with self._lock:
+            fp = self._need_fp()
+            index = self._scope(sa.scope)
+            lifetime = {k: getattr(sa, k) for k in
+                        ("soft_bytes", "hard_bytes", "soft_packets", "hard_packets")
+                        if getattr(sa, k) is not None}
+            encap = None if sa.encap_sport is None else (sa.encap_sport, sa.encap_dport)
+            obj = SecurityAssociation(
+                sa.spi, sa.mode, str(sa.src), str(sa.dst), sa.alg, sa.key.reveal(),
+                auth_key=sa.auth_key.reveal() if sa.auth_key is not None else None,
+                icv_len=sa.icv_len, esn=sa.esn,
+                # The kernel's 0 means "no window"; the data plane always keeps one.
+                replay_window=max(32, sa.replay_window), encap=encap,
+                lifetime=lifetime or None, engine=sa.engine)
+            fp.sa_add(index, sa.dir, obj)
+            self._sas[sa.ident] = (sa, obj)
+            try:
+                self._sync_policies(sa.scope)
+            except Exception:
+                fp.sa_del(index, sa.dir, sa.spi)
+                del self._sas[sa.ident]
+                raise
+
+    def del_sa(self, sa: model.SA) -> None:
+        with self._lock:
+            fp = self._need_fp()
+            if sa.ident not in self._sas:
+                raise KeyError(sa.ident)
+            # Make-before-break happens above us: the new outbound SA was added (and the
+            # policy moved to it) before this call; the old inbound one accepted until now.
+            fp.sa_del(self._scope(sa.scope), sa.dir, sa.spi)
+            del self._sas[sa.ident]
+            self._sync_policies(sa.scope, strict=False)
+
+    def _resolve(self, p: model.Policy) -> int | None:
+        """The SPI a protect policy uses: its own, or the newest SA with its reqid."""
+        if p.action != "protect":
+            return None
+        if p.spi is not None:
+            return p.spi
+        candidates = [spi for (scope, d, spi), (sa, _) in self._sas.items()
+                      if scope == p.scope and d == p.dir and sa.reqid == p.reqid]
+        # The SA added last wins: adding a new outbound SA with the same reqid is a rekey.
+        return candidates[-1] if candidates else None
+
+    def _sync_policies(self, scope: str, strict: bool = True) -> None:
+        if scope == model.UPLINK or self._fp is None or scope not in self._ports:
+            return
+        index = self._ports[scope].index
+        for d in ("out", "in"):
+            entries = []
+            for p in self._policies.get((scope, d), {}).values():
+                spi = self._resolve(p)
+                if p.action == "protect" and spi is None:
+                    if strict:
+                        raise ValueError("reqid: no SA of this VF and direction has it")
+                    # Without its SA the policy discards: never send in clear by accident.
+                    entries.append(self._policy_dict(p, None, "discard"))
+                    continue
+                entries.append(self._policy_dict(p, spi, p.action))
+            self._fp.policy_set(index, d, entries)
+
+    @staticmethod
+    def _policy_dict(p: model.Policy, spi: int | None, action: str) -> dict[str, Any]:
+        return {"src": str(p.src), "dst": str(p.dst), "action": action, "proto": p.proto,
+                "sport": p.sport, "dport": p.dport, "priority": p.priority, "spi": spi}
+
+    def add_policy(self, policy: model.Policy) -> None:
+        with self._lock:
+            if policy.scope == model.UPLINK:
+                raise ValueError("scope: the uplink protects all VXLAN between VTEPs; "
+                                 "policies are per VF")
+            self._scope(policy.scope)
+            table = self._policies.setdefault((policy.scope, policy.dir), {})
+            table[policy.ident] = policy
+            try:
+                self._sync_policies(policy.scope)
+            except Exception:
+                del table[policy.ident]
+                self._sync_policies(policy.scope, strict=False)
+                raise
+
+    def del_policy(self, policy: model.Policy) -> None:
+        with self._lock:
+            table = self._policies.get((policy.scope, policy.dir), {})
+            if policy.ident not in table:
+                raise KeyError(policy.ident)
+            del table[policy.ident]
+            self._sync_policies(policy.scope, strict=False)
+
+    def add_fdb(self, entry: model.FdbEntry) -> None:
+        with self._lock:
+            fp = self._need_fp()
+            fp.fdb_add(entry.vni, None if entry.mac == "flood" else entry.mac,
+                       str(entry.remote))
+            self._fdb[entry.ident] = entry
+
+    def del_fdb(self, entry: model.FdbEntry) -> None:
+        with self._lock:
+            fp = self._need_fp()
+            fp.fdb_del(entry.vni, None if entry.mac == "flood" else entry.mac,
+                       str(entry.remote))
+            self._fdb.pop(entry.ident, None)
+
+    def stats(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"vf": {}, "uplink": {}, "drops": {}}
+        fp = self._fp
+        if fp is None:
+            return out
+        totals: dict[str, int] = {}
+        for name, port in list(self._ports.items()):
+            c = fp.vf_counters(port.index)
+            drops = c.pop("drops")
+            tap = c.pop("tap")
+            flat = dict(c)
+            flat.update({f"tap_{k}": v for k, v in tap.items()})
+            flat.update({f"drop_{k}": v for k, v in drops.items()})
+            out["vf"][name] = flat
+            for k, v in drops.items():
+                totals[k] = totals.get(k, 0) + v
+        u = fp.uplink_counters()
+        for k, v in u.pop("drops").items():
+            u[f"drop_{k}"] = v
+            totals[k] = totals.get(k, 0) + v
+        if self._uplink is not None:
+            for k, v in self._uplink.counters().items():
+                if isinstance(v, int):
+                    u[f"io_{k}"] = v
+        out["uplink"] = u
+        out["drops"] = totals
+        return out
+
+    def sa_stats(self, sa: model.SA) -> dict[str, int]:
+        entry = self._sas.get(sa.ident)
+        if entry is None:
+            raise KeyError(sa.ident)
+        raw = entry[1].stats()
+        flat: dict[str, int] = {}
+        for k, v in raw.items():
+            if k == "spi":
+                continue
+            if isinstance(v, dict):
+                flat.update({f"drop_{kk}": int(vv) for kk, vv in v.items()})
+            elif isinstance(v, int | bool):
+                flat[k] = int(v)
+        return flat
+
+    def capture_start(self, scope: str, sink: Callable[[float, bytes], None],
+                      snaplen: int) -> int:
+        with self._lock:
+            handle = self._next_capture
+            self._next_capture += 1
+            if scope == model.UPLINK:
+                self._uplink_captures[handle] = (sink, snaplen)
+            else:
+                port = self._ports.get(scope)
+                if port is None:
+                    raise ValueError(f"scope: no VF named {scope}")
+                port.captures[handle] = (sink, snaplen)
+            return handle
+
+    def capture_stop(self, handle: int) -> None:
+        with self._lock:
+            self._uplink_captures.pop(handle, None)
+            for port in self._ports.values():
+                port.captures.pop(handle, None)
+
+    # ---- workers -------------------------------------------------------------------------
+
+    def _tx_worker(self) -> None:
+        by_fd: dict[int, _Port] = {}
+        while not self._stop.is_set():
+            try:
+                events = self._tx_epoll.poll(_IDLE_WAIT)
+            except (OSError, ValueError):
+                return
+            for fd, _ in events:
+                port = by_fd.get(fd)
+                if port is None or port.tap is None or port.tap.fileno() != fd:
+                    by_fd = {p.tap.fileno(): p for p in self._ports.values() if p.tap}
+                    port = by_fd.get(fd)
+                if port is None:
+                    continue
+                self._serve_tx(port)
+
+    def _serve_tx(self, port: _Port) -> None:
+        fp = self._fp
+        if fp is None:
+            return
+        for _ in range(_BUSY_POLLS):
+            try:
+                if port.captures:
+                    n = self._tx_captured(fp, port)
+                else:
+                    n = fp.poll_tx(port.index)
+            except Exception:       # a port closing under us: the next epoll round settles it
+                log.exception("tx on %s", port.vf.name)
+                return
+            if n == 0:
+                return
+
+    def _tx_captured(self, fp: FastPath, port: _Port) -> int:
+        """The TX path with a capture attached: the same bursts, with each frame also handed
+        to the capture sinks. Only this path pays for capturing."""
+        assert port.tap is not None
+        batch = Batch(64, slot_size=65536 + 1024, headroom=64)
+        n = port.tap.read_burst(batch)
+        now = time.time()
+        for i in range(n):
+            frame = batch.get(i)[12:]
+            for sink, snaplen in list(port.captures.values()):
+                sink(now, frame[:snaplen])
+        out = Batch(1400 + 64, slot_size=fp.underlay_mtu + 576)
+        loc = Batch(1400 + 64, slot_size=fp.underlay_mtu + 576)
+        start = 0
+        while start < n:
+            out.clear()
+            loc.clear()
+            start = fp.tx_burst(port.index, batch, start, out, loc)
+            if len(out) and self._uplink is not None:
+                self._uplink.send_burst(out)
+            for i in range(len(loc)):
+                dst = next((p for p in self._ports.values() if p.index == loc.port(i)), None)
+                if dst is not None and dst.tap is not None:
+                    one = Batch(1, slot_size=fp.underlay_mtu + 576)
+                    one.push(loc.get(i))
+                    dst.tap.write_burst(one)
+        return n
+
+    def _rx_worker(self) -> None:
+        last_events = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                events = self._rx_epoll.poll(_IDLE_WAIT)
+            except (OSError, ValueError):
+                return
+            fp = self._fp
+            if events and fp is not None:
+                for _ in range(_BUSY_POLLS):
+                    try:
+                        if self._uplink_captures:
+                            n = self._rx_captured(fp)
+                        else:
+                            n = fp.poll_rx()
+                    except Exception:
+                        log.exception("rx")
+                        break
+                    if n == 0:
+                        break
+            if time.monotonic() - last_events > _EVENT_PERIOD:
+                last_events = time.monotonic()
+                self._collect_events()
+
+    def _rx_captured(self, fp: FastPath) -> int:
+        assert self._uplink is not None
+        batch = Batch(64)
+        n = self._uplink.recv_burst(batch)
+        now = time.time()
+        for i in range(n):
+            pkt = batch.get(i)
+            for sink, snaplen in list(self._uplink_captures.values()):
+                sink(now, pkt[:snaplen])
+        fp.rx_burst(batch)
+        for i in range(n):
+            if batch.drop_reason(i) != "ok":
+                continue
+            dst = next((p for p in self._ports.values() if p.index == batch.port(i)), None)
+            if dst is not None and dst.tap is not None:
+                one = Batch(1)
+                one.push(batch.get(i))
+                dst.tap.write_burst(one)
+        return n
+
+    def _collect_events(self) -> None:
+        for (scope, d, spi), (_sa, obj) in list(self._sas.items()):
+            for name in obj.pop_events():
+                self._sink({"type": _EVENT_TYPES.get(name, "sa-" + name), "scope": scope,
+                            "dir": d, "spi": spi})
+
+
+assert DROP_REASONS[0] == "ok"
