@@ -31,7 +31,6 @@ from libc.string cimport memcmp, memcpy, memset
 
 from softnic._batch cimport Batch
 from softnic._esp cimport (
-    SN_ESP_TUNNEL,
     SecurityAssociation,
     sn_esp_decap,
     sn_esp_encap,
@@ -1025,8 +1024,6 @@ cdef class Datapath:
         cdef fp_policy *pol
         cdef sn_vnet_hdr *vh
         cdef uint16_t vnet_flags = 0
-        cdef fp_fdb *fe
-
         if p.len < 20:
             return SN_DROP_MALFORMED_L3
         if (b[0] >> 4) == 4:
