@@ -168,6 +168,11 @@ ctypedef struct fp_vtep:
     int n_sas
     sn_sa *sas[FP_MAX_UL_SAS]   # device-terminated outbound SAs towards this VTEP
 
+ctypedef struct fp_flood:
+    uint32_t vni
+    uint32_t n
+    uint32_t vteps[FP_MAX_FLOOD]
+
 ctypedef struct fp_fdb:
     uint8_t used
     uint8_t mac[6]
@@ -279,7 +284,11 @@ cdef class Datapath:
     cdef fp_vtep *vteps
     cdef fp_fdb *fdb
     cdef uint32_t fdb_cap
-    cdef uint32_t flood[FP_MAX_VTEP]
+    cdef fp_flood floods[FP_MAX_VF]   # per VNI with a flood list; linear (few VNIs)
+    cdef int n_floods
+    cdef int active[FP_MAX_VF]        # indices of used VFs, so loops skip the unused
+    cdef int n_active
+    cdef uint32_t ul_room             # largest outer IP packet before device ESP
     cdef fp_sa_slot *sas
     cdef uint32_t sa_cap
     cdef uint32_t n_sa
@@ -293,7 +302,6 @@ cdef class Datapath:
     cdef PyThread_type_lock rx_lock
     cdef dict sa_refs          # (scope, spi) -> SecurityAssociation, keeps sn_sa alive
     cdef dict vtep_index       # packed address -> index
-    cdef dict vf_flood         # vni -> list of vtep indices (flood list)
     cdef Underlay underlay
     cdef TxQueue txq
     cdef Batch tx_in
@@ -338,7 +346,7 @@ cdef class Datapath:
         self.learning = learning
         self.sa_refs = {}
         self.vtep_index = {}
-        self.vf_flood = {}
+        self.ul_room = underlay_mtu
         cdef int i
         for i in range(FP_MAX_VF):
             self.vfs[i].tap_fd = -1
@@ -406,6 +414,7 @@ cdef class Datapath:
             v.mtu = mtu
             v.mode = modes[ipsec]
             v.tap_fd = tap_fd
+            self._refresh()
         finally:
             self._unlock()
 
@@ -417,6 +426,7 @@ cdef class Datapath:
             memset(&self.vfs[index], 0, sizeof(fp_vf))
             self.vfs[index].tap_fd = -1
             self._drop_scope_sas(index)
+            self._refresh()
         finally:
             self._unlock()
 
@@ -451,11 +461,7 @@ cdef class Datapath:
         try:
             vt = self._vtep(remote)
             if mac is None:
-                lst = self.vf_flood.setdefault(vni, [])
-                if vt not in lst:
-                    if len(lst) >= FP_MAX_FLOOD:
-                        raise ValueError("flood list full")
-                    lst.append(vt)
+                self._flood_add(vni, vt)
             else:
                 self._fdb_put(vni, _mac(mac), vt, 0)
         finally:
@@ -467,13 +473,71 @@ cdef class Datapath:
             if mac is None:
                 key = ipaddress.ip_address(remote).packed
                 vt = self.vtep_index.get(key)
-                lst = self.vf_flood.get(vni, [])
-                if vt in lst:
-                    lst.remove(vt)
+                if vt is not None:
+                    self._flood_del(vni, vt)
             else:
                 self._fdb_remove(vni, _mac(mac))
         finally:
             self._unlock()
+
+    cdef fp_flood *_flood_find(self, uint32_t vni) noexcept nogil:
+        cdef int i
+        for i in range(self.n_floods):
+            if self.floods[i].vni == vni:
+                return &self.floods[i]
+        return NULL
+
+    cdef int _flood_add(self, uint32_t vni, uint32_t vt) except -1:
+        cdef fp_flood *fl = self._flood_find(vni)
+        cdef uint32_t i
+        if fl == NULL:
+            if self.n_floods >= FP_MAX_VF:
+                raise ValueError("too many VNIs with flood lists")
+            fl = &self.floods[self.n_floods]
+            fl.vni = vni
+            fl.n = 0
+            self.n_floods += 1
+        for i in range(fl.n):
+            if fl.vteps[i] == vt:
+                return 0
+        if fl.n >= FP_MAX_FLOOD:
+            raise ValueError("flood list full")
+        fl.vteps[fl.n] = vt
+        fl.n += 1
+        return 0
+
+    cdef void _flood_del(self, uint32_t vni, uint32_t vt):
+        cdef fp_flood *fl = self._flood_find(vni)
+        cdef uint32_t i, k = 0
+        if fl == NULL:
+            return
+        for i in range(fl.n):
+            if fl.vteps[i] != vt:
+                fl.vteps[k] = fl.vteps[i]
+                k += 1
+        fl.n = k
+
+    cdef void _refresh(self):
+        """Recompute what the data path would otherwise find per packet: the list of
+        active VFs and the room device-terminated ESP leaves in the underlay MTU (the
+        tightest of the uplink SAs, exact overhead per sn_esp_max_ip_len)."""
+        cdef int i, j
+        cdef uint32_t m
+        self.n_active = 0
+        for i in range(FP_MAX_VF):
+            if self.vfs[i].used:
+                self.active[self.n_active] = i
+                self.n_active += 1
+        self.ul_room = self.underlay_mtu
+        if self.ul_mode != FP_UL_OFF:
+            for i in range(FP_MAX_VTEP):
+                if not self.vteps[i].used:
+                    continue
+                for j in range(self.vteps[i].n_sas):
+                    m = sn_esp_max_ip_len(self.vteps[i].sas[j], self.underlay_mtu,
+                                          20 if self.local_family == 4 else 40)
+                    if m < self.ul_room:
+                        self.ul_room = m
 
     cdef uint32_t _fdb_slot(self, uint32_t vni, const uint8_t *mac) noexcept nogil:
         cdef uint32_t h = vni * MIX_GOLDEN
@@ -579,30 +643,27 @@ cdef class Datapath:
         self._forget_sa_pointers()
 
     cdef void _forget_sa_pointers(self):
+        """After an SA left the table: clear every pointer to it (policies, VTEP lists),
+        so nothing on the data path can reach it once the locks are released."""
         cdef int i, j, k
-        cdef set live = {(<SecurityAssociation>s).spi for s in self.sa_refs.values()}
-        cdef dict ptrs = {}
-        for s in self.sa_refs.values():
-            ptrs[<size_t>(<SecurityAssociation>s).sa] = True
+        cdef set live = {<size_t>(<SecurityAssociation>s).sa for s in self.sa_refs.values()}
         for i in range(FP_MAX_VF):
             if not self.vfs[i].used:
                 continue
             for j in range(self.vfs[i].n_out):
-                if self.vfs[i].out_pol[j].sa != NULL and \
-                        <size_t>self.vfs[i].out_pol[j].sa not in ptrs:
+                if <size_t>self.vfs[i].out_pol[j].sa not in live:
                     self.vfs[i].out_pol[j].sa = NULL
             for j in range(self.vfs[i].n_in):
-                if self.vfs[i].in_pol[j].sa != NULL and \
-                        <size_t>self.vfs[i].in_pol[j].sa not in ptrs:
+                if <size_t>self.vfs[i].in_pol[j].sa not in live:
                     self.vfs[i].in_pol[j].sa = NULL
         for i in range(FP_MAX_VTEP):
             k = 0
             for j in range(self.vteps[i].n_sas):
-                if <size_t>self.vteps[i].sas[j] in ptrs:
+                if <size_t>self.vteps[i].sas[j] in live:
                     self.vteps[i].sas[k] = self.vteps[i].sas[j]
                     k += 1
             self.vteps[i].n_sas = k
-        del live
+        self._refresh()
 
     def sa_add(self, int scope, str direction, SecurityAssociation sa not None):
         """Install an SA for a VF index (or -1 for the uplink). Outbound uplink SAs are
@@ -628,6 +689,7 @@ cdef class Datapath:
             if sc == FP_UPLINK and not inbound:
                 self.vteps[vt].sas[self.vteps[vt].n_sas] = sa.sa
                 self.vteps[vt].n_sas += 1
+                self._refresh()
         finally:
             self._unlock()
 
@@ -742,20 +804,8 @@ cdef class Datapath:
                              uint32_t l2len) noexcept nogil:
         """Largest inner IP packet that leaves as one underlay packet <= underlay MTU,
         with the exact VXLAN and ESP overheads (padding included)."""
-        cdef uint32_t room = self.underlay_mtu
+        cdef uint32_t room = self.ul_room    # after device-terminated ESP, if any
         cdef uint32_t outer = (20 if self.local_family == 4 else 40) + 8 + 8
-        cdef int i
-        cdef sn_sa *ul
-        cdef uint32_t m
-        if self.ul_mode != FP_UL_OFF:
-            # Device-terminated ESP wraps the outer packet: take the tightest of its SAs.
-            for i in range(FP_MAX_VTEP):
-                if self.vteps[i].used and self.vteps[i].n_sas:
-                    ul = self.vteps[i].sas[0]
-                    m = sn_esp_max_ip_len(ul, self.underlay_mtu,
-                                          20 if self.local_family == 4 else 40)
-                    if m < room:
-                        room = m
         if room <= outer + l2len:
             return 0
         room -= outer + l2len
@@ -808,6 +858,7 @@ cdef class Datapath:
         cdef fp_policy *pol = NULL
         cdef sn_sa *sa = NULL
         cdef int r, i, local_vf = -1
+        cdef fp_flood *fl
         cdef fp_fdb *fe
         cdef uint32_t dests[FP_MAX_FLOOD + 1]
         cdef sn_pkt *p
@@ -827,8 +878,9 @@ cdef class Datapath:
         dst_count = 0
         bum = (f[0] & 1) != 0
         if not bum:
-            for i in range(FP_MAX_VF):
-                if i != vfi and self.vfs[i].used and self.vfs[i].vni == v.vni and \
+            for k in range(self.n_active):
+                i = self.active[k]
+                if i != vfi and self.vfs[i].vni == v.vni and \
                         memcmp(self.vfs[i].mac, f, 6) == 0:
                     local_vf = i
                     break
@@ -840,13 +892,11 @@ cdef class Datapath:
                 else:
                     bum = True
         if bum:
-            with gil:
-                lst = self.vf_flood.get(v.vni)
-                if lst:
-                    for d in lst:
-                        if dst_count < FP_MAX_FLOOD:
-                            dests[dst_count] = d
-                            dst_count += 1
+            fl = self._flood_find(v.vni)
+            if fl != NULL:
+                for d in range(fl.n):
+                    dests[dst_count] = fl.vteps[d]
+                    dst_count += 1
         if dst_count == 0 and local_vf < 0 and not bum:
             return SN_DROP_NO_FDB
 
@@ -928,8 +978,9 @@ cdef class Datapath:
 
         # Local VFs (same VNI) get the plain segments, with a virtio-net header.
         if local_vf >= 0 or bum:
-            for i in range(FP_MAX_VF):
-                if not self.vfs[i].used or i == vfi or self.vfs[i].vni != v.vni:
+            for d in range(<uint32_t>self.n_active):
+                i = self.active[d]
+                if i == vfi or self.vfs[i].vni != v.vni:
                     continue
                 if local_vf >= 0 and i != local_vf:
                     continue
@@ -1015,7 +1066,7 @@ cdef class Datapath:
         cdef uint32_t ihl, esp_off, spi
         cdef uint8_t proto, nh
         cdef sn_sa *sa
-        cdef int r, i, vfi = -1
+        cdef int r, i, k, vfi = -1
         cdef bint protected = False
         cdef sn_vxlan_rx info
         cdef fp_vf *v
@@ -1063,14 +1114,15 @@ cdef class Datapath:
         b = p.data + p.off
 
         # The VF: by VNI and destination MAC.
-        for i in range(FP_MAX_VF):
-            if self.vfs[i].used and self.vfs[i].vni == info.vni and \
+        for k in range(self.n_active):
+            i = self.active[k]
+            if self.vfs[i].vni == info.vni and \
                     ((b[0] & 1) or memcmp(self.vfs[i].mac, b, 6) == 0):
                 vfi = i
                 break
         if vfi < 0:
-            for i in range(FP_MAX_VF):
-                if self.vfs[i].used and self.vfs[i].vni == info.vni:
+            for k in range(self.n_active):
+                if self.vfs[self.active[k]].vni == info.vni:
                     return SN_DROP_NO_FDB
             return SN_DROP_UNKNOWN_VNI
         v = &self.vfs[vfi]
