@@ -308,3 +308,30 @@ def test_hostile_frames_are_counted():
     reasons = [inb.drop_reason(i) for i in range(len(bad))]
     assert all(r != "ok" for r in reasons)
     assert sum(a.vf_counters(0)["drops"].values()) == len(bad)
+
+
+@pytest.mark.parametrize("ul", ["off", "esp"])
+def test_ipv6_underlay_ipv6_overlay(ul):
+    """A flat IPv6 network needs no configured underlay: any address the hypervisor owns
+    on it (ULA here) serves as VTEP, and device-terminated ESP runs between those."""
+    va, vb = "fd00:99::1", "fd00:99::2"
+    a = Datapath(va, UNDERLAY_MTU, ipsec=ul)
+    b = Datapath(vb, UNDERLAY_MTU, ipsec=ul)
+    a.set_vf(0, MAC_A, 7)
+    b.set_vf(0, MAC_B, 7)
+    a.fdb_add(7, MAC_B, vb)
+    if ul != "off":
+        a.sa_add(-1, "out", SecurityAssociation(0x2000, "transport", va, vb, "aes-gcm", KEY2))
+        b.sa_add(-1, "in", SecurityAssociation(0x2000, "transport", va, vb, "aes-gcm", KEY2))
+    payload = os.urandom(30000)
+    out, _, _ = tx(a, [tso_input(tcp_frame(payload, src="fd00:1::1", dst="fd00:1::2"))])
+    for pkt in out:
+        assert len(pkt) <= UNDERLAY_MTU
+        outer = IPv6(pkt)
+        assert outer.src == va and outer.dst == vb
+        assert (outer.nh == 50) == (ul == "esp")
+    frames, reasons = rx(b, out)
+    assert set(reasons) == {"ok"}
+    for f in frames:
+        check_tcp_checksums(f)
+    assert reassemble(frames) == payload
