@@ -67,7 +67,7 @@ __all__ = [
 ]
 
 # Bump when the image layout or /init changes: it is part of the cache key.
-HARNESS_VERSION = "1"
+HARNESS_VERSION = "5"
 KERNEL_META_PKG = "linux-image-cloud-amd64"
 QEMU = "qemu-system-x86_64"
 BEGIN_MARK = "@@SOFTNIC-GUEST-BEGIN"
@@ -82,6 +82,7 @@ MODULES: tuple[str, ...] = (
     "aesni_intel", "gcm", "ctr", "ghash_generic", "ghash_clmulni_intel", "seqiv",
     "echainiv", "authenc", "authencesn", "chacha20poly1305", "chacha_generic",
     "poly1305_generic", "sha512_generic", "cryptd", "crypto_simd",
+    "drbg", "jitterentropy_rng",  # seqiv/echainiv IVs need "stdrng"
 )  # fmt: skip
 
 # Host programs copied into the image with their shared libraries (ldd closure).
@@ -297,6 +298,7 @@ class GuestImage:
     initrd: Path
     release: str
     key: str
+    tools: tuple[str, ...] = ()
 
 
 def _image_key(pkg: str, ver: str, modules: Sequence[str], tools: Sequence[str]) -> str:
@@ -323,7 +325,9 @@ def image(modules: Sequence[str] = MODULES, tools: Sequence[str] = HOST_TOOLS) -
             if not (final / "info.json").exists():
                 _build(final, pkg, modules, tools)
     info = json.loads((final / "info.json").read_text())
-    return GuestImage(final / "vmlinuz", final / "initrd.gz", info["release"], key)
+    return GuestImage(
+        final / "vmlinuz", final / "initrd.gz", info["release"], key, tuple(info["tools"])
+    )
 
 
 def _build(final: Path, pkg: str, modules: Sequence[str], tools: Sequence[str]) -> None:
@@ -364,7 +368,7 @@ def _build(final: Path, pkg: str, modules: Sequence[str], tools: Sequence[str]) 
         out.mkdir()
         shutil.copyfile(vmlinuz[0], out / "vmlinuz")
         (out / "initrd.gz").write_bytes(gzip.compress(cpio.bytes(), compresslevel=6, mtime=0))
-        (out / "info.json").write_text(json.dumps({"package": pkg, "release": release}))
+        (out / "info.json").write_text(json.dumps({"package": pkg, "release": release, "tools": list(tools)}))
         try:
             os.rename(out, final)
         except OSError:
@@ -396,26 +400,42 @@ def _add_modules(cpio: Cpio, moddir: Path, release: str, wanted: Sequence[str]) 
         p = files[name].relative_to(moddir).as_posix()
         return p[: p.index(".ko")] + ".ko"
 
-    def closure(name: str, seen: list[str]) -> list[str]:
-        # modules.dep lists every transitive dependency, the deepest last.
-        for d in infos[name].get("depends", [""])[0].split(","):
-            d = d.replace("-", "_")
-            if d and d in infos and d not in seen:
-                seen.append(d)
-                closure(d, seen)
-        return seen
+    def closure(name: str) -> list[str]:
+        # kmod's modules.dep order: every transitive dependency, each one before its own
+        # dependencies, so loading the list from its end up is a valid order.
+        post: list[str] = []
+
+        def visit(m: str) -> None:
+            for d in infos[m].get("depends", [""])[0].split(","):
+                d = d.replace("-", "_")
+                if d and d in infos and d not in post:
+                    visit(d)
+                    post.append(d)
+
+        visit(name)
+        return post[::-1]
 
     dep_lines, alias_lines = [], []
     for name in sorted(infos):
         cpio.file(f"{base}/{rel(name)}", data[name])
-        dep_lines.append(f"{rel(name)}: " + " ".join(rel(d) for d in closure(name, [])))
+        dep_lines.append(f"{rel(name)}: " + " ".join(rel(d) for d in closure(name)))
         alias_lines += [f"alias {a} {name}" for a in infos[name].get("alias", [])]
     cpio.file(f"{base}/modules.dep", ("\n".join(dep_lines) + "\n").encode())
-    cpio.file(f"{base}/modules.alias", ("\n".join(alias_lines) + "\n").encode())
+    aliases = ("\n".join(alias_lines) + "\n").encode()
+    cpio.file(f"{base}/modules.alias", aliases)
+    # busybox modprobe takes aliases only from modprobe.d; the kernel asks for
+    # "crypto-rfc4106(gcm(aes))", "net-pf-16-proto-6" and the like when an SA is created.
+    cpio.file("etc/modprobe.d/aliases.conf", aliases)
     cpio.file(f"{base}/modules.builtin", builtin_txt.encode())
 
 
 # --------------------------------------------------------------------------- the guest
+
+
+def _prelude(tools: Iterable[str]) -> str:
+    """Shell functions that make each host tool win over the busybox applet of that name:
+    Debian's busybox shell runs its applets before searching PATH (SH_STANDALONE)."""
+    return "".join(f'{t}() {{ /usr/local/sbin/{t} "$@"; }}\n' for t in dict.fromkeys(tools))
 
 
 def _netdev_id(netdev_args: Sequence[str]) -> str | None:
@@ -445,6 +465,7 @@ class Guest:
     netns: run QEMU inside this network namespace (``ip netns exec``), e.g. to open a TAP
       device that lives there.
     tools: extra host programs to copy into this guest (with their libraries).
+    accel: "tcg" (default, or $SOFTNIC_GUEST_ACCEL) or "kvm" (with ``-cpu host``).
     timeout: default for :meth:`wait`, seconds.
     """
 
@@ -463,6 +484,7 @@ class Guest:
         tools: Sequence[str] = (),
         extra_args: Sequence[str] = (),
         append: str = "",
+        accel: str | None = None,
         img: GuestImage | None = None,
     ) -> None:
         if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", mac):
@@ -483,6 +505,10 @@ class Guest:
         self.tools = tuple(tools)
         self.extra_args = list(extra_args)
         self.append = append
+        # TCG unless asked: /dev/kvm may exist yet be unusable (nested, MSR faults).
+        self.accel = accel or os.environ.get("SOFTNIC_GUEST_ACCEL", "tcg")
+        if self.accel not in ("tcg", "kvm"):
+            raise ValueError(f"accel must be 'tcg' or 'kvm', not {self.accel!r}")
         self._img = img
         self._dir: tempfile.TemporaryDirectory[str] | None = None
         self._proc: subprocess.Popen[bytes] | None = None
@@ -498,16 +524,18 @@ class Guest:
     def cmdline(self, initrd: str | Path | None = None) -> list[str]:
         """The exact QEMU argv (with ``ip netns exec`` in front when netns is set)."""
         img = self._image()
-        kvm = os.access("/dev/kvm", os.R_OK | os.W_OK)
         argv = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
-        argv += ["-accel", "kvm", "-cpu", "host"] if kvm else ["-accel", "tcg", "-cpu", "max"]
+        argv += ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
         argv += ["-smp", "1", "-m", f"{self.mem_mb}M"]
         if self.shared_mem:
             argv += [
                 "-object", f"memory-backend-memfd,id=mem0,size={self.mem_mb}M,share=on",
                 "-numa", "node,memdev=mem0",
             ]  # fmt: skip
-        cmdline = f"console=ttyS0 panic=-1 loglevel=4 sn.mac={self.mac} {self.append}".strip()
+        cmdline = "console=ttyS0 panic=-1 loglevel=4"
+        if self.netdev_args:  # /init waits for the NIC with this MAC
+            cmdline += f" sn.mac={self.mac}"
+        cmdline = f"{cmdline} {self.append}".strip()
         argv += ["-kernel", str(img.kernel), "-initrd", str(initrd or img.initrd)]
         argv += ["-append", cmdline, "-serial", "stdio"]
         if self.netdev_args:
@@ -539,13 +567,13 @@ class Guest:
         self._dir = tempfile.TemporaryDirectory(prefix="softnic-guest-")
         d = Path(self._dir.name)
         overlay = Cpio()
-        overlay.file("test.sh", self.script.encode(), 0o755)
+        overlay.file("test.sh", (_prelude((*img.tools, *self.tools)) + self.script).encode(), 0o755)
         for dst, src in sorted(_tool_files(self.tools).items()):
             overlay.file(dst, Path(src).read_bytes(), 0o755)
         initrd = d / "initrd"
         with open(initrd, "wb") as f:
             f.write(img.initrd.read_bytes())
-            f.write(overlay.bytes())
+            f.write(gzip.compress(overlay.bytes(), compresslevel=1, mtime=0))
         self._log = d / "console.log"
         argv = self.cmdline(initrd)
         with open(self._log, "wb") as log:
