@@ -39,6 +39,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import functools
 import gzip
 import hashlib
 import json
@@ -209,7 +210,9 @@ class Cpio:
         self._ino = 1
         self._dirs: set[str] = set()
 
-    def _entry(self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)) -> None:
+    def _entry(
+        self, name: str, mode: int, data: bytes = b"", rdev: tuple[int, int] = (0, 0)
+    ) -> None:
         namez = name.encode() + b"\0"
         fields = (
             self._ino, mode, 0, 0, 2 if stat.S_ISDIR(mode) else 1, 0, len(data),
@@ -314,6 +317,11 @@ def image(modules: Sequence[str] = MODULES, tools: Sequence[str] = HOST_TOOLS) -
     """The cached guest image, built on first use (download ~27 MB, a few seconds).
 
     Raises GuestError naming what is missing (apt, busybox, the kernel package)."""
+    return _image(tuple(modules), tuple(tools))
+
+
+@functools.lru_cache(maxsize=8)
+def _image(modules: tuple[str, ...], tools: tuple[str, ...]) -> GuestImage:
     pkg, ver = kernel_package()
     key = _image_key(pkg, ver, modules, tools)
     root = cache_root()
@@ -368,7 +376,9 @@ def _build(final: Path, pkg: str, modules: Sequence[str], tools: Sequence[str]) 
         out.mkdir()
         shutil.copyfile(vmlinuz[0], out / "vmlinuz")
         (out / "initrd.gz").write_bytes(gzip.compress(cpio.bytes(), compresslevel=6, mtime=0))
-        (out / "info.json").write_text(json.dumps({"package": pkg, "release": release, "tools": list(tools)}))
+        (out / "info.json").write_text(
+            json.dumps({"package": pkg, "release": release, "tools": list(tools)})
+        )
         try:
             os.rename(out, final)
         except OSError:
@@ -379,7 +389,9 @@ def _build(final: Path, pkg: str, modules: Sequence[str], tools: Sequence[str]) 
 def _add_modules(cpio: Cpio, moddir: Path, release: str, wanted: Sequence[str]) -> None:
     """Copy the wanted modules and their dependency closure; write modules.dep/.alias."""
     files = {_modname(str(p)): p for p in moddir.rglob("*.ko*")}
-    builtin_txt = (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
+    builtin_txt = (
+        (moddir / "modules.builtin").read_text() if (moddir / "modules.builtin").exists() else ""
+    )
     builtin = {_modname(line) for line in builtin_txt.split()}
     todo = [m.replace("-", "_") for m in wanted]
     missing = [m for m in todo if m not in files and m not in builtin]
@@ -393,7 +405,12 @@ def _add_modules(cpio: Cpio, moddir: Path, release: str, wanted: Sequence[str]) 
             continue
         data[name] = _decompress_ko(files[name])
         infos[name] = _modinfo(data[name])
-        todo += [d.replace("-", "_") for dep in infos[name].get("depends", []) for d in dep.split(",") if d]
+        todo += [
+            d.replace("-", "_")
+            for dep in infos[name].get("depends", [])
+            for d in dep.split(",")
+            if d
+        ]
     base = f"lib/modules/{release}"
 
     def rel(name: str) -> str:
@@ -515,6 +532,8 @@ class Guest:
         self._log: Path | None = None
         self._t0 = 0.0
         self.console = ""
+        self._raw = b""
+        self._pos = 0
         self.returncode: int | None = None
         self.boot_seconds: float | None = None  # QEMU start to BEGIN marker
         self.run_seconds: float | None = None  # QEMU start to exit
@@ -525,7 +544,11 @@ class Guest:
         """The exact QEMU argv (with ``ip netns exec`` in front when netns is set)."""
         img = self._image()
         argv = [QEMU, "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot"]
-        argv += ["-accel", "kvm", "-cpu", "host"] if self.accel == "kvm" else ["-accel", "tcg", "-cpu", "max"]
+        argv += (
+            ["-accel", "kvm", "-cpu", "host"]
+            if self.accel == "kvm"
+            else ["-accel", "tcg", "-cpu", "max"]
+        )
         argv += ["-smp", "1", "-m", f"{self.mem_mb}M"]
         if self.shared_mem:
             argv += [
@@ -587,13 +610,19 @@ class Guest:
         return self
 
     def _read(self) -> str:
+        """The console so far; reads only what QEMU appended since the last call."""
         if self._log is None:
             return self.console
         try:
-            text = self._log.read_bytes().decode("utf-8", "replace")
+            with open(self._log, "rb") as f:
+                f.seek(self._pos)
+                chunk = f.read()
         except OSError:
             return self.console
-        self.console = text.replace("\r\n", "\n")
+        if chunk:
+            self._pos += len(chunk)
+            self._raw += chunk
+            self.console = self._raw.decode("utf-8", "replace").replace("\r\n", "\n")
         return self.console
 
     def _note_boot(self, text: str) -> None:
@@ -649,6 +678,11 @@ class Guest:
         m = END_RE.search(text, start)
         return text[start : m.start() if m else len(text)]
 
+    @property
+    def running(self) -> bool:
+        """QEMU started and not yet exited."""
+        return self._proc is not None and self._proc.poll() is None
+
     def kill(self) -> None:
         """Kill QEMU (if running) and reap it. Idempotent."""
         p = self._proc
@@ -673,7 +707,9 @@ class Guest:
         self.close()
 
     def __repr__(self) -> str:
-        state = "new" if self._proc is None else ("running" if self._proc.poll() is None else "exited")
+        state = (
+            "new" if self._proc is None else ("running" if self._proc.poll() is None else "exited")
+        )
         return f"<Guest mac={self.mac} netdev={self.netdev_id} {state}>"
 
 
