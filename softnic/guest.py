@@ -68,7 +68,7 @@ __all__ = [
 ]
 
 # Bump when the image layout or /init changes: it is part of the cache key.
-HARNESS_VERSION = "5"
+HARNESS_VERSION = "6"
 KERNEL_META_PKG = "linux-image-cloud-amd64"
 QEMU = "qemu-system-x86_64"
 BEGIN_MARK = "@@SOFTNIC-GUEST-BEGIN"
@@ -116,9 +116,11 @@ if [ -n "$SN_MAC" ]; then
     done
     [ -n "$SN_IF" ] && ip link set "$SN_IF" up
 fi
-export SN_IF SN_MAC
+# Negotiated virtio feature bits ('0'/'1', bit 0 first), for tests of offload negotiation.
+SN_FEATURES=$(cat "/sys/class/net/$SN_IF/device/features" 2>/dev/null)
+export SN_IF SN_MAC SN_FEATURES
 cd /root
-echo "@@SOFTNIC-GUEST-BEGIN uptime=$(cut -d' ' -f1 /proc/uptime) if=$SN_IF@@"
+echo "@@SOFTNIC-GUEST-BEGIN uptime=$(cut -d' ' -f1 /proc/uptime) if=$SN_IF features=$SN_FEATURES@@"
 sh /test.sh </dev/null 2>&1
 echo "@@SOFTNIC-GUEST-END rc=$?@@"
 sync
@@ -677,6 +679,16 @@ class Guest:
         start = text.find("\n", start) + 1
         m = END_RE.search(text, start)
         return text[start : m.start() if m else len(text)]
+
+    @property
+    def virtio_features(self) -> int | None:
+        """The NIC's negotiated virtio feature bits as the guest driver reports them (sysfs),
+        e.g. ``1 << 11`` is VIRTIO_NET_F_HOST_TSO4 (virtio 1.x §5.1.3); None before boot or
+        without a NIC."""
+        m = re.search(BEGIN_MARK + r" .*?features=([01]*)@@", self._read())
+        if not m or not m.group(1):
+            return None
+        return sum(1 << i for i, c in enumerate(m.group(1)) if c == "1")
 
     @property
     def running(self) -> bool:

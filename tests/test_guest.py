@@ -188,6 +188,26 @@ lsmod | cut -d' ' -f1 | sort | tr '\n' ' '; echo
     print(f"boot {g.boot_seconds:.1f} s, run {g.run_seconds:.1f} s")
 
 
+@pytest.mark.qemu
+def test_device_opts_reach_the_negotiated_features(img: G.GuestImage) -> None:
+    """The guest's virtio_net reports what it negotiated with QEMU's device (virtio 1.x
+    §5.1.3, §6): with event_idx=off and mrg_rxbuf=off (both on by default) those bits are
+    clear; VERSION_1, MAC and INDIRECT_DESC are set. (A user netdev has no vnet header, so
+    QEMU offers no checksum/TSO bits here; a TAP or vhost-user netdev does.)"""
+    mac_bit, mrg_rxbuf, indirect, event_idx, version_1 = 5, 15, 28, 29, 32
+    netdev = ["-netdev", "user,id=n0,restrict=on"]
+    opts = "event_idx=off,mrg_rxbuf=off"
+    with G.Guest(netdev, script="true\n", timeout=60, device_opts=opts, img=img) as g:
+        rc, out = g.wait()
+    assert rc == 0, out[-3000:]
+    f = g.virtio_features
+    assert f is not None, out[-3000:]
+    for bit in (version_1, mac_bit, indirect):
+        assert f >> bit & 1, (bit, hex(f))
+    for bit in (event_idx, mrg_rxbuf):
+        assert not f >> bit & 1, (bit, hex(f))
+
+
 # Host side of the TCP exchange, run inside the test namespace: accept one connection,
 # send N random bytes while receiving until EOF, then print both digests as JSON.
 _SERVER = r"""
@@ -275,4 +295,7 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
     # guest -> host: what the guest hashed is what the host received
     assert (tx.group(1), int(tx.group(2))) == (res["recv"], res["recv_len"])
     assert res["recv_len"] == n
+    # A TAP netdev has a vnet header: the guest negotiated CSUM (bit 0) and HOST_TSO4 (11).
+    f = g.virtio_features
+    assert f is not None and f & 1 and f >> 11 & 1, f
     print(f"boot {g.boot_seconds:.1f} s, run {g.run_seconds:.1f} s")
