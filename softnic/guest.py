@@ -537,7 +537,9 @@ class Guest:
         self._raw = b""
         self._pos = 0
         self.returncode: int | None = None
-        self.boot_seconds: float | None = None  # QEMU start to BEGIN marker
+        # QEMU start to the BEGIN marker, as seen by wait()/wait_for() polling (20 Hz); use
+        # guest_uptime for a guest that was not being polled while it booted.
+        self.boot_seconds: float | None = None
         self.run_seconds: float | None = None  # QEMU start to exit
 
     # -- command line
@@ -689,6 +691,13 @@ class Guest:
         if not m or not m.group(1):
             return None
         return sum(1 << i for i, c in enumerate(m.group(1)) if c == "1")
+
+    @property
+    def guest_uptime(self) -> float | None:
+        """The guest kernel's uptime when /init started the script (kernel boot + driver
+        probe), from the BEGIN marker; None before that."""
+        m = re.search(BEGIN_MARK + r" uptime=([0-9.]+)", self._read())
+        return float(m.group(1)) if m else None
 
     @property
     def running(self) -> bool:

@@ -14,6 +14,7 @@ import re
 import select
 import shlex
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -299,3 +300,56 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
     f = g.virtio_features
     assert f is not None and f & 1 and f >> 11 & 1, f
     print(f"boot {g.boot_seconds:.1f} s, run {g.run_seconds:.1f} s")
+
+
+def _free_udp_ports(n: int) -> list[int]:
+    socks = [socket.socket(socket.AF_INET, socket.SOCK_DGRAM) for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+@pytest.mark.qemu
+def test_two_guests_ping_and_tcp_over_udp_socket_netdev(img: G.GuestImage) -> None:
+    """Two guests at once, wired by QEMU's UDP socket netdev on loopback (no root): B pings
+    A and sends it 256 KiB over TCP; both guests' busybox sha256sum must agree."""
+    pa, pb = _free_udp_ports(2)
+    recv = r"""
+ip addr add 10.78.0.1/24 dev $SN_IF
+printf '#!/bin/sh\ncat > /tmp/rx\n' > /tmp/recv.sh; chmod +x /tmp/recv.sh
+echo LISTENING
+nc -l -p 5000 -e /tmp/recv.sh || exit 12
+echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
+"""
+    send = r"""
+ip addr add 10.78.0.2/24 dev $SN_IF
+ping -c 3 -W 5 10.78.0.1 || exit 10
+dd if=/dev/urandom of=/tmp/tx bs=4096 count=64 2>/dev/null
+echo "TX $(sha256sum < /tmp/tx | cut -d' ' -f1) $(wc -c < /tmp/tx)"
+i=0
+until nc 10.78.0.1 5000 < /tmp/tx; do
+    i=$((i + 1)); [ $i -ge 30 ] && exit 11; sleep 1
+done
+"""
+    na = ["-netdev", f"socket,id=n0,udp=127.0.0.1:{pb},localaddr=127.0.0.1:{pa}"]
+    nb = ["-netdev", f"socket,id=n0,udp=127.0.0.1:{pa},localaddr=127.0.0.1:{pb}"]
+    with (
+        G.Guest(na, "52:54:00:78:00:01", recv, timeout=90, img=img) as a,
+        G.Guest(nb, "52:54:00:78:00:02", send, timeout=90, img=img) as b,
+    ):
+        rcb, outb = b.wait()
+        rca, outa = a.wait(30)
+    assert rcb == 0, outb[-3000:]
+    assert rca == 0, outa[-3000:]
+    assert "3 packets transmitted, 3 packets received" in b.script_output
+    tx = re.search(r"^TX ([0-9a-f]{64}) (\d+)$", b.script_output, re.M)
+    rx = re.search(r"^RX ([0-9a-f]{64}) (\d+)$", a.script_output, re.M)
+    assert tx and rx, (a.script_output, b.script_output)
+    assert tx.groups() == rx.groups() and int(rx.group(2)) == 64 * 4096
+    assert a.guest_uptime is not None and b.guest_uptime is not None
+    print(
+        f"guest uptime at script {a.guest_uptime:.1f}/{b.guest_uptime:.1f} s, run {b.run_seconds:.1f} s"
+    )
