@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import fcntl
 import functools
 import gzip
@@ -47,6 +48,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import stat
 import struct
 import subprocess
@@ -68,7 +70,7 @@ __all__ = [
 ]
 
 # Bump when the image layout or /init changes: it is part of the cache key.
-HARNESS_VERSION = "6"
+HARNESS_VERSION = "7"
 KERNEL_META_PKG = "linux-image-cloud-amd64"
 QEMU = "qemu-system-x86_64"
 BEGIN_MARK = "@@SOFTNIC-GUEST-BEGIN"
@@ -114,7 +116,7 @@ if [ -n "$SN_MAC" ]; then
         [ -z "$SN_IF" ] && usleep 50000
         i=$((i + 1))
     done
-    [ -n "$SN_IF" ] && ip link set "$SN_IF" up
+    if [ -n "$SN_IF" ]; then ip link set "$SN_IF" up; else echo "softnic-guest: no NIC $SN_MAC"; fi
 fi
 # Negotiated virtio feature bits ('0'/'1', bit 0 first), for tests of offload negotiation.
 SN_FEATURES=$(cat "/sys/class/net/$SN_IF/device/features" 2>/dev/null)
@@ -457,6 +459,12 @@ def _prelude(tools: Iterable[str]) -> str:
     return "".join(f'{t}() {{ /usr/local/sbin/{t} "$@"; }}\n' for t in dict.fromkeys(tools))
 
 
+def _die_with_parent() -> None:
+    """Child side of fork: QEMU gets SIGKILL if the test process dies first (no orphans)."""
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _netdev_id(netdev_args: Sequence[str]) -> str | None:
     args = list(netdev_args)
     for i, a in enumerate(args[:-1]):
@@ -486,6 +494,10 @@ class Guest:
     tools: extra host programs to copy into this guest (with their libraries).
     accel: "tcg" (default, or $SOFTNIC_GUEST_ACCEL) or "kvm" (with ``-cpu host``).
     timeout: default for :meth:`wait`, seconds.
+
+    With a vhost-user netdev QEMU connects to (or, with ``server=on``, waits for) the
+    backend before the guest runs at all, even with ``wait=off``: start the backend first,
+    or count its start-up in the timeout. The script is not logged; never echo keys in it.
     """
 
     def __init__(
@@ -607,7 +619,11 @@ class Guest:
             self._t0 = time.monotonic()
             try:
                 self._proc = subprocess.Popen(
-                    argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT
+                    argv,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    preexec_fn=_die_with_parent,
                 )
             except OSError as e:
                 raise GuestError(f"cannot start QEMU: {e}") from e
