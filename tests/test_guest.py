@@ -198,9 +198,13 @@ def test_device_opts_reach_the_negotiated_features(img: G.GuestImage) -> None:
     mac_bit, mrg_rxbuf, indirect, event_idx, version_1 = 5, 15, 28, 29, 32
     netdev = ["-netdev", "user,id=n0,restrict=on"]
     opts = "event_idx=off,mrg_rxbuf=off"
-    with G.Guest(netdev, script="true\n", timeout=60, device_opts=opts, img=img) as g:
+    # Also a per-guest host tool (iperf3, with its libraries) in the overlay archive.
+    tools = ("iperf3",) if shutil.which("iperf3") else ()
+    script = "iperf3 --version\n" if tools else "true\n"
+    with G.Guest(netdev, script=script, timeout=60, device_opts=opts, tools=tools, img=img) as g:
         rc, out = g.wait()
     assert rc == 0, out[-3000:]
+    assert not tools or g.script_output.startswith("iperf 3"), g.script_output
     f = g.virtio_features
     assert f is not None, out[-3000:]
     for bit in (version_1, mac_bit, indirect):
