@@ -163,19 +163,20 @@ def _run(cmd: Sequence[str], cwd: str | Path | None = None, timeout: float = 300
 
 
 def kernel_package() -> tuple[str, str]:
-    """(package, version) of the guest kernel, from the local apt cache (no network)."""
+    """(package, version) of the guest kernel, from the local apt cache (no network).
+
+    One apt-cache call: the meta-package pins its kernel with ``Depends: PKG (= VERSION)``."""
     pkg = os.environ.get("SOFTNIC_GUEST_KERNEL_PKG")
-    if not pkg:
-        out = _run(["apt-cache", "depends", KERNEL_META_PKG])
-        m = re.search(r"Depends:\s*(linux-image-\S+)", out)
-        if not m:
-            raise GuestError(f"cannot resolve {KERNEL_META_PKG} (run apt-get update?)")
-        pkg = m.group(1)
-    out = _run(["apt-cache", "show", "--no-all-versions", pkg])
-    m = re.search(r"^Version:\s*(\S+)", out, re.M)
-    if not m:
-        raise GuestError(f"no version for {pkg}")
-    return pkg, m.group(1)
+    out = _run(["apt-cache", "show", "--no-all-versions", pkg or KERNEL_META_PKG])
+    if pkg:
+        m = re.search(r"^Version:\s*(\S+)", out, re.M)
+        if m:
+            return pkg, m.group(1)
+    else:
+        m = re.search(r"^Depends:.*?(linux-image-\S+) \(= ([^)]+)\)", out, re.M)
+        if m:
+            return m.group(1), m.group(2)
+    raise GuestError(f"cannot resolve {pkg or KERNEL_META_PKG} from apt (run apt-get update?)")
 
 
 def _file_id(path: str) -> str:

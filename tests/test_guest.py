@@ -144,8 +144,10 @@ def test_image_contents(img: G.GuestImage, tmp_path: Path) -> None:
 
 @pytest.mark.qemu
 def test_wait_timeout_kills_qemu(img: G.GuestImage) -> None:
-    g = G.Guest([], script="sleep 1000\n", timeout=60, img=img)
+    g = G.Guest([], script="echo sleeping; sleep 1000\n", timeout=60, img=img)
     with g:
+        g.wait_for(r"(?m)^sleeping$", 60)  # the script runs; now it never ends
+        assert g.running and g.boot_seconds is not None
         t0 = time.monotonic()
         rc, _ = g.wait(timeout=2)
         assert time.monotonic() - t0 < 15
