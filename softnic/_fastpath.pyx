@@ -144,6 +144,7 @@ ctypedef struct fp_policy:
     int32_t sport               # -1 = any
     int32_t dport
     int32_t priority            # lower first (as ip xfrm)
+    uint32_t reqid              # inbound PROTECT by reqid: any SA with it is accepted
     sn_sa *sa                   # PROTECT: outbound SA, or the inbound SA it expects
 
 ctypedef struct fp_vf:
@@ -183,6 +184,7 @@ ctypedef struct fp_fdb:
 ctypedef struct fp_sa_slot:
     uint32_t spi
     uint16_t scope
+    uint32_t reqid              # groups the SAs of one policy (old and new across a rekey)
     sn_sa *sa
 
 ctypedef struct fp_uplink_counters:
@@ -594,7 +596,8 @@ cdef class Datapath:
     cdef uint32_t _sa_hash(self, uint16_t scope, uint32_t spi, uint8_t inbound) noexcept nogil:
         return _mix(spi ^ (<uint32_t>scope << 20) ^ (<uint32_t>inbound << 31)) & (self.sa_cap - 1)
 
-    cdef sn_sa *_sa_find(self, uint16_t scope, uint32_t spi, uint8_t inbound) noexcept nogil:
+    cdef fp_sa_slot *_sa_slot(self, uint16_t scope, uint32_t spi,
+                              uint8_t inbound) noexcept nogil:
         cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
         cdef fp_sa_slot *s
         cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
@@ -603,13 +606,17 @@ cdef class Datapath:
             if s.sa == NULL and s.scope == 0:
                 return NULL
             if s.sa != NULL and s.spi == spi and s.scope == sc:
-                return s.sa
+                return s
             i = (i + 1) & (self.sa_cap - 1)
             n += 1
         return NULL
 
+    cdef sn_sa *_sa_find(self, uint16_t scope, uint32_t spi, uint8_t inbound) noexcept nogil:
+        cdef fp_sa_slot *s = self._sa_slot(scope, spi, inbound)
+        return s.sa if s != NULL else NULL
+
     cdef int _sa_insert(self, uint16_t scope, uint32_t spi, uint8_t inbound,
-                        sn_sa *sa) except -1:
+                        sn_sa *sa, uint32_t reqid) except -1:
         cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
         cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
         if self.n_sa >= FP_MAX_SA:
@@ -619,6 +626,7 @@ cdef class Datapath:
                 self.sas[i].sa = sa
                 self.sas[i].spi = spi
                 self.sas[i].scope = sc
+                self.sas[i].reqid = reqid
                 self.n_sa += 1
                 return 0
             i = (i + 1) & (self.sa_cap - 1)
@@ -665,7 +673,8 @@ cdef class Datapath:
             self.vteps[i].n_sas = k
         self._refresh()
 
-    def sa_add(self, int scope, str direction, SecurityAssociation sa not None):
+    def sa_add(self, int scope, str direction, SecurityAssociation sa not None,
+               uint32_t reqid=0):
         """Install an SA for a VF index (or -1 for the uplink). Outbound uplink SAs are
         attached to the VTEP of their destination; inbound SAs are found by SPI."""
         cdef uint16_t sc = FP_UPLINK if scope < 0 else scope
@@ -684,7 +693,7 @@ cdef class Datapath:
                 vt = self._vtep(sa.dst)
                 if self.vteps[vt].n_sas >= FP_MAX_UL_SAS:
                     raise ValueError("too many SAs towards this VTEP")
-            self._sa_insert(sc, spi, inbound, sa.sa)
+            self._sa_insert(sc, spi, inbound, sa.sa, reqid)
             self.sa_refs[key] = sa
             if sc == FP_UPLINK and not inbound:
                 self.vteps[vt].sas[self.vteps[vt].n_sas] = sa.sa
@@ -707,7 +716,8 @@ cdef class Datapath:
     def policy_set(self, int vf, str direction, list policies):
         """Replace a VF's policies of one direction. Each is a dict: src, dst (networks),
         action (protect|bypass|discard), proto, sport, dport (None = any), priority,
-        spi (protect: the SA of this VF and direction)."""
+        spi (protect: the SA of this VF and direction); reqid (inbound protect: SAs with
+        this reqid are all accepted, so an old SA keeps working through a rekey)."""
         cdef fp_policy tmp[FP_MAX_POLICY]
         cdef fp_policy *p
         cdef int i
@@ -743,6 +753,7 @@ cdef class Datapath:
                 p.action = FP_ACT_DISCARD
             elif act == "protect":
                 p.action = FP_ACT_PROTECT
+                p.reqid = int(d.get("reqid") or 0) if inbound else 0
                 ref = self.sa_refs.get((vf, int(d["spi"]), 1 if inbound else 0))
                 if ref is None:
                     raise ValueError("spi: no SA with this SPI for this VF and direction")
@@ -1067,6 +1078,7 @@ cdef class Datapath:
         cdef uint8_t proto, nh
         cdef sn_sa *sa
         cdef int r, i, k, vfi = -1
+        cdef fp_sa_slot *slot
         cdef bint protected = False
         cdef sn_vxlan_rx info
         cdef fp_vf *v
@@ -1142,7 +1154,8 @@ cdef class Datapath:
                 esp_off = h.l4off + 8
             if esp_off:
                 spi = sn_esp_read_spi(p, esp_off)
-                sa = self._sa_find(vfi, spi, 1)
+                slot = self._sa_slot(vfi, spi, 1)
+                sa = slot.sa if slot != NULL else NULL
                 if sa == NULL:
                     if v.mode == FP_MODE_ENFORCE:
                         v.c.drops[<int>SN_DROP_NO_SA] += 1
@@ -1161,7 +1174,8 @@ cdef class Datapath:
                     # Inbound policy: what came out must be what this SA may carry.
                     if _selector(b, &h, &sel) and v.n_in:
                         pol = _policy_lookup(v.in_pol, v.n_in, &sel)
-                        if pol == NULL or pol.action != FP_ACT_PROTECT or pol.sa != sa:
+                        if pol == NULL or pol.action != FP_ACT_PROTECT or \
+                                (pol.sa != sa and (pol.reqid == 0 or pol.reqid != slot.reqid)):
                             v.c.drops[<int>SN_DROP_POLICY] += 1
                             return -SN_DROP_POLICY
                     v.c.rx_esp += 1

@@ -187,7 +187,7 @@ class Dataplane:
                 # The kernel's 0 means "no window"; the data plane always keeps one.
                 replay_window=max(32, sa.replay_window), encap=encap,
                 lifetime=lifetime or None, engine=sa.engine)
-            fp.sa_add(index, sa.dir, obj)
+            fp.sa_add(index, sa.dir, obj, sa.reqid)
             self._sas[sa.ident] = (sa, obj)
             try:
                 self._sync_policies(sa.scope)
@@ -238,7 +238,8 @@ class Dataplane:
     @staticmethod
     def _policy_dict(p: model.Policy, spi: int | None, action: str) -> dict[str, Any]:
         return {"src": str(p.src), "dst": str(p.dst), "action": action, "proto": p.proto,
-                "sport": p.sport, "dport": p.dport, "priority": p.priority, "spi": spi}
+                "sport": p.sport, "dport": p.dport, "priority": p.priority, "spi": spi,
+                "reqid": p.reqid if p.spi is None else None}
 
     def add_policy(self, policy: model.Policy) -> None:
         with self._lock:
@@ -364,7 +365,7 @@ class Dataplane:
             return
         for _ in range(_BUSY_POLLS):
             try:
-                if port.captures:
+                if port.captures or self._uplink_captures:
                     n = self._tx_captured(fp, port)
                 else:
                     n = fp.poll_tx(port.index)
@@ -392,6 +393,8 @@ class Dataplane:
             out.clear()
             loc.clear()
             start = fp.tx_burst(port.index, batch, start, out, loc)
+            if self._uplink_captures:
+                self._capture_uplink(out)
             if len(out) and self._uplink is not None:
                 self._uplink.send_burst(out)
             for i in range(len(loc)):
@@ -430,11 +433,7 @@ class Dataplane:
         assert self._uplink is not None
         batch = Batch(64)
         n = self._uplink.recv_burst(batch)
-        now = time.time()
-        for i in range(n):
-            pkt = batch.get(i)
-            for sink, snaplen in list(self._uplink_captures.values()):
-                sink(now, pkt[:snaplen])
+        self._capture_uplink(batch)
         fp.rx_burst(batch)
         for i in range(n):
             if batch.drop_reason(i) != "ok":
@@ -445,6 +444,16 @@ class Dataplane:
                 one.push(batch.get(i))
                 dst.tap.write_burst(one)
         return n
+
+    def _capture_uplink(self, batch: Batch) -> None:
+        """Underlay packets are outer IP packets; captures are Ethernet (as pcap readers
+        expect), so each gets a synthetic header with the right ethertype."""
+        now = time.time()
+        for i in range(len(batch)):
+            pkt = batch.get(i)
+            eth = bytes(12) + (b"\x86\xdd" if pkt[:1] and pkt[0] >> 4 == 6 else b"\x08\x00")
+            for sink, snaplen in list(self._uplink_captures.values()):
+                sink(now, (eth + pkt)[:snaplen])
 
     def _collect_events(self) -> None:
         for (scope, d, spi), (_sa, obj) in list(self._sas.items()):
