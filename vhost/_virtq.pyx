@@ -22,6 +22,8 @@ VQ_ERRORS = (
     "zero_len", "desc_order", "tx_too_short", "tx_too_long", "rx_too_big", "rx_runt",
 )
 FATAL_ERRORS = VQ_ERRORS[1:VQ_ERR_FIRST_DROP]
+MAX_QUEUE_SIZE = VH_MAX_QUEUE_SIZE
+VNET_HDR_LEN = VH_VNET_HDR_LEN
 
 cdef struct vh_desc:
     uint64_t addr
