@@ -104,7 +104,7 @@ cdef struct vh_vq:
     uint64_t err[VQ_ERR_MAX]     # per-reason counters (err[0] unused)
     uint64_t frames              # frames moved
     uint64_t bytes               # bytes moved (with the virtio-net header)
-    uint64_t notifies            # call eventfd writes
+    uint64_t notifies            # notifications due (call eventfd writes if a call fd)
     uint64_t batches             # calls that moved at least one chain
 
 

@@ -205,9 +205,10 @@ cdef void vq_notify(vh_vq *vq) noexcept nogil:
         vq.signalled_valid = 1
     else:
         need = not (vh_load16(&vq.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT)
-    if need and vq.call_fd >= 0:
-        write(vq.call_fd, &one, 8)
+    if need:
         vq.notifies += 1
+        if vq.call_fd >= 0:
+            write(vq.call_fd, &one, 8)
 
 
 cdef int vq_avail_count(vh_vq *vq) noexcept nogil:
@@ -528,6 +529,8 @@ cdef class Virtq:
         self.index = index
         self.mem = mem
         self.kick_fd = -1
+        self.q.call_fd = -1   # the struct starts zeroed: fd 0 is not ours to close
+        self.q.err_fd = -1
         self._reset()
 
     def __dealloc__(self):
