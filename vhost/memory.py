@@ -55,6 +55,15 @@ class GuestMemory:
         done = 0
         try:
             for r, fd in zip(regions, fds, strict=True):
+                # beyond the end of the file a mapping faults with SIGBUS on access: a
+                # frontend must not be able to kill the process that way
+                try:
+                    fsize = os.fstat(fd).st_size
+                except OSError as e:
+                    raise VhostMemoryError(f"memory region fd: {e}") from None
+                if r.mmap_offset + r.size > fsize:
+                    raise VhostMemoryError(
+                        f"memory region at {r.gpa:#x} ends beyond its fd ({fsize:#x} bytes)")
                 try:
                     self.table.add(fd, r.gpa, r.size, r.uva, r.mmap_offset)
                 except (OSError, ValueError, OverflowError) as e:
