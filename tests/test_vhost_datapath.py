@@ -15,8 +15,7 @@ from scapy.layers.l2 import Ether
 from vhost.backend import NET_FEATURES, wait_for
 from vhost.memory import GuestMemory
 from vhost.protocol import REGION, STATE, U64, Feature, Region, Req, VhostError, bits
-from vhost.testing import VNET_HDR, VhostUserFrontend, frame_hdr, loopback_server
-
+from vhost.testing import VhostUserFrontend, frame_hdr, loopback_server
 
 MACS = {"src": "02:00:00:00:00:01", "dst": "02:00:00:00:00:02"}  # explicit: no ARP lookups
 

@@ -198,7 +198,7 @@ def model_pop(h, heads, cap, indirect=True):
     for head in heads:
         if head >= num:
             return out, "bad_head"
-        table, ntab, idx, count, nested, seen_w, data = base_table, num, head, 0, False, False, b""
+        table, ntab, idx, count, nested, data = base_table, num, head, 0, False, b""
         while True:
             count += 1
             if count > ntab:
