@@ -9,6 +9,8 @@ import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vhost.backend import NET_FEATURES, PROTOCOL_FEATURES, VhostUserClient, wait_for
 from vhost.protocol import (
@@ -328,3 +330,40 @@ def test_client_mode_reconnects_with_backoff(tmp_path):
     finally:
         client.stop()
     assert dev.events.count(("connected",)) >= 2
+
+
+def test_vhost_never_imports_softnic():
+    import subprocess
+    import sys
+
+    code = ("import sys, vhost.backend, vhost.testing, vhost.bench; "
+            "sys.exit(any(m.split('.')[0] == 'softnic' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.getcwd()).returncode == 0
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=st.one_of(st.sampled_from(list(Req)), st.integers(0, 2**32 - 1)),
+       flags=st.one_of(st.just(VERSION), st.just(VERSION | FLAG_NEED_REPLY),
+                       st.integers(0, 2**32 - 1)),
+       payload=st.binary(max_size=300), lie=st.integers(-8, 8),
+       nfds=st.integers(0, 3), negotiated=st.booleans())
+def test_random_messages_never_hurt_the_server(server, sock_path, request, flags, payload,
+                                               lie, nfds, negotiated):
+    srv, dev = server
+    with VhostUserFrontend(sock_path).connect() as f:
+        f.sock.settimeout(0.5)
+        if negotiated:
+            f.negotiate()
+            f.set_mem_table()
+        size = max(0, len(payload) + lie)
+        try:  # whatever comes back (a reply, a nack, EOF, a reset) is fine
+            _raw(f, HDR.pack(int(request), flags, size) + payload, [f.memfd] * nfds)
+            f.sock.recv(64)
+        except (TimeoutError, ConnectionError):
+            pass
+    # the server still serves a well-behaved frontend
+    assert wait_for(lambda: srv.backend is None)
+    with VhostUserFrontend(sock_path) as g:
+        g.start()
+        echo_ok(g)

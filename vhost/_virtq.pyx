@@ -7,7 +7,7 @@
 # has stopped the queue's worker (VhostNetDevice.queue_stopped returns).
 
 from libc.errno cimport errno
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
@@ -580,7 +580,10 @@ cdef class Virtq:
         self.q.desc = vh_uva_range(&self.mem.m, self.q.desc_uva, 16 * num)
         self.q.avail = <uint16_t *>vh_uva_range(&self.mem.m, self.q.avail_uva, 6 + 2 * num)
         self.q.used = vh_uva_range(&self.mem.m, self.q.used_uva, 6 + 8 * num)
-        return self.q.desc != NULL and self.q.avail != NULL and self.q.used != NULL
+        # our mapping must keep the ring alignment too (atomic 16-bit index accesses)
+        return (self.q.desc != NULL and self.q.avail != NULL and self.q.used != NULL
+                and (<uintptr_t>self.q.desc) & 15 == 0 and (<uintptr_t>self.q.avail) & 1 == 0
+                and (<uintptr_t>self.q.used) & 3 == 0)
 
     def start(self, bint event_idx, bint indirect, int hdr_len):
         """Translates the ring and starts it. False (ring broken, ring_addr) when a ring

@@ -553,6 +553,9 @@ class VhostUserServer(_Endpoint):
                 if not r:
                     continue
                 sock, _ = self._lsock.accept()
+                if conn_thread is not None:
+                    # the previous frontend may be going away right now (QEMU restart)
+                    conn_thread.join(timeout=1.0)
                 if conn_thread is not None and conn_thread.is_alive():
                     log.warning("%s: refusing a second frontend", self.name)
                     sock.close()
