@@ -73,6 +73,8 @@ FATAL_CASES = {
     "chain_loop": lambda h: post_chain(h, [(scratch(h, VNET_HDR), 12, NEXT, 1),
                                            (scratch(h, VNET_HDR), 12, NEXT, 0)]),
     "indirect_len": lambda h: post_chain(h, [(scratch(h, bytes(32)), 24, INDIRECT, 0)]),
+    "indirect_len_over_queue_size": lambda h: post_chain(h, [(scratch(h, bytes(16 * 17)),
+                                                              16 * 17, INDIRECT, 0)]),
     "indirect_addr": lambda h: post_chain(h, [(h.gpa_base + h.mem_size - 16, 32, INDIRECT, 0)]),
     "indirect_nested": lambda h: post_chain(h, [(scratch(h, struct.pack(
         "<QIHH", h.gpa_base, 16, INDIRECT, 0)), 16, INDIRECT, 0)]),
@@ -95,6 +97,7 @@ def test_hostile_ring_breaks_with_its_reason(reason):
         FATAL_CASES[reason](h)
         good_frame(h)  # never reached: the ring is broken
         assert h.vq.pop(cap=2048) == []
+        reason = reason.split("_over")[0]
         assert h.vq.broken == reason
         c = h.vq.counters()
         assert c[reason] == 1
@@ -209,7 +212,7 @@ def model_pop(h, heads, cap, indirect=True):
                     return out, "indirect_nested"
                 if not indirect:
                     return out, "indirect_not_negotiated"
-                if ln == 0 or ln % 16:
+                if ln == 0 or ln % 16 or ln // 16 > num:
                     return out, "indirect_len"
                 t = tr(addr, ln)
                 if t is None:

@@ -75,7 +75,8 @@ cdef int walk_load(vh_vq *vq, const vh_mem *mem, vh_walk *w) noexcept nogil:
             return VQ_ERR_INDIRECT_NESTED
         if not vq.indirect:
             return VQ_ERR_INDIRECT_OFF
-        if w.d.len == 0 or (w.d.len & 15):
+        # virtio 1.1 §2.6.5.3.1: no chain longer than the queue size, indirect or not
+        if w.d.len == 0 or (w.d.len & 15) or (w.d.len >> 4) > vq.num:
             return VQ_ERR_INDIRECT_LEN
         t = vh_gpa_range(mem, w.d.addr, w.d.len)
         if t == NULL:
