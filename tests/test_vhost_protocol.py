@@ -302,8 +302,16 @@ def test_reset_owner_unmaps_and_restarts(server, fe):
     fe.request(Req.RESET_OWNER, ack=False)
     fe.request(Req.GET_FEATURES)  # a round trip: RESET_OWNER has been handled
     b = srv.backend
-    assert b.mem.mapped == 0 and not b.running and not b.owner
+    assert b.mem.mapped == 0 and not b.running and b.features == 0
+    assert b.owner and b.protocol_features == PROTOCOL_FEATURES
     assert all(vq.call_fd == -1 and vq.kick_fd == -1 for vq in b.vqs)
+    # QEMU brings the device back without a new SET_OWNER
+    fe.request(Req.SET_FEATURES, U64.pack(fe.features))
+    fe.set_mem_table()
+    fe._next = [r.mmap_offset for r in fe.regions]
+    fe.setup_ring(0)
+    fe.setup_ring(1)
+    echo_ok(fe)
 
 
 def test_client_mode_reconnects_with_backoff(tmp_path):

@@ -333,11 +333,17 @@ class VhostUserBackend:
         self.owner = True
 
     def _h_reset_owner(self, msg: Message) -> None:
+        # Back to a fresh device, except ownership and protocol features: QEMU does not
+        # renegotiate them after a reset (libvhost-user and DPDK keep them too), and a
+        # lost REPLY_ACK would leave it waiting for acknowledgements forever.
         self._stop_all()
         for vq in self.vqs:
             vq.reset()
         self.mem.reset()
+        pf = self.protocol_features
         self._reset_state()
+        self.owner = True
+        self.protocol_features = pf
 
     def _h_get_queue_num(self, msg: Message) -> bytes:
         self._need_proto(ProtoFeature.MQ, "GET_QUEUE_NUM")
