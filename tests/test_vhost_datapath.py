@@ -164,6 +164,62 @@ def test_hostile_ring_over_socket_breaks_only_that_queue(tmp_path):
         assert wait_for(lambda: 0 in s1.backend.running)
 
 
+NEXT, WRITE, INDIRECT = 1, 2, 4
+
+
+def _scratch(fe, data):
+    off = fe.alloc(len(data))
+    fe.ram.write(off, data)
+    return fe.gpa(off)
+
+
+def _chain(fe, descs):
+    """Posts a chain on TX ring 1 of fe: [(addr, len, flags, next-position)]."""
+    r = fe.ring(1)
+    ids = [r.take_free() for _ in descs]
+    for i, (addr, ln, fl, nx) in enumerate(descs):
+        r.write_desc(ids[i], addr, ln, fl, ids[nx] if nx < len(ids) else nx)
+    r.post(ids[0])
+
+
+HOSTILE = {
+    "avail_idx_jump": lambda fe: fe.ring(1).set_avail_idx(fe.ring(1).avail_idx + 300) or
+    fe.ring(1).kick(),
+    "bad_next": lambda fe: _chain(fe, [(_scratch(fe, VNET), 12, NEXT, 999)]),
+    "chain_loop": lambda fe: _chain(fe, [(_scratch(fe, VNET), 12, NEXT, 1),
+                                         (_scratch(fe, VNET), 12, NEXT, 0)]),
+    "indirect_len": lambda fe: _chain(fe, [(_scratch(fe, bytes(32)), 24, INDIRECT, 0)]),
+    "indirect_addr": lambda fe: _chain(fe, [(1 << 40, 32, INDIRECT, 0)]),
+    "indirect_nested": lambda fe: _chain(fe, [(_scratch(fe, struct.pack(
+        "<QIHH", 0, 16, INDIRECT, 0)), 16, INDIRECT, 0)]),
+    "bad_addr": lambda fe: _chain(fe, [(1 << 40, 64, 0, 0)]),
+    "zero_len": lambda fe: _chain(fe, [(_scratch(fe, VNET), 0, 0, 0)]),
+    "desc_order": lambda fe: _chain(fe, [(_scratch(fe, VNET), 12, WRITE, 0)]),
+    "tx_too_short": lambda fe: _chain(fe, [(_scratch(fe, VNET), 5, 0, 0)]),
+    "tx_too_long": lambda fe: _chain(fe, [(0, 70000, 0, 0)]),
+}
+VNET = bytes(12)
+
+
+@pytest.mark.parametrize("reason", sorted(HOSTILE))
+def test_each_hostile_ring_case_over_socket(tmp_path, reason):
+    p1, p2 = str(tmp_path / "a.sock"), str(tmp_path / "b.sock")
+    fatal = reason not in ("zero_len", "desc_order", "tx_too_short", "tx_too_long")
+    with loopback_server(p1) as (s1, d1), loopback_server(p2) as (s2, d2), \
+            VhostUserFrontend(p1) as bad, VhostUserFrontend(p2) as good:
+        bad.start()
+        good.start()
+        HOSTILE[reason](bad)
+        assert wait_for(lambda: s1.backend.vq(1).counters()[reason] == 1)
+        if fatal:
+            assert wait_for(lambda: ("broken", 0, 1, reason) in d1.events)
+            assert s1.backend.vq(1).broken == reason and not s1.backend.running
+        else:
+            assert s1.backend.vq(1).broken is None
+            check_echo(*roundtrip(bad, scapy_frames(3)))  # the same ring goes on
+        check_echo(*roundtrip(good, scapy_frames(3)))  # the other device is untouched
+
+
 def test_add_and_remove_memory_regions(path):
     with loopback_server(path) as (srv, dev), VhostUserFrontend(path, regions=2) as fe:
         fe.start(tx_region=1)
