@@ -74,6 +74,9 @@ def test_echo_byte_exact_mergeable(path):
         assert c_tx["frames"] == c_rx["frames"] == 200
         assert c_tx["bytes"] == sum(len(s) for s in sent)
         assert fe.ring(1).bad_used == fe.ring(0).bad_used == 0
+        st = srv.backend.stats()
+        assert st["running_queue_pairs"] == [0] and st["memory_regions"] == 1
+        assert st["queues"][1]["frames"] == 200 and st["queues"][0]["broken"] is None
 
 
 def test_large_frames_span_chains_and_buffers(path):

@@ -64,6 +64,13 @@ PROTOCOL_FEATURES = bits(
 MAX_QUEUE_PAIRS = 64  # vring index is 8 bits in KICK/CALL/ERR; 2 rings per pair
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): a daemon with many devices has fds above FD_SETSIZE."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(timeout * 1000))
+
+
 class VhostNetDevice:
     """What a device (e.g. a softnic VF) implements. Every call comes from the control
     thread of the connection. Queue pair p is rx = backend.vq(2p), tx = backend.vq(2p+1).
@@ -208,6 +215,17 @@ class VhostUserBackend:
             elif not want and qp in self.running:
                 self._stop_qp(qp)
 
+    def stats(self) -> dict[str, object]:
+        """A snapshot for an admin interface; safe to call from any thread (counters are
+        read without stopping the workers, so they may be a batch apart)."""
+        return {
+            "features": self.features, "protocol_features": self.protocol_features,
+            "mtu": self.mtu, "status": self.status, "memory_regions": self.mem.mapped,
+            "running_queue_pairs": sorted(self.running),
+            "queues": [{"index": vq.index, "size": vq.num, "ready": vq.ready,
+                        "broken": vq.broken, **vq.counters()} for vq in self.vqs],
+        }
+
     # --- the connection ---
     def serve(self) -> None:
         """Handles messages until the peer disconnects, a message forces a disconnect,
@@ -215,8 +233,7 @@ class VhostUserBackend:
         self.device.connected(self)
         try:
             while not self._stop.is_set():
-                r, _, _ = select.select([self.sock], [], [], 0.2)
-                if not r:
+                if not _readable(self.sock.fileno(), 0.2):
                     self.check_broken()
                     continue
                 try:
@@ -555,8 +572,7 @@ class VhostUserServer(_Endpoint):
         conn_thread: threading.Thread | None = None
         try:
             while not self._stop.is_set():
-                r, _, _ = select.select([self._lsock], [], [], 0.1)
-                if not r:
+                if not _readable(self._lsock.fileno(), 0.1):
                     continue
                 sock, _ = self._lsock.accept()
                 if conn_thread is not None:
