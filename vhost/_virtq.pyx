@@ -2,9 +2,11 @@
 # libvhost-user (vu_queue_pop / virtqueue_read_next_desc / vu_queue_map_desc); §5.1.6
 # virtio-net header and mergeable RX buffers. See _virtq.pxd for the layout.
 #
-# Threading contract: the data-path functions run without the GIL on a worker; the
-# control path (vhost.backend) only changes a queue or the memory table after the device
-# has stopped the queue's worker (VhostNetDevice.queue_stopped returns).
+# Threading contract: the data-path functions run without the GIL on a worker, one
+# thread per Virtq at a time (the RX and TX rings of a pair may be on different threads;
+# the memory table is read-only to them). The control path (vhost.backend) only changes
+# a queue or the memory table after the device has stopped the queue's worker
+# (VhostNetDevice.queue_stopped returns).
 
 from libc.errno cimport errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
