@@ -375,3 +375,15 @@ def test_random_messages_never_hurt_the_server(server, sock_path, request, flags
     with VhostUserFrontend(sock_path) as g:
         g.start()
         echo_ok(g)
+
+
+def test_server_socket_mode(tmp_path):
+    from vhost.backend import VhostUserServer
+
+    path = str(tmp_path / "m.sock")
+    srv = VhostUserServer(path, LoopbackDevice()).start(mode=0o600)
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    finally:
+        srv.stop()
+    assert not os.path.exists(path)

@@ -555,13 +555,16 @@ class VhostUserServer(_Endpoint):
     """Server mode: listens on a Unix socket path; QEMU connects (chardev socket without
     server=on). One frontend at a time; a second is refused with a log line."""
 
-    def start(self) -> VhostUserServer:
+    def start(self, mode: int | None = None) -> VhostUserServer:
+        """Binds and listens; mode (e.g. 0o660) restricts who may connect as frontend."""
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._lsock.bind(self.path)
+        if mode is not None:
+            os.chmod(self.path, mode)
         self._lsock.listen(4)
         self._thread = threading.Thread(target=self._run, name=f"vhost-{self.name}",
                                         daemon=True)
