@@ -72,6 +72,15 @@ from softnic._csum cimport (
 )
 from softnic._proto cimport sn_st16
 from softnic._tso cimport sn_csum_complete, sn_tcp_mss_clamp, sn_tso_segment
+from vhost._virtq cimport (
+    Virtq,
+    vh_mem,
+    vh_vq,
+    vq_enable_kicks,
+    vq_pop_chains,
+    vq_push_frames,
+)
+
 from softnic._vxlan cimport (
     SN_AF_INET,
     sn_flow_hash,
@@ -103,6 +112,8 @@ cdef enum:
     FP_MAX_UL_SAS = 16          # uplink SAs per VTEP pair, chosen by the inner flow hash
     FP_MAX_SEGS = 1400          # a 64 KB frame at the smallest MSS (48) is 1366 segments
     FP_UPLINK = FP_MAX_VF       # the scope index of the uplink's SAs
+    FP_VH_PENDING = 256         # frames gathered for one push into a guest's RX ring
+    FP_VH_GRO = 8               # coalesced 64 KB frames per push
 
     FP_MODE_OFF = 0
     FP_MODE_OFFLOAD = 1
@@ -154,6 +165,12 @@ ctypedef struct fp_vf:
     uint32_t vni
     uint32_t mtu                # the VF's own MTU (largest L3 packet it may send)
     int tap_fd                  # -1 when the VF is not a TAP
+    vh_vq *vq_rx                # vhost-user: the guest's RX ring (NULL when not running)
+    vh_vq *vq_tx                # vhost-user: the guest's TX ring
+    const vh_mem *mem           # vhost-user: the guest's memory table
+    uint8_t guest_csum          # VIRTIO_NET_F_GUEST_CSUM: DATA_VALID/NEEDS_CSUM allowed
+    uint8_t guest_tso           # VIRTIO_NET_F_GUEST_TSO4/6: coalesced frames allowed
+    uint8_t mergeable           # VIRTIO_NET_F_MRG_RXBUF
     int n_out
     int n_in
     fp_policy out_pol[FP_MAX_POLICY]
@@ -313,6 +330,13 @@ cdef class Datapath:
     cdef Batch rx_out
     cdef Batch gro_batch
     cdef sn_pkt *gro
+    cdef Batch vgro               # coalesced frames waiting for one push into a guest ring
+    cdef dict vhost_refs          # VF index -> (rx Virtq, tx Virtq): keeps the rings alive
+    cdef const uint8_t *vframes[FP_VH_PENDING]
+    cdef uint32_t vlens[FP_VH_PENDING]
+    cdef uint8_t *vbufs[FP_VH_PENDING]
+    cdef uint32_t vcaps[FP_VH_PENDING]
+    cdef uint32_t vgot[FP_VH_PENDING]
 
     def __cinit__(self):
         self.vfs = NULL
@@ -362,6 +386,8 @@ cdef class Datapath:
         self.rx_out = Batch(burst, slot_size=2048 + 576)
         self.gro_batch = Batch(1, slot_size=65536 + 1024, headroom=64)
         self.gro = self.gro_batch.pkts
+        self.vgro = Batch(FP_VH_GRO, slot_size=65536 + 1024, headroom=64)
+        self.vhost_refs = {}
 
     def __dealloc__(self):
         PyMem_Free(self.vfs)
@@ -1246,21 +1272,81 @@ cdef class Datapath:
             PyThread_release_lock(self.rx_lock)
         return r
 
+    # ---- vhost-user VFs ---------------------------------------------------------------
+
+    def attach_vhost(self, int vf, Virtq rx not None, Virtq tx not None, bint mergeable,
+                     bint guest_csum, bint guest_tso):
+        """Serve VF `vf` from a guest's ring pair (rx = the guest's receive queue)."""
+        if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
+            raise ValueError("no such VF")
+        self._lock()
+        try:
+            self.vfs[vf].vq_rx = &rx.q
+            self.vfs[vf].vq_tx = &tx.q
+            self.vfs[vf].mem = &rx.mem.m
+            self.vfs[vf].mergeable = mergeable
+            self.vfs[vf].guest_csum = guest_csum
+            self.vfs[vf].guest_tso = guest_tso and guest_csum
+            self.vhost_refs[vf] = (rx, tx)
+        finally:
+            self._unlock()
+
+    def detach_vhost(self, int vf):
+        """Stop using the guest's rings; when this returns no burst touches them."""
+        if vf < 0 or vf >= FP_MAX_VF:
+            raise ValueError("no such VF")
+        self._lock()
+        try:
+            self.vfs[vf].vq_rx = NULL
+            self.vfs[vf].vq_tx = NULL
+            self.vfs[vf].mem = NULL
+            self.vhost_refs.pop(vf, None)
+        finally:
+            self._unlock()
+
+    def vhost_kicks(self, int vf, bint enable):
+        """Ask the guest for TX kicks (idle) or not (busy polling)."""
+        with nogil:
+            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
+            if self.vfs[vf].vq_tx != NULL:
+                vq_enable_kicks(self.vfs[vf].vq_tx, enable)
+            PyThread_release_lock(self.tx_lock)
+
+    cdef int _vhost_read(self, int vf, Batch inb) noexcept nogil:
+        cdef int i, n
+        cdef fp_vf *v = &self.vfs[vf]
+        for i in range(inb.size):
+            self.vbufs[i] = inb.pkts[i].data + inb.headroom
+            self.vcaps[i] = inb.pkts[i].cap - inb.headroom
+        n = vq_pop_chains(v.vq_tx, v.mem, self.vbufs, self.vcaps, self.vgot, inb.size)
+        for i in range(n):
+            inb.pkts[i].off = inb.headroom
+            inb.pkts[i].len = self.vgot[i]
+            inb.pkts[i].drop = 0
+            inb.pkts[i].flags = 0
+        return n
+
     # ---- poll loops for TAP VFs and the Underlay (one call = one burst, no GIL) ---------
 
     def poll_tx(self, int vf):
-        """Read a burst from a TAP VF, run it through TX, send it. Returns frames read."""
+        """Read a burst from a VF (TAP or guest ring), run it through TX, send it.
+        Returns frames read."""
         cdef int n, start, fd
         cdef Batch inb = self.tx_in, out = self.tx_out, loc = self.tx_local
         if self.underlay is None:
             raise RuntimeError("no underlay attached")
-        fd = self.vfs[vf].tap_fd
-        if not self.vfs[vf].used or fd < 0:
+        if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             return 0
+        fd = self.vfs[vf].tap_fd
         with nogil:
             PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
             inb.count = 0
-            n = sn_tap_read(fd, inb.pkts, inb.size, inb.headroom, &self.vfs[vf].tap)
+            if self.vfs[vf].vq_tx != NULL:
+                n = self._vhost_read(vf, inb)
+            elif fd >= 0:
+                n = sn_tap_read(fd, inb.pkts, inb.size, inb.headroom, &self.vfs[vf].tap)
+            else:
+                n = 0
             inb.count = n
             start = 0
             while start < n:
@@ -1270,7 +1356,9 @@ cdef class Datapath:
                 if out.count:
                     self.txq.send_pkts(out.pkts, out.count)
                 if loc.count:
+                    PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
                     self._deliver(loc)
+                    PyThread_release_lock(self.rx_lock)
             PyThread_release_lock(self.tx_lock)
         return n
 
@@ -1292,50 +1380,87 @@ cdef class Datapath:
         return n
 
     cdef void _deliver(self, Batch b) noexcept nogil:
-        """Write each live frame to its VF's TAP, one write per frame (TAP has no batch
-        write). Runs of TCP segments of one flow are first coalesced into one GSO frame
-        (receive offload, as the kernel's GRO would), so the VF's stack sees 64 KB frames
-        and softnic makes one syscall where it would make forty."""
-        cdef int i = 0, j, fd
+        """Hand each live frame to its VF: a TAP write per frame (TAP has no batch write),
+        or one push per burst into a guest's RX ring. Runs of TCP segments of one flow are
+        first coalesced into one GSO frame (receive offload, as the kernel's GRO would)
+        where the VF accepts them, so its stack sees 64 KB frames and softnic makes one
+        syscall or ring entry where it would make forty. Caller holds rx_lock (a guest
+        ring has one producer)."""
+        cdef int i = 0, j, pend_vf = -1
+        cdef uint32_t n_ok
+        cdef int npend = 0, ngro = 0
         cdef fp_vf *v
         cdef fp_gro g
-        cdef uint32_t n_ok
+        cdef sn_pkt *target
+        cdef sn_pkt *p
         while i < b.count:
-            if b.pkts[i].drop or b.pkts[i].port >= FP_MAX_VF:
+            p = &b.pkts[i]
+            if p.drop or p.port >= FP_MAX_VF:
                 i += 1
                 continue
-            v = &self.vfs[b.pkts[i].port]
-            fd = v.tap_fd
-            if not v.used or fd < 0:
+            v = &self.vfs[p.port]
+            if not v.used or (v.vq_rx == NULL and v.tap_fd < 0):
                 i += 1
                 continue
+            if v.vq_rx != NULL and pend_vf != <int>p.port:
+                self._vhost_flush(pend_vf, npend)
+                npend = 0
+                ngro = 0
+                pend_vf = p.port
+            # A run of segments to merge?
             j = i + 1
-            if _gro_start(&b.pkts[i], &g):
-                while j < b.count and not b.pkts[j].drop and b.pkts[j].port == b.pkts[i].port \
+            if (v.vq_rx == NULL or v.guest_tso) and _gro_start(p, &g):
+                while j < b.count and not b.pkts[j].drop and b.pkts[j].port == p.port \
                         and _gro_fits(&g, &b.pkts[j]):
                     j += 1
             if j - i >= 2:
-                n_ok = _gro_build(&g, b.pkts, i, j, self.gro)
-                if n_ok == <uint32_t>(j - i):
-                    if sn_tap_write(fd, self.gro, 1, &v.tap) != 1:
-                        v.c.drops[<int>SN_DROP_RING_FULL] += j - i
-                    else:
-                        v.c.rx_coalesced += j - i
-                    i = j
-                    continue
-                j = i + n_ok if n_ok else i + 1     # a bad checksum ends the run early
+                if v.vq_rx != NULL and (ngro == FP_VH_GRO or npend == FP_VH_PENDING):
+                    self._vhost_flush(pend_vf, npend)
+                    npend = 0
+                    ngro = 0
+                target = self.gro if v.vq_rx == NULL else &self.vgro.pkts[ngro]
+                target.off = 64
+                n_ok = _gro_build(&g, b.pkts, i, j, target)
                 if n_ok >= 2:
-                    if sn_tap_write(fd, self.gro, 1, &v.tap) != 1:
-                        v.c.drops[<int>SN_DROP_RING_FULL] += n_ok
+                    v.c.rx_coalesced += n_ok
+                    if v.vq_rx == NULL:
+                        if sn_tap_write(v.tap_fd, target, 1, &v.tap) != 1:
+                            v.c.drops[<int>SN_DROP_RING_FULL] += n_ok
                     else:
-                        v.c.rx_coalesced += n_ok
-                    i = j
+                        self.vframes[npend] = target.data + target.off
+                        self.vlens[npend] = target.len
+                        npend += 1
+                        ngro += 1
+                    i += n_ok
                     continue
-                j = i + 1
-            while i < j:
-                if sn_tap_write(fd, &b.pkts[i], 1, &v.tap) != 1:
-                    v.c.drops[b.pkts[i].drop if b.pkts[i].drop else <int>SN_DROP_RING_FULL] += 1
-                i += 1
+            # One frame as it is.
+            if v.vq_rx == NULL:
+                if sn_tap_write(v.tap_fd, p, 1, &v.tap) != 1:
+                    v.c.drops[p.drop if p.drop else <int>SN_DROP_RING_FULL] += 1
+            else:
+                if npend == FP_VH_PENDING:
+                    self._vhost_flush(pend_vf, npend)
+                    npend = 0
+                    ngro = 0
+                if not v.guest_csum:
+                    p.data[p.off] = 0       # no DATA_VALID unless GUEST_CSUM was agreed
+                self.vframes[npend] = p.data + p.off
+                self.vlens[npend] = p.len
+                npend += 1
+            i += 1
+        self._vhost_flush(pend_vf, npend)
+
+    cdef void _vhost_flush(self, int vf, int n) noexcept nogil:
+        cdef int done
+        cdef fp_vf *v
+        if vf < 0 or n == 0:
+            return
+        v = &self.vfs[vf]
+        if v.vq_rx == NULL:
+            return
+        done = vq_push_frames(v.vq_rx, v.mem, self.vframes, self.vlens, n, v.mergeable)
+        if done < n:
+            v.c.drops[<int>SN_DROP_RING_FULL] += n - done
 
 
 # ---- receive coalescing ---------------------------------------------------------------

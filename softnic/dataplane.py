@@ -10,6 +10,7 @@ there is traffic and sleeps in epoll when there is none.
 from __future__ import annotations
 
 import logging
+import os
 import select
 import threading
 import time
@@ -22,6 +23,7 @@ from softnic._esp import SecurityAssociation
 from softnic._fastpath import Datapath as FastPath
 from softnic.tap import TapPort
 from softnic.uplink import Uplink
+from softnic.vhostport import VhostVF
 
 log = logging.getLogger("softnic.dataplane")
 
@@ -37,10 +39,13 @@ _EVENT_PERIOD = 0.5     # how often SA events are collected
 
 
 class _Port:
-    def __init__(self, index: int, vf: model.VF, tap: TapPort | None) -> None:
+    def __init__(self, index: int, vf: model.VF, tap: TapPort | None,
+                 vhost: VhostVF | None = None) -> None:
         self.index = index
         self.vf = vf
         self.tap = tap
+        self.vhost = vhost
+        self.kick_fd: int | None = None       # the guest's TX kick eventfd while running
         self.captures: dict[int, tuple[Callable[[float, bytes], None], int]] = {}
 
 
@@ -63,6 +68,7 @@ class Dataplane:
         self._threads: list[threading.Thread] = []
         self._uplink_captures: dict[int, tuple[Callable[[float, bytes], None], int]] = {}
         self._next_capture = 1
+        self._kicked = threading.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -127,10 +133,11 @@ class Dataplane:
             fp = self._need_fp()
             if vf.name in self._ports:
                 raise ValueError(f"vf {vf.name}: exists")
-            if vf.kind != "tap":
-                raise ValueError(f"vf {vf.name}: kind {vf.kind} is not served by this build")
             used = {p.index for p in self._ports.values()}
             index = next(i for i in range(256) if i not in used)
+            if vf.kind == "vhost-user":
+                self._add_vhost_vf(fp, vf, index)
+                return
             tap = TapPort(vf.ifname, netns=vf.netns, mac=vf.mac, mtu=vf.mtu,
                           addrs=[str(a) for a in vf.addresses])
             try:
@@ -141,6 +148,37 @@ class Dataplane:
                 raise
             self._ports[vf.name] = _Port(index, vf, tap)
             self._sink({"type": "vf-link", "vf": vf.name, "state": "up"})
+
+    def _add_vhost_vf(self, fp: FastPath, vf: model.VF, index: int) -> None:
+        assert vf.socket is not None
+        fp.set_vf(index, vf.mac, vf.vni, vf.mtu, vf.ipsec, -1)
+        dev = VhostVF(vf.name, index, vf.socket, vf.vhost_mode or "server",
+                      attach=fp.attach_vhost, detach=fp.detach_vhost, kick=self._set_kick,
+                      event=lambda ev: self._sink(ev))
+        port = _Port(index, vf, None, dev)
+        self._ports[vf.name] = port
+        try:
+            dev.start()
+        except Exception:
+            del self._ports[vf.name]
+            fp.del_vf(index)
+            raise
+
+    def _set_kick(self, index: int, fd: int | None) -> None:
+        """Watch (or stop watching) a guest's TX kick eventfd in the TX worker."""
+        port = next((p for p in self._ports.values() if p.index == index), None)
+        if port is None:
+            return
+        if port.kick_fd is not None:
+            try:
+                self._tx_epoll.unregister(port.kick_fd)
+            except (OSError, ValueError):
+                pass
+            port.kick_fd = None
+        if fd is not None and fd >= 0:
+            self._tx_epoll.register(fd, select.EPOLLIN)
+            port.kick_fd = fd
+            self._kicked.set()
 
     def del_vf(self, name: str) -> None:
         with self._lock:
@@ -155,6 +193,8 @@ class Dataplane:
 
     def _close_port(self, name: str) -> None:
         port = self._ports.pop(name)
+        if port.vhost is not None:
+            port.vhost.stop()           # stops the queues first: detach happens there
         if self._fp is not None:
             self._fp.del_vf(port.index)
         if port.tap is not None:
@@ -344,20 +384,25 @@ class Dataplane:
     # ---- workers -------------------------------------------------------------------------
 
     def _tx_worker(self) -> None:
-        by_fd: dict[int, _Port] = {}
         while not self._stop.is_set():
             try:
                 events = self._tx_epoll.poll(_IDLE_WAIT)
             except (OSError, ValueError):
                 return
+            ports = {}
+            for p in list(self._ports.values()):
+                if p.tap is not None:
+                    ports[p.tap.fileno()] = p
+                if p.kick_fd is not None:
+                    ports[p.kick_fd] = p
             for fd, _ in events:
-                port = by_fd.get(fd)
-                if port is None or port.tap is None or port.tap.fileno() != fd:
-                    by_fd = {p.tap.fileno(): p for p in self._ports.values() if p.tap}
-                    port = by_fd.get(fd)
+                port = ports.get(fd)
                 if port is None:
                     continue
-                self._serve_tx(port)
+                if port.vhost is not None:
+                    self._serve_vhost_tx(port, fd)
+                else:
+                    self._serve_tx(port)
 
     def _serve_tx(self, port: _Port) -> None:
         fp = self._fp
@@ -374,6 +419,30 @@ class Dataplane:
                 return
             if n == 0:
                 return
+
+    def _serve_vhost_tx(self, port: _Port, kick_fd: int) -> None:
+        """A guest kicked: drain its TX ring with kicks off (the guest need not notify
+        while we poll), then turn them back on and look once more before sleeping, so a
+        frame queued in between is not left behind (virtio 1.1 2.7.10)."""
+        fp = self._fp
+        if fp is None:
+            return
+        try:
+            os.read(kick_fd, 8)
+        except OSError:
+            pass
+        try:
+            fp.vhost_kicks(port.index, False)
+            while True:
+                busy = 0
+                while fp.poll_tx(port.index) and busy < _BUSY_POLLS * 16:
+                    busy += 1
+                fp.vhost_kicks(port.index, True)
+                if fp.poll_tx(port.index) == 0:
+                    return
+                fp.vhost_kicks(port.index, False)
+        except Exception:
+            log.exception("tx on %s", port.vf.name)
 
     def _tx_captured(self, fp: FastPath, port: _Port) -> int:
         """The TX path with a capture attached: the same bursts, with each frame also handed
