@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import collections
-import os
 import shlex
 import shutil
 import signal
@@ -49,6 +48,8 @@ WHY = {
     "replay": "anti-replay window", "icv": "ICV check failed", "ring_full": "receiver full",
     "no_fdb": "no remote VTEP", "unknown_vni": "VNI of no VF", "too_big": "over tunnel MTU",
 }
+
+THROUGHPUT: dict[str, float] = {}     # model -> Gbit/s of the headline transfer
 
 ALG_XFRM = {"aes-gcm": "rfc4106(gcm(aes))", "chacha20-poly1305": "rfc7539esp(chacha20,poly1305)"}
 
@@ -362,26 +363,28 @@ def run_model(model: str, plan: Plan, out: Out, check: Checks, ctl_stats: bool,
                 "device": "device-terminated: VXLAN, then ESP-in-UDP 4500 between the VTEPs"}
     out.title(headline[model])
     sockets: dict[str, str] = {}
-    said = []
+    said: list[int] = []
 
     def echo(side: str, path: str, words: list[str]) -> None:
         if not said:
             out("  SAs and policies, installed through each daemon's admin socket "
                 "(softnicctl equivalent; keys redacted):")
             said.append(1)
+        if side not in sockets:
+            out(f"    ${side.upper()}={path}")
         sockets[side] = path
         out(f"    $ softnicctl -s ${side.upper()} " + shlex.join(words)
             .replace(shlex.quote(REDACTED), REDACTED))
 
     cls = _make_overlay_class(echo)
     t0 = time.monotonic()
-    out(f"  building two hosts + four VMs in network namespaces, starting two daemons {ar}")
+    out("  building two hosts + four VMs in network namespaces, starting two daemons")
     with cls(model=model, device_encap="espinudp") as ov:
         namespaces += [ov.host(s).ns.name for s in "ab"] + [n.name for n in ov.vm.values()]
         for side in "ab":
-            out(f"    ${side.upper()} = {ov.sockets[side]}   (host {side.upper()}: "
-                f"netns {ov.host(side).ns.name}, underlay {ov.host(side).addr}, "
-                f"softnic pid {ov.daemons[side].pid})")
+            out(f"  host {side.upper()}: netns {ov.host(side).ns.name}, underlay "
+                f"{ov.host(side).addr}, `softnic run` pid {ov.daemons[side].pid}, VMs "
+                + ", ".join(f"{ov.vm[side + n].name} ({VMS[side + n].addr})" for n in "12"))
         out(f"  up in {time.monotonic() - t0:.1f} s")
 
         sn = Sniffer(ov.host("a").ns, keep=800)
@@ -416,9 +419,6 @@ def run_model(model: str, plan: Plan, out: Out, check: Checks, ctl_stats: bool,
     THROUGHPUT[model] = results["1"]["gbps"]
 
 
-THROUGHPUT: dict[str, float] = {}
-
-
 def show_softnicctl(sock: str, out: Out, check: Checks) -> None:
     """The real CLI, once, as an operator would run it."""
     exe = shutil.which("softnicctl")
@@ -445,8 +445,9 @@ def report_counters(model: str, st: dict[str, dict[str, Any]], out: Out, check: 
                 f"{ar} segments {c.get('tx_segments', 0):>7,}   ESP out {c.get('tx_esp', 0):>7,} "
                 f"in {c.get('rx_esp', 0):>6,}   to VM {c.get('rx_frames', 0):>6,}")
         u = s.get("uplink", {})
-        out(f"    host {side.upper()} uplink  ESP out {u.get('tx_esp', 0):,} in "
-            f"{u.get('rx_esp', 0):,}   datagrams sent {u.get('io_tx_pkts', 0):,} in "
+        ul_esp = f"ESP out {u.get('tx_esp', 0):,} in {u.get('rx_esp', 0):,}   " \
+            if model == "device" else ""
+        out(f"    host {side.upper()} uplink  {ul_esp}datagrams sent {u.get('io_tx_pkts', 0):,} in "
             f"{u.get('io_tx_syscalls', 0):,} syscalls ({u.get('io_tx_gso_msgs', 0):,} UDP GSO "
             f"trains)   received {u.get('io_rx_pkts', 0):,}")
         for sa in s.get("sa", []):
@@ -480,8 +481,9 @@ def report_wire(model: str, sn: Any, st: dict[str, Any], plan: Plan, out: Out,
         wire.add(ip)
     sent = st["a"]["uplink"].get("io_tx_pkts", 0)
     out()
-    out(f"  the underlay, captured on host A's ul0: {sn.count:,} packets inspected for "
-        f"plaintext ({sent:,} sent by softnic), the first {wire.packets:,} decoded")
+    out(f"  the underlay, captured on host A's ul0: {sn.count:,} packets seen (softnic "
+        f"sent {sent:,}), every one searched for plaintext; the first {wire.packets:,} "
+        "kept and decoded")
     out("    " + ", ".join(f"{k}: {v:,}" for k, v in wire.kinds.most_common()))
     if model == "host":
         for (vni, src, dst, spi), (ports, n) in sorted(wire.flows.items()):
@@ -532,9 +534,12 @@ def report_wire(model: str, sn: Any, st: dict[str, Any], plan: Plan, out: Out,
     check(len(sample) > 0 and ok == len(sample),
           f"{ok}/{len(sample)} sampled ESP packets decrypt with the configured keys (scapy)")
     if model == "host":
-        n = len(wire.vxlan_sports)
-        check(n >= 2, f"{n} distinct UDP source ports on the VXLAN outer header (SPI + "
-                      "inner addresses hashed: flows spread over ECMP paths and RX queues)")
+        ports = [p for p, _n in wire.flows.values()]
+        n = len(set().union(*ports)) if ports else 0
+        check(n >= 2 and all(len(p) == 1 for p in ports) and n == len(ports),
+              f"{n} distinct UDP source ports for {len(ports)} ESP flows on the VXLAN outer "
+              "header, one per flow (SPI + inner addresses hashed: spread over ECMP paths "
+              "and RX queues, never reordered within a flow)")
         spi_vfs = {spi for (_v, _s, _d, spi) in wire.flows}
         vnis = {v for (v, _s, _d, _spi) in wire.flows}
         check(len(vnis) == 2 and len(spi_vfs) == 1,
@@ -583,7 +588,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             "sudo make demo")
         return 2
     try:
+        # Every layer the capture is decoded with, bound before the first packet is.
+        import scapy.layers.inet  # noqa: F401
         import scapy.layers.ipsec  # noqa: F401
+        import scapy.layers.l2  # noqa: F401
+        import scapy.layers.vxlan  # noqa: F401
 
         import softnic._fastpath  # noqa: F401
     except ImportError as e:
