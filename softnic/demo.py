@@ -104,7 +104,7 @@ class Checks:
     out: Out
     items: list[tuple[str, bool]] = field(default_factory=list)
 
-    def __call__(self, ok: bool, text: str) -> bool:
+    def __call__(self, ok: object, text: str) -> bool:
         ok = bool(ok)
         self.items.append((text, ok))
         self.out(f"  {self.out.mark(ok)} {text}")
@@ -618,8 +618,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         for i, model in enumerate(models):
             run_model(model, plan, out, check, ctl_stats=(i == 0), namespaces=namespaces)
     except (KeyboardInterrupt, Interrupted):
-        out()
-        out("interrupted: everything was torn down on the way out")
         status = 130
     except Exception as e:
         out()
@@ -642,8 +640,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if check.failed:
             out("  failed: " + "; ".join(check.failed))
             status = 1
-    elif still:
-        out(f"left behind: {' '.join(still)}")
+    elif status == 130:
+        out()
+        out("interrupted: " + (f"left behind: {' '.join(still)}" if still else
+                               "everything was torn down on the way out"))
     return status
 
 
