@@ -387,31 +387,41 @@ def run_model(model: str, plan: Plan, out: Out, check: Checks, ctl_stats: bool,
                 + ", ".join(f"{ov.vm[side + n].name} ({VMS[side + n].addr})" for n in "12"))
         out(f"  up in {time.monotonic() - t0:.1f} s")
 
-        sn = Sniffer(ov.host("a").ns, keep=800)
-        # A deep socket buffer, so the capture keeps up with GSO trains (root may force it).
-        sn.sock.setsockopt(1, 33, 64 << 20)                 # SOL_SOCKET, SO_RCVBUFFORCE
-        with sn:
-            out()
-            out("  traffic")
-            for n in ("1", "2"):
-                a, b = VMS["a" + n], VMS["b" + n]
-                ok, txt = _ping_ok(ov.ping("a" + n, "b" + n, plan.pings), plan.pings)
-                check(ok, f"ping {a.name}@A {a.addr} {ar} {b.name}@B {b.addr} "
-                          f"(VNI {a.vni}): {txt}")
-            results = {}
-            for n, nbytes, port in (("2", plan.small, 5202), ("1", plan.big, 5201)):
-                r = ov.tcp_transfer("a" + n, "b" + n, nbytes, port=port, timeout=60)
-                results[n] = r
-                a = VMS["a" + n]
-                check(r["ok"], f"TCP {a.name}@A {ar} {a.name}@B: {r['bytes'] / 1e6:,.0f} MB "
-                               f"in {r['seconds']:.2f} s = {r['gbps']:.2f} Gbit/s, "
-                               "SHA-256 verified on arrival")
-            time.sleep(0.3)                      # let the capture drain its socket
-        st = {s: ov.stats(s) for s in "ab"}
-        if ctl_stats:
-            show_softnicctl(ov.sockets["a"], out, check)
-        report_counters(model, st, out, check)
-        report_wire(model, sn, st, plan, out, check)
+        try:
+            sn = Sniffer(ov.host("a").ns, keep=800)
+            # A deep socket buffer, so the capture keeps up with GSO trains (root may force it).
+            sn.sock.setsockopt(1, 33, 64 << 20)                 # SOL_SOCKET, SO_RCVBUFFORCE
+            with sn:
+                out()
+                out("  traffic")
+                for n in ("1", "2"):
+                    a, b = VMS["a" + n], VMS["b" + n]
+                    ok, txt = _ping_ok(ov.ping("a" + n, "b" + n, plan.pings), plan.pings)
+                    check(ok, f"ping {a.name}@A {a.addr} {ar} {b.name}@B {b.addr} "
+                              f"(VNI {a.vni}): {txt}")
+                results = {}
+                for n, nbytes, port in (("2", plan.small, 5202), ("1", plan.big, 5201)):
+                    r = ov.tcp_transfer("a" + n, "b" + n, nbytes, port=port, timeout=60)
+                    results[n] = r
+                    a = VMS["a" + n]
+                    check(r["ok"], f"TCP {a.name}@A {ar} {a.name}@B: {r['bytes'] / 1e6:,.0f} MB "
+                                   f"in {r['seconds']:.2f} s = {r['gbps']:.2f} Gbit/s, "
+                                   "SHA-256 verified on arrival")
+                time.sleep(0.3)                      # let the capture drain its socket
+            st = {s: ov.stats(s) for s in "ab"}
+            if ctl_stats:
+                show_softnicctl(ov.sockets["a"], out, check)
+            report_counters(model, st, out, check)
+            report_wire(model, sn, st, plan, out, check)
+        except Exception:
+            # What the daemons said last, for whoever reads a failure (keys never appear
+            # in their logs; the output filter would redact one all the same).
+            for side in "ab":
+                tail = ov.log(side).strip().splitlines()[-8:]
+                out(f"  host {side.upper()} daemon log, last lines:")
+                for line in tail:
+                    out("    " + line)
+            raise
         out()
         out(f"  tearing down (SIGTERM to both daemons, namespaces deleted) {ar}")
     out(f"  {model} model done in {time.monotonic() - t0:.1f} s; headline "
@@ -509,8 +519,9 @@ def report_wire(model: str, sn: Any, st: dict[str, Any], plan: Plan, out: Out,
             out(f"       {ar} does not decrypt: {type(e).__name__}")
 
     # Decrypt a sample spread over the capture: every one must open with the configured key.
+    # The first packet of every SA, then packets spread evenly over the capture.
     step = max(1, len(wire.esp) // max(1, plan.sample))
-    sample = wire.esp[::step][:plan.sample]
+    sample = list(wire.first.values()) + wire.esp[::step][:plan.sample]
     ok = 0
     inner_sports: set[int] = set()
     for ip in sample:
