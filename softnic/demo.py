@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import shlex
 import shutil
 import signal
@@ -434,7 +435,7 @@ def show_softnicctl(sock: str, out: Out, check: Checks) -> None:
     exe = shutil.which("softnicctl")
     argv = [exe] if exe else [sys.executable, "-m", "softnic.cli"]
     out()
-    out(f"  $ softnicctl -s $A stats        (the real CLI, {'installed' if exe else '-m'})")
+    out(f"  $ softnicctl -s $A stats        (the real CLI{'' if exe else ': python -m softnic.cli'})")
     p = subprocess.run([*argv, "-s", sock, "stats"], capture_output=True, text=True,
                        timeout=20)
     for line in (p.stdout + p.stderr).rstrip().splitlines():
@@ -524,6 +525,7 @@ def report_wire(model: str, sn: Any, st: dict[str, Any], plan: Plan, out: Out,
     sample = list(wire.first.values()) + wire.esp[::step][:plan.sample]
     ok = 0
     inner_sports: set[int] = set()
+    by_sa: dict[int, set[str]] = collections.defaultdict(set)   # SPI -> inner flows
     for ip in sample:
         try:
             p = decrypt(model, ip)
@@ -532,8 +534,20 @@ def report_wire(model: str, sn: Any, st: dict[str, Any], plan: Plan, out: Out,
         ok += 1
         if model == "device":
             from scapy.layers.inet import UDP
+            from scapy.layers.vxlan import VXLAN
             if UDP in p and p[UDP].dport == VXLAN_PORT:
                 inner_sports.add(p[UDP].sport)
+                spi = struct.unpack_from("!I", ip, 28)[0]
+                inner = layers(p[VXLAN].payload, ar).split(" / ", 1)[-1]
+                inner = re.sub(r" len \d+| seq \d+| \[[A-Z]+\]| \d+ B$", "", inner)
+                by_sa[spi].add(f"VXLAN sport {p[UDP].sport}, VNI {p[VXLAN].vni}: {inner}")
+    if by_sa:
+        out()
+        out("  which SA carries which inner flow (decrypted sample; the inner flow hash "
+            "picks the SA)")
+        for spi, flows in sorted(by_sa.items()):
+            for f in sorted(flows)[:4]:
+                out(f"    SPI 0x{spi:x}  {ar}  {f}")
     out()
     out("  proof")
     check(sn.count > 0 and sn.marks == 0,
