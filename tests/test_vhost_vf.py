@@ -6,7 +6,6 @@ accepts (or counts as bad) the checksums softnic completes for the guest.
 """
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -105,6 +104,19 @@ def guest(daemon):
     fe.close()
 
 
+def recv_match(guest, pred, timeout=5.0):
+    """The first frame the guest receives that pred accepts (the VM's kernel also sends
+    multicast of its own, e.g. IPv6 MLD, which the VNI floods to the guest)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        for f in guest.recv(0):
+            pkt = Ether(f[12:])
+            if pred(pkt):
+                return pkt
+        time.sleep(0.01)
+    raise AssertionError("no matching frame")
+
+
 def _stats(daemon):
     from softnic.client import Client
 
@@ -116,8 +128,7 @@ def test_guest_pings_a_vm_namespace(daemon, guest):
     req = bytes(Ether(src=GUEST_MAC, dst=VM_MAC) / IP(src=GUEST_IP, dst=VM_IP)
                 / ICMP(id=7, seq=1) / (b"softnic" * 8))
     guest.send(0, [NO_HDR + req])
-    frames = guest.wait_recv(0, 1, timeout=5)
-    reply = Ether(frames[0][12:])
+    reply = recv_match(guest, lambda p: ICMP in p and p[ICMP].id == 7)
     assert reply[IP].src == VM_IP and reply[ICMP].type == 0 and reply[ICMP].id == 7
     assert bytes(reply[ICMP].payload) == b"softnic" * 8
 
@@ -143,8 +154,7 @@ def test_guest_udp_with_checksum_offload(daemon, guest):
         hdr = bytes([1, 0]) + (0).to_bytes(2, "little") + (0).to_bytes(2, "little") + \
             udp_off.to_bytes(2, "little") + (6).to_bytes(2, "little") + bytes(2)
         guest.send(0, [hdr + bytes(raw)])
-        frames = guest.wait_recv(0, 1, timeout=5)
-        reply = Ether(frames[0][12:])
+        reply = recv_match(guest, lambda p: UDP in p and p[UDP].sport == 7000)
         assert reply[UDP].sport == 7000 and bytes(reply[UDP].payload) == payload[::-1]
     finally:
         echo.kill()
@@ -157,9 +167,8 @@ def test_guest_tso_frame_is_segmented(daemon, guest):
     from scapy.layers.inet import TCP
 
     vm = daemon["vm"]
-    srv = socket.socket  # the VM answers with RST: proof enough that TCP accepted them
-    del srv
     before = _stats(daemon)["guest"]
+    vm_before = after_vm(daemon)
     payload = os.urandom(60000)
     frame = bytes(Ether(src=GUEST_MAC, dst=VM_MAC) / IP(src=GUEST_IP, dst=VM_IP)
                   / TCP(sport=40000, dport=9, flags="PA", seq=1) / payload)
@@ -171,15 +180,25 @@ def test_guest_tso_frame_is_segmented(daemon, guest):
                timeout=5)
     time.sleep(0.3)
     after = _stats(daemon)["guest"]
-    assert after["tx_segments"] - before["tx_segments"] == (60000 + 1447) // 1448
+    # The guest asked for 1448-byte segments; the tunnel allows fewer bytes per packet
+    # (VXLAN over a 1500-byte underlay), so softnic cuts smaller ones: never fewer segments.
+    segs = after["tx_segments"] - before["tx_segments"]
+    assert segs >= (60000 + 1447) // 1448
     snmp_after = vm.run(["cat", "/proc/net/snmp"])
 
     def tcp_counter(text, name):
         lines = [ln.split() for ln in text.splitlines() if ln.startswith("Tcp:")]
         return int(lines[1][lines[0].index(name)])
 
-    assert tcp_counter(snmp_after, "InSegs") - tcp_counter(snmp_before, "InSegs") >= 41
+    # Local delivery coalesces the segments again for the VM (its TAP takes GSO frames):
+    # its kernel sees them arrive, merged, with valid checksums.
+    assert tcp_counter(snmp_after, "InSegs") > tcp_counter(snmp_before, "InSegs")
+    assert after_vm(daemon)["rx_coalesced"] - vm_before["rx_coalesced"] == segs
     assert tcp_counter(snmp_after, "InCsumErrors") == tcp_counter(snmp_before, "InCsumErrors")
+
+
+def after_vm(daemon):
+    return _stats(daemon)["vm"]
 
 
 def test_guest_reconnect_and_no_leaks(daemon):
@@ -207,6 +226,6 @@ def test_guest_reconnect_and_no_leaks(daemon):
         fe = VhostUserFrontend(daemon["vhost"]).connect()
         fe.start()
         fe.send(0, [NO_HDR + req])
-        assert Ether(fe.wait_recv(0, 1, timeout=5)[0][12:])[ICMP].type == 0
+        assert recv_match(fe, lambda p: ICMP in p and p[ICMP].id == 9)[ICMP].type == 0
         fe.close()
     wait_until(lambda: counts() == base, timeout=5)
