@@ -83,6 +83,19 @@ cdef enum:
 cdef uint64_t SEQ_MAX_32 = 0xFFFFFFFFu
 cdef uint64_t SEQ_MAX_ESN = 0xFFFFFFFFFFFFFFFFu
 
+cdef extern from *:
+    """
+    /* Events are raised by the worker that owns the SA and taken by the control plane:
+       both sides atomic, so a bit raised while the other side takes them is never lost. */
+    static inline void sn_ev_raise(uint32_t *ev, uint32_t bit) {
+        __atomic_fetch_or(ev, bit, __ATOMIC_RELEASE); }
+    static inline uint32_t sn_ev_take(uint32_t *ev) {
+        return __atomic_exchange_n(ev, 0, __ATOMIC_ACQ_REL); }
+    """
+    void _ev_raise "sn_ev_raise"(uint32_t *ev, uint32_t bit) noexcept nogil
+    uint32_t _ev_take "sn_ev_take"(uint32_t *ev) noexcept nogil
+
+
 EVENTS = ("soft_expired", "hard_expired", "seq_near_end", "seq_exhausted")
 
 
@@ -188,11 +201,11 @@ cdef inline void _account(sn_sa *sa, uint32_t nbytes) noexcept nogil:
             (sa.soft_packets and sa.packets >= sa.soft_packets)
             or (sa.soft_bytes and sa.bytes >= sa.soft_bytes)):
         sa.soft_done = 1
-        sa.events |= SN_SA_EV_SOFT_EXPIRED
+        _ev_raise(&sa.events, SN_SA_EV_SOFT_EXPIRED)
     if ((sa.hard_packets and sa.packets >= sa.hard_packets)
             or (sa.hard_bytes and sa.bytes >= sa.hard_bytes)):
         sa.dead = 1
-        sa.events |= SN_SA_EV_HARD_EXPIRED
+        _ev_raise(&sa.events, SN_SA_EV_HARD_EXPIRED)
 
 
 # ---------------------------------------------------------------------------------------
@@ -373,7 +386,7 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
         return SN_DROP_NO_ROOM
     # Never send seq 0 again (RFC 4303 §3.3.3): stop at 2^32-1, or 2^64-1 with ESN.
     if sa.seq >= (SEQ_MAX_ESN if sa.esn else SEQ_MAX_32):
-        sa.events |= SN_SA_EV_SEQ_EXHAUSTED
+        _ev_raise(&sa.events, SN_SA_EV_SEQ_EXHAUSTED)
         return SN_DROP_SEQ_EXHAUSTED
 
     # --- committed: from here on the packet and the SA change ---
@@ -381,7 +394,7 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     seq = sa.seq
     if not sa.near_done and seq >= sa.seq_near:
         sa.near_done = 1
-        sa.events |= SN_SA_EV_SEQ_NEAR_END
+        _ev_raise(&sa.events, SN_SA_EV_SEQ_NEAR_END)
     new_off = p.off - ins
     if sa.mode == SN_ESP_TUNNEL:
         memmove(p.data + new_off, base, l2len)
@@ -879,8 +892,7 @@ cdef class SecurityAssociation:
 
     def pop_events(self):
         """The pending events (names from EVENTS), cleared."""
-        ev = self.sa.events
-        self.sa.events = 0
+        ev = _ev_take(&self.sa.events)
         return [EVENTS[i] for i in range(4) if ev & (1 << i)]
 
     def _run(self, packet, uint32_t l2len, bint out, long esp_off):
