@@ -317,6 +317,7 @@ cdef class Datapath:
     cdef uint8_t local[16]
     cdef uint8_t local_family
     cdef uint8_t learning
+    cdef uint8_t ul_single            # sa_select = single: always the first uplink SA
     cdef PyThread_type_lock tx_lock
     cdef PyThread_type_lock rx_lock
     cdef dict sa_refs          # (scope, spi) -> SecurityAssociation, keeps sn_sa alive
@@ -349,12 +350,16 @@ cdef class Datapath:
             raise MemoryError()
 
     def __init__(self, local, uint32_t underlay_mtu=1500, str ipsec="off",
-                 bint learning=False, uint32_t fdb_size=4096, int burst=64):
+                 bint learning=False, uint32_t fdb_size=4096, int burst=64,
+                 str sa_select="flow-hash"):
         la = ipaddress.ip_address(local)
         if underlay_mtu < 1280 or underlay_mtu > 9216:
             raise ValueError("underlay_mtu: must be 1280..9216")
         if ipsec not in ("off", "esp", "espinudp"):
             raise ValueError("ipsec: must be off, esp or espinudp")
+        if sa_select not in ("flow-hash", "single"):
+            raise ValueError("sa_select: must be flow-hash or single")
+        self.ul_single = sa_select == "single"
         self.vfs = <fp_vf *>PyMem_Calloc(FP_MAX_VF, sizeof(fp_vf))
         self.vteps = <fp_vtep *>PyMem_Calloc(FP_MAX_VTEP, sizeof(fp_vtep))
         self.fdb_cap = 1
@@ -873,7 +878,7 @@ cdef class Datapath:
         if self.ul_mode != FP_UL_OFF:
             if e.n_sas == 0:
                 return SN_DROP_NO_SA
-            ul = e.sas[p.hash % e.n_sas]
+            ul = e.sas[0] if self.ul_single else e.sas[p.hash % e.n_sas]
             r = sn_esp_encap(ul, p, 0)
             if r != SN_OK:
                 self.ul.drops[r] += 1

@@ -115,7 +115,7 @@ class Dataplane:
             if uplink is None:
                 return
             fp = FastPath(str(uplink.local), uplink.mtu, ipsec=uplink.ipsec,
-                          learning=uplink.fdb_learning)
+                          learning=uplink.fdb_learning, sa_select=uplink.sa_select)
             ul = Uplink(str(uplink.local), vxlan_port=uplink.vxlan_port,
                         esp=uplink.ipsec == "esp", espinudp=uplink.ipsec == "espinudp")
             fp.attach_underlay(ul.underlay)

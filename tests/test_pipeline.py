@@ -335,3 +335,28 @@ def test_ipv6_underlay_ipv6_overlay(ul):
     for f in frames:
         check_tcp_checksums(f)
     assert reassemble(frames) == payload
+
+
+@pytest.mark.parametrize("select", ["flow-hash", "single"])
+def test_device_terminated_sa_selection(select):
+    """Several uplink SAs towards one VTEP: the inner flow hash spreads flows over them
+    (each flow stays on one SA, so no flow is reordered); `single` uses the first."""
+    a = Datapath(VTEP_A, UNDERLAY_MTU, ipsec="esp", sa_select=select)
+    a.set_vf(0, MAC_A, 100)
+    a.fdb_add(100, MAC_B, VTEP_B)
+    spis = [0x2000 + i for i in range(4)]
+    for spi in spis:
+        a.sa_add(-1, "out", SecurityAssociation(spi, "transport", VTEP_A, VTEP_B, "aes-gcm",
+                                                KEY2))
+    seen: dict[int, set[int]] = {}
+    for flow in range(64):
+        frames = [plain_input(tcp_frame(b"x" * 40, sport=10000 + flow, seq=s))
+                  for s in (1, 41, 81)]
+        out, _, _ = tx(a, frames)
+        seen[flow] = {IP(p)[ESP].spi for p in out}
+    assert all(len(v) == 1 for v in seen.values())     # a flow keeps its SA
+    used = set().union(*seen.values())
+    if select == "single":
+        assert used == {spis[0]}
+    else:
+        assert used == set(spis)
