@@ -28,6 +28,7 @@ from cpython.pythread cimport (
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
 from libc.stdint cimport int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
+from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
 
 from softnic._batch cimport Batch
 from softnic._esp cimport (
@@ -114,6 +115,8 @@ cdef enum:
     FP_UPLINK = FP_MAX_VF       # the scope index of the uplink's SAs
     FP_VH_PENDING = 256         # frames gathered for one push into a guest's RX ring
     FP_VH_GRO = 8               # coalesced 64 KB frames per push
+    FP_MIRROR = 1024            # captured frames held per thread between two drains
+    FP_MIRROR_UPLINK = 0xFFFF   # the scope of uplink frames in the mirror
 
     FP_MODE_OFF = 0
     FP_MODE_OFFLOAD = 1
@@ -171,6 +174,7 @@ ctypedef struct fp_vf:
     uint8_t guest_csum          # VIRTIO_NET_F_GUEST_CSUM: DATA_VALID/NEEDS_CSUM allowed
     uint8_t guest_tso           # VIRTIO_NET_F_GUEST_TSO4/6: coalesced frames allowed
     uint8_t mergeable           # VIRTIO_NET_F_MRG_RXBUF
+    uint8_t mirror              # a capture is on: copy frames both ways to the mirror
     int n_out
     int n_in
     fp_policy out_pol[FP_MAX_POLICY]
@@ -318,6 +322,16 @@ cdef class Datapath:
     cdef uint8_t local_family
     cdef uint8_t learning
     cdef uint8_t ul_single            # sa_select = single: always the first uplink SA
+    cdef uint8_t ul_mirror            # a capture on the uplink is on
+    cdef uint32_t snaplen
+    # Capture: each thread copies into its own mirror (one producer each); the control
+    # plane drains them under that thread's lock. Off, capture costs one flag test.
+    cdef Batch tx_mirror
+    cdef Batch rx_mirror
+    cdef uint64_t *tx_mirror_ts
+    cdef uint64_t *rx_mirror_ts
+    cdef public uint64_t mirror_dropped
+    cdef int vf_mirrors               # VFs with a capture on
     cdef PyThread_type_lock tx_lock
     cdef PyThread_type_lock rx_lock
     cdef dict sa_refs          # (scope, spi) -> SecurityAssociation, keeps sn_sa alive
@@ -392,6 +406,13 @@ cdef class Datapath:
         self.gro_batch = Batch(1, slot_size=65536 + 1024, headroom=64)
         self.gro = self.gro_batch.pkts
         self.vgro = Batch(FP_VH_GRO, slot_size=65536 + 1024, headroom=64)
+        self.snaplen = 2048
+        self.tx_mirror = Batch(FP_MIRROR, slot_size=self.snaplen + 64, headroom=32)
+        self.rx_mirror = Batch(FP_MIRROR, slot_size=self.snaplen + 64, headroom=32)
+        self.tx_mirror_ts = <uint64_t *>PyMem_Calloc(FP_MIRROR, sizeof(uint64_t))
+        self.rx_mirror_ts = <uint64_t *>PyMem_Calloc(FP_MIRROR, sizeof(uint64_t))
+        if not self.tx_mirror_ts or not self.rx_mirror_ts:
+            raise MemoryError()
         self.vhost_refs = {}
 
     def __dealloc__(self):
@@ -399,6 +420,8 @@ cdef class Datapath:
         PyMem_Free(self.vteps)
         PyMem_Free(self.fdb)
         PyMem_Free(self.sas)
+        PyMem_Free(self.tx_mirror_ts)
+        PyMem_Free(self.rx_mirror_ts)
         if self.tx_lock != NULL:
             PyThread_free_lock(self.tx_lock)
         if self.rx_lock != NULL:
@@ -456,6 +479,8 @@ cdef class Datapath:
             raise ValueError("vf index out of range")
         self._lock()
         try:
+            if self.vfs[index].mirror:
+                self.vf_mirrors -= 1
             memset(&self.vfs[index], 0, sizeof(fp_vf))
             self.vfs[index].tap_fd = -1
             self._drop_scope_sas(index)
@@ -1077,6 +1102,10 @@ cdef class Datapath:
         for i in range(start, inb.count):
             if inb.pkts[i].drop:
                 continue
+            if v.mirror and inb.pkts[i].len > SN_VNET_HDR_LEN:
+                self._mirror(self.tx_mirror, self.tx_mirror_ts, vfi,
+                             inb.pkts[i].data + inb.pkts[i].off + SN_VNET_HDR_LEN,
+                             inb.pkts[i].len - SN_VNET_HDR_LEN, False)
             r = self._tx_frame(vfi, &inb.pkts[i], out, loc)
             if r == -1:
                 return i
@@ -1277,6 +1306,81 @@ cdef class Datapath:
             PyThread_release_lock(self.rx_lock)
         return r
 
+    # ---- capture --------------------------------------------------------------------
+
+    cdef void _mirror(self, Batch m, uint64_t *ts, uint32_t scope, const uint8_t *data,
+                      uint32_t n, bint ip_only) noexcept nogil:
+        """Copy one frame (at most snaplen bytes) into a mirror, with its arrival time;
+        uplink packets (ip_only) get an Ethernet header so captures are all Ethernet."""
+        cdef sn_pkt *p
+        cdef uint32_t take, l2 = 14 if ip_only else 0
+        cdef timespec t
+        if m.count >= m.size:
+            self.mirror_dropped += 1
+            return
+        p = &m.pkts[m.count]
+        take = n if n + l2 <= self.snaplen else self.snaplen - l2
+        p.off = m.headroom
+        if ip_only:
+            memset(p.data + p.off, 0, 12)
+            p.data[p.off + 12] = 0x86 if (n and (data[0] >> 4) == 6) else 0x08
+            p.data[p.off + 13] = 0xDD if p.data[p.off + 12] == 0x86 else 0x00
+        memcpy(p.data + p.off + l2, data, take)
+        p.len = take + l2
+        p.port = scope
+        p.hash = n + l2                  # the original length
+        p.drop = 0
+        clock_gettime(CLOCK_REALTIME, &t)
+        ts[m.count] = <uint64_t>t.tv_sec * 1000000000 + t.tv_nsec
+        m.count += 1
+
+    cdef void _mirror_batch(self, Batch m, uint64_t *ts, Batch b) noexcept nogil:
+        cdef int i
+        for i in range(b.count):
+            if not b.pkts[i].drop:
+                self._mirror(m, ts, FP_MIRROR_UPLINK, b.pkts[i].data + b.pkts[i].off,
+                             b.pkts[i].len, True)
+
+    def set_capture(self, int vf, bint on):
+        """Mirror a VF's frames (both ways), or with vf = -1 the uplink's packets."""
+        self._lock()
+        try:
+            if vf < 0:
+                self.ul_mirror = on
+            elif vf < FP_MAX_VF and self.vfs[vf].used:
+                self.vf_mirrors += (1 if on else 0) - (1 if self.vfs[vf].mirror else 0)
+                self.vfs[vf].mirror = on
+            else:
+                raise ValueError("no such VF")
+        finally:
+            self._unlock()
+
+    def drain_capture(self):
+        """Take what the mirrors hold: a list of (scope, time, frame, original length);
+        scope is the VF index or -1 for the uplink."""
+        out = []
+        for m, ts, lock in ((self.tx_mirror, <size_t>self.tx_mirror_ts, 0),
+                            (self.rx_mirror, <size_t>self.rx_mirror_ts, 1)):
+            frames = self._drain_one(m, <uint64_t *>ts, self.tx_lock if lock == 0
+                                     else self.rx_lock)
+            out.extend(frames)
+        out.sort(key=lambda x: x[1])
+        return out
+
+    cdef list _drain_one(self, Batch m, uint64_t *ts, PyThread_type_lock lock):
+        cdef int i
+        cdef list res = []
+        with nogil:
+            PyThread_acquire_lock(lock, WAIT_LOCK)
+        try:
+            for i in range(m.count):
+                res.append((-1 if m.pkts[i].port == FP_MIRROR_UPLINK else m.pkts[i].port,
+                            ts[i] / 1e9, m.get(i), m.pkts[i].hash))
+            m.count = 0
+        finally:
+            PyThread_release_lock(lock)
+        return res
+
     # ---- vhost-user VFs ---------------------------------------------------------------
 
     def attach_vhost(self, int vf, Virtq rx not None, Virtq tx not None, bint mergeable,
@@ -1359,10 +1463,12 @@ cdef class Datapath:
                 loc.count = 0
                 start = self._tx_burst(vf, inb, start, out, loc)
                 if out.count:
+                    if self.ul_mirror:
+                        self._mirror_batch(self.tx_mirror, self.tx_mirror_ts, out)
                     self.txq.send_pkts(out.pkts, out.count)
                 if loc.count:
                     PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
-                    self._deliver(loc)
+                    self._deliver(loc, self.tx_mirror, self.tx_mirror_ts)
                     PyThread_release_lock(self.rx_lock)
             PyThread_release_lock(self.tx_lock)
         return n
@@ -1379,12 +1485,14 @@ cdef class Datapath:
             n = self.underlay.recv_pkts(inb.pkts, inb.size, inb.headroom)
             inb.count = n
             if n > 0:
+                if self.ul_mirror:
+                    self._mirror_batch(self.rx_mirror, self.rx_mirror_ts, inb)
                 self._rx_burst(inb)
-                self._deliver(inb)
+                self._deliver(inb, self.rx_mirror, self.rx_mirror_ts)
             PyThread_release_lock(self.rx_lock)
         return n
 
-    cdef void _deliver(self, Batch b) noexcept nogil:
+    cdef void _deliver(self, Batch b, Batch mirror, uint64_t *mirror_ts) noexcept nogil:
         """Hand each live frame to its VF: a TAP write per frame (TAP has no batch write),
         or one push per burst into a guest's RX ring. Runs of TCP segments of one flow are
         first coalesced into one GSO frame (receive offload, as the kernel's GRO would)
@@ -1398,6 +1506,13 @@ cdef class Datapath:
         cdef fp_gro g
         cdef sn_pkt *target
         cdef sn_pkt *p
+        if self.vf_mirrors:
+            for j in range(b.count):
+                p = &b.pkts[j]
+                if not p.drop and p.port < FP_MAX_VF and self.vfs[p.port].mirror and \
+                        p.len > SN_VNET_HDR_LEN:
+                    self._mirror(mirror, mirror_ts, p.port, p.data + p.off + SN_VNET_HDR_LEN,
+                                 p.len - SN_VNET_HDR_LEN, False)
         while i < b.count:
             p = &b.pkts[i]
             if p.drop or p.port >= FP_MAX_VF:

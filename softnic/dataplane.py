@@ -18,7 +18,6 @@ from collections.abc import Callable
 from typing import Any
 
 from softnic import model
-from softnic._batch import DROP_REASONS, Batch
 from softnic._esp import SecurityAssociation
 from softnic._fastpath import Datapath as FastPath
 from softnic.tap import TapPort
@@ -36,6 +35,7 @@ _EVENT_TYPES = {
 _BUSY_POLLS = 64        # bursts in a row before looking at epoll again
 _IDLE_WAIT = 0.2        # seconds an idle worker sleeps in epoll (also the stop latency)
 _EVENT_PERIOD = 0.5     # how often SA events are collected
+_CAPTURE_PERIOD = 0.02  # how often capture mirrors are drained (they hold 1024 frames)
 
 
 class _Port:
@@ -46,7 +46,6 @@ class _Port:
         self.tap = tap
         self.vhost = vhost
         self.kick_fd: int | None = None       # the guest's TX kick eventfd while running
-        self.captures: dict[int, tuple[Callable[[float, bytes], None], int]] = {}
 
 
 class Dataplane:
@@ -66,9 +65,9 @@ class Dataplane:
         self._tx_epoll = select.epoll()
         self._rx_epoll = select.epoll()
         self._threads: list[threading.Thread] = []
-        self._uplink_captures: dict[int, tuple[Callable[[float, bytes], None], int]] = {}
+        self._captures: dict[int, tuple[int, Callable[[float, bytes], None], int]] = {}
+        self._capture_thread: threading.Thread | None = None
         self._next_capture = 1
-        self._kicked = threading.Event()
 
     # ---- lifecycle ----------------------------------------------------------------------
 
@@ -83,6 +82,8 @@ class Dataplane:
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
+        if self._capture_thread is not None:
+            self._capture_thread.join(timeout=5)
         with self._lock:
             for name in list(self._ports):
                 self._close_port(name)
@@ -178,7 +179,6 @@ class Dataplane:
         if fd is not None and fd >= 0:
             self._tx_epoll.register(fd, select.EPOLLIN)
             port.kick_fd = fd
-            self._kicked.set()
 
     def del_vf(self, name: str) -> None:
         with self._lock:
@@ -364,22 +364,40 @@ class Dataplane:
     def capture_start(self, scope: str, sink: Callable[[float, bytes], None],
                       snaplen: int) -> int:
         with self._lock:
+            fp = self._need_fp()
+            index = -1 if scope == model.UPLINK else self._scope(scope)
             handle = self._next_capture
             self._next_capture += 1
-            if scope == model.UPLINK:
-                self._uplink_captures[handle] = (sink, snaplen)
-            else:
-                port = self._ports.get(scope)
-                if port is None:
-                    raise ValueError(f"scope: no VF named {scope}")
-                port.captures[handle] = (sink, snaplen)
+            self._captures[handle] = (index, sink, snaplen)
+            fp.set_capture(index, True)
+            if self._capture_thread is None:
+                self._capture_thread = threading.Thread(target=self._capture_worker,
+                                                        name="softnic-capture", daemon=True)
+                self._capture_thread.start()
             return handle
 
     def capture_stop(self, handle: int) -> None:
         with self._lock:
-            self._uplink_captures.pop(handle, None)
-            for port in self._ports.values():
-                port.captures.pop(handle, None)
+            entry = self._captures.pop(handle, None)
+            if entry is None or self._fp is None:
+                return
+            index = entry[0]
+            if not any(c[0] == index for c in self._captures.values()):
+                try:
+                    self._fp.set_capture(index, False)
+                except ValueError:
+                    pass        # the VF is gone already
+
+    def _capture_worker(self) -> None:
+        """Drain the data plane's capture mirrors and hand frames to the sinks."""
+        while not self._stop.wait(_CAPTURE_PERIOD):
+            fp = self._fp
+            if fp is None or not self._captures:
+                continue
+            for index, ts, frame, _length in fp.drain_capture():
+                for scope, sink, snaplen in list(self._captures.values()):
+                    if scope == index:
+                        sink(ts, frame[:snaplen])
 
     # ---- workers -------------------------------------------------------------------------
 
@@ -410,10 +428,7 @@ class Dataplane:
             return
         for _ in range(_BUSY_POLLS):
             try:
-                if port.captures or self._uplink_captures:
-                    n = self._tx_captured(fp, port)
-                else:
-                    n = fp.poll_tx(port.index)
+                n = fp.poll_tx(port.index)
             except Exception:       # a port closing under us: the next epoll round settles it
                 log.exception("tx on %s", port.vf.name)
                 return
@@ -444,36 +459,6 @@ class Dataplane:
         except Exception:
             log.exception("tx on %s", port.vf.name)
 
-    def _tx_captured(self, fp: FastPath, port: _Port) -> int:
-        """The TX path with a capture attached: the same bursts, with each frame also handed
-        to the capture sinks. Only this path pays for capturing."""
-        assert port.tap is not None
-        batch = Batch(64, slot_size=65536 + 1024, headroom=64)
-        n = port.tap.read_burst(batch)
-        now = time.time()
-        for i in range(n):
-            frame = batch.get(i)[12:]
-            for sink, snaplen in list(port.captures.values()):
-                sink(now, frame[:snaplen])
-        out = Batch(1400 + 64, slot_size=fp.underlay_mtu + 576)
-        loc = Batch(1400 + 64, slot_size=fp.underlay_mtu + 576)
-        start = 0
-        while start < n:
-            out.clear()
-            loc.clear()
-            start = fp.tx_burst(port.index, batch, start, out, loc)
-            if self._uplink_captures:
-                self._capture_uplink(out)
-            if len(out) and self._uplink is not None:
-                self._uplink.send_burst(out)
-            for i in range(len(loc)):
-                dst = next((p for p in self._ports.values() if p.index == loc.port(i)), None)
-                if dst is not None and dst.tap is not None:
-                    one = Batch(1, slot_size=fp.underlay_mtu + 576)
-                    one.push(loc.get(i))
-                    dst.tap.write_burst(one)
-        return n
-
     def _rx_worker(self) -> None:
         last_events = time.monotonic()
         while not self._stop.is_set():
@@ -485,10 +470,7 @@ class Dataplane:
             if events and fp is not None:
                 for _ in range(_BUSY_POLLS):
                     try:
-                        if self._uplink_captures:
-                            n = self._rx_captured(fp)
-                        else:
-                            n = fp.poll_rx()
+                        n = fp.poll_rx()
                     except Exception:
                         log.exception("rx")
                         break
@@ -498,37 +480,8 @@ class Dataplane:
                 last_events = time.monotonic()
                 self._collect_events()
 
-    def _rx_captured(self, fp: FastPath) -> int:
-        assert self._uplink is not None
-        batch = Batch(64)
-        n = self._uplink.recv_burst(batch)
-        self._capture_uplink(batch)
-        fp.rx_burst(batch)
-        for i in range(n):
-            if batch.drop_reason(i) != "ok":
-                continue
-            dst = next((p for p in self._ports.values() if p.index == batch.port(i)), None)
-            if dst is not None and dst.tap is not None:
-                one = Batch(1)
-                one.push(batch.get(i))
-                dst.tap.write_burst(one)
-        return n
-
-    def _capture_uplink(self, batch: Batch) -> None:
-        """Underlay packets are outer IP packets; captures are Ethernet (as pcap readers
-        expect), so each gets a synthetic header with the right ethertype."""
-        now = time.time()
-        for i in range(len(batch)):
-            pkt = batch.get(i)
-            eth = bytes(12) + (b"\x86\xdd" if pkt[:1] and pkt[0] >> 4 == 6 else b"\x08\x00")
-            for sink, snaplen in list(self._uplink_captures.values()):
-                sink(now, (eth + pkt)[:snaplen])
-
     def _collect_events(self) -> None:
         for (scope, d, spi), (_sa, obj) in list(self._sas.items()):
             for name in obj.pop_events():
                 self._sink({"type": _EVENT_TYPES.get(name, "sa-" + name), "scope": scope,
                             "dir": d, "spi": spi})
-
-
-assert DROP_REASONS[0] == "ok"

@@ -229,3 +229,31 @@ def test_guest_reconnect_and_no_leaks(daemon):
         assert recv_match(fe, lambda p: ICMP in p and p[ICMP].id == 9)[ICMP].type == 0
         fe.close()
     wait_until(lambda: counts() == base, timeout=5)
+
+
+def test_capture_on_a_vhost_vf_sees_both_directions(daemon, guest):
+    import threading
+
+    from softnic.client import Client
+
+    got = []
+
+    def cap():
+        with Client(daemon["sock"], timeout=10) as c:
+            for _ts, frame, _n in c.capture("guest", count=50):
+                pkt = Ether(frame)
+                if ICMP in pkt and pkt[ICMP].id == 11:
+                    got.append(pkt)
+                if len(got) == 2:
+                    return
+
+    t = threading.Thread(target=cap)
+    t.start()
+    time.sleep(0.3)
+    req = bytes(Ether(src=GUEST_MAC, dst=VM_MAC) / IP(src=GUEST_IP, dst=VM_IP)
+                / ICMP(id=11, seq=1))
+    guest.send(0, [NO_HDR + req])
+    recv_match(guest, lambda p: ICMP in p and p[ICMP].id == 11)
+    t.join(timeout=10)
+    icmp = [p for p in got if ICMP in p and p[ICMP].id == 11]
+    assert {p[ICMP].type for p in icmp} == {8, 0}     # the request out, the reply in
