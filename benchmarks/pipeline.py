@@ -219,9 +219,10 @@ class TxRun:
     def packets(self) -> list[bytes]:
         return [self.out.get(i) for i in range(self.out.count)]
 
-    def timed(self, seconds: float) -> tuple[int, float]:
-        """Bursts for at least `seconds`; returns (bursts, elapsed)."""
+    def timed(self, seconds: float) -> tuple[int, float, float]:
+        """Bursts for at least `seconds`; returns (bursts, elapsed, CPU time used)."""
         clock, once, n = time.perf_counter, self.once, 0
+        c0 = time.process_time()
         t0 = clock()
         end = t0 + seconds
         while True:
@@ -229,7 +230,7 @@ class TxRun:
             n += 1
             t = clock()
             if t >= end:
-                return n, t - t0
+                return n, t - t0, time.process_time() - c0
 
 
 class RxRun:
@@ -252,20 +253,24 @@ class RxRun:
                     break
                 b.push(p)
 
-    def timed(self, seconds: float) -> tuple[int, float]:
-        """Passes over the pool for at least `seconds` of rx_burst; (passes, elapsed)."""
-        clock, rx, passes, spent = time.perf_counter, self.pair.b.rx_burst, 0, 0.0
+    def timed(self, seconds: float) -> tuple[int, float, float]:
+        """Passes over the pool for at least `seconds` of rx_burst; returns (passes,
+        elapsed, CPU time used), both counting only the rx_burst calls."""
+        clock, cpu, rx = time.perf_counter, time.process_time, self.pair.b.rx_burst
+        passes, spent, cpu_spent = 0, 0.0, 0.0
         while True:
             self._fill()
+            c0 = cpu()
             t0 = clock()
             for b in self.batches:
                 if rx(b) != b.count:
                     raise BenchError(f"rx: drops {self.pair.b.vf_counters(0)['drops']} "
                                      f"{self.pair.b.uplink_counters()['drops']}")
             spent += clock() - t0
+            cpu_spent += cpu() - c0
             passes += 1
             if spent >= seconds:
-                return passes, spent
+                return passes, spent, cpu_spent
 
 
 def _summary(xs: list[float]) -> dict[str, float]:
@@ -320,13 +325,17 @@ def figure(model: str, kind: str, engines: list[str], args: argparse.Namespace,
 
     for _ in range(args.rounds):
         for eng, (tx, rx) in runs.items():
-            bursts, dt = tx.timed(args.seconds)
+            bursts, dt, ct = tx.timed(args.seconds)
             pk = bursts * tx.per_burst
+            add(f"{eng}.tx", "cpu_ns_per_pkt", ct * 1e9 / pk)
+            add(f"{eng}.tx", "cpu_share", ct / dt)
             add(f"{eng}.tx", "pps", pk / dt)
             add(f"{eng}.tx", "inner_gbps", bursts * burst * payload * 8 / dt / 1e9)
             add(f"{eng}.tx", "ct_gbps", bursts * ct_per_burst * 8 / dt / 1e9)
-            passes, dt = rx.timed(args.seconds)
+            passes, dt, ct = rx.timed(args.seconds)
             pk = passes * len(rx.pool)
+            add(f"{eng}.rx", "cpu_ns_per_pkt", ct * 1e9 / pk)
+            add(f"{eng}.rx", "cpu_share", ct / dt)
             add(f"{eng}.rx", "pps", pk / dt)
             add(f"{eng}.rx", "inner_gbps", passes * pool_frames * payload * 8 / dt / 1e9)
             add(f"{eng}.rx", "ct_gbps",
@@ -373,14 +382,14 @@ def _table(model: str, kind: str, f: dict[str, Any], engines: list[str],
             + (f" (MSS {f['mss']})" if f["mss"] else "")
             + f", ESP payload {f['esp_ct_bytes']} B, underlay <= {f['underlay_bytes_max']} B")
     lines = [head, f"{'':22}{'Mpkt/s':>9}{'ns/pkt':>9}{'inner Gb/s':>12}{'ESP Gb/s':>10}"
-             f"{'vs raw':>8}{'  (min..max Mpkt/s)'}"]
+             f"{'vs raw':>8}{'cpu ns':>8}{'  (min..max Mpkt/s)'}"]
     for eng in engines:
         for d in ("tx", "rx"):
             r = f[eng][d]
             lines.append(
                 f"{eng + ' ' + d:22}{m(r['pps']) / 1e6:>9.3f}{r['ns_per_pkt']:>9.0f}"
                 f"{m(r['inner_gbps']):>12.2f}{m(r['ct_gbps']):>10.2f}"
-                f"{m(r['ratio_raw_fastest']):>7.0%}"
+                f"{m(r['ratio_raw_fastest']):>8.0%}{m(r['cpu_ns_per_pkt']):>8.0f}"
                 f"  ({r['pps']['min'] / 1e6:.3f}..{r['pps']['max'] / 1e6:.3f})")
     for eng in engines:
         for size in raw_sizes:
@@ -442,6 +451,7 @@ def run(argv: list[str] | None = None, log: Callable[[str], None] = print) -> di
         "rounds": args.rounds,
         "seconds_per_round": args.seconds,
         "underlay_mtu": UNDERLAY_MTU,
+        "loadavg": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "engines": engines,
         "fastest_engine": fastest,
         "figures": figs,
