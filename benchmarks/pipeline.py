@@ -187,6 +187,27 @@ def _pin(cpu: int | None) -> int | None:
     return target
 
 
+CHUNK_S = 0.02          # timing chunk: the median chunk is robust to pre-emption
+
+
+class Timing:
+    """Units (bursts or passes) timed in chunks: the rate is the median chunk's."""
+
+    def __init__(self) -> None:
+        self.units, self.wall, self.cpu = 0, 0.0, 0.0
+        self.rates: list[float] = []
+
+    def add(self, units: int, dt: float) -> None:
+        self.units += units
+        self.wall += dt
+        self.rates.append(units / dt if dt > 0 else 0.0)
+
+    @property
+    def rate(self) -> float:
+        """Units per second of the median chunk."""
+        return statistics.median(self.rates)
+
+
 class TxRun:
     """A reusable TX burst: the same input frames every call (TX reads them, never
     writes them), the output batches reset by count."""
@@ -219,18 +240,27 @@ class TxRun:
     def packets(self) -> list[bytes]:
         return [self.out.get(i) for i in range(self.out.count)]
 
-    def timed(self, seconds: float) -> tuple[int, float, float]:
-        """Bursts for at least `seconds`; returns (bursts, elapsed, CPU time used)."""
-        clock, once, n = time.perf_counter, self.once, 0
+    def timed(self, seconds: float) -> Timing:
+        """Bursts for at least `seconds`, in chunks of ~CHUNK_S (as rawcrypto.measure)."""
+        clock, once = time.perf_counter, self.once
+        chunk = min(CHUNK_S, seconds / 4)
+        t = Timing()
         c0 = time.process_time()
         t0 = clock()
         end = t0 + seconds
         while True:
-            once()
-            n += 1
-            t = clock()
-            if t >= end:
-                return n, t - t0, time.process_time() - c0
+            n = 0
+            ts = clock()
+            while True:
+                once()
+                n += 1
+                te = clock()
+                if te - ts >= chunk:
+                    break
+            t.add(n, te - ts)
+            if te >= end:
+                t.cpu = time.process_time() - c0
+                return t
 
 
 class RxRun:
@@ -253,11 +283,11 @@ class RxRun:
                     break
                 b.push(p)
 
-    def timed(self, seconds: float) -> tuple[int, float, float]:
-        """Passes over the pool for at least `seconds` of rx_burst; returns (passes,
-        elapsed, CPU time used), both counting only the rx_burst calls."""
+    def timed(self, seconds: float) -> Timing:
+        """Passes over the pool for at least `seconds` of rx_burst; each pass is a chunk.
+        Wall and CPU time count only the rx_burst calls."""
         clock, cpu, rx = time.perf_counter, time.process_time, self.pair.b.rx_burst
-        passes, spent, cpu_spent = 0, 0.0, 0.0
+        t = Timing()
         while True:
             self._fill()
             c0 = cpu()
@@ -266,11 +296,10 @@ class RxRun:
                 if rx(b) != b.count:
                     raise BenchError(f"rx: drops {self.pair.b.vf_counters(0)['drops']} "
                                      f"{self.pair.b.uplink_counters()['drops']}")
-            spent += clock() - t0
-            cpu_spent += cpu() - c0
-            passes += 1
-            if spent >= seconds:
-                return passes, spent, cpu_spent
+            t.add(1, clock() - t0)
+            t.cpu += cpu() - c0
+            if t.wall >= seconds:
+                return t
 
 
 def _summary(xs: list[float]) -> dict[str, float]:
@@ -325,21 +354,19 @@ def figure(model: str, kind: str, engines: list[str], args: argparse.Namespace,
 
     for _ in range(args.rounds):
         for eng, (tx, rx) in runs.items():
-            bursts, dt, ct = tx.timed(args.seconds)
-            pk = bursts * tx.per_burst
-            add(f"{eng}.tx", "cpu_ns_per_pkt", ct * 1e9 / pk)
-            add(f"{eng}.tx", "cpu_share", ct / dt)
-            add(f"{eng}.tx", "pps", pk / dt)
-            add(f"{eng}.tx", "inner_gbps", bursts * burst * payload * 8 / dt / 1e9)
-            add(f"{eng}.tx", "ct_gbps", bursts * ct_per_burst * 8 / dt / 1e9)
-            passes, dt, ct = rx.timed(args.seconds)
-            pk = passes * len(rx.pool)
-            add(f"{eng}.rx", "cpu_ns_per_pkt", ct * 1e9 / pk)
-            add(f"{eng}.rx", "cpu_share", ct / dt)
-            add(f"{eng}.rx", "pps", pk / dt)
-            add(f"{eng}.rx", "inner_gbps", passes * pool_frames * payload * 8 / dt / 1e9)
+            t = tx.timed(args.seconds)
+            add(f"{eng}.tx", "cpu_ns_per_pkt", t.cpu * 1e9 / (t.units * tx.per_burst))
+            add(f"{eng}.tx", "cpu_share", t.cpu / t.wall)
+            add(f"{eng}.tx", "pps", t.rate * tx.per_burst)
+            add(f"{eng}.tx", "inner_gbps", t.rate * burst * payload * 8 / 1e9)
+            add(f"{eng}.tx", "ct_gbps", t.rate * ct_per_burst * 8 / 1e9)
+            t = rx.timed(args.seconds)
+            add(f"{eng}.rx", "cpu_ns_per_pkt", t.cpu * 1e9 / (t.units * len(rx.pool)))
+            add(f"{eng}.rx", "cpu_share", t.cpu / t.wall)
+            add(f"{eng}.rx", "pps", t.rate * len(rx.pool))
+            add(f"{eng}.rx", "inner_gbps", t.rate * pool_frames * payload * 8 / 1e9)
             add(f"{eng}.rx", "ct_gbps",
-                passes * ct_per_burst * len(rx.pool) / tx.per_burst * 8 / dt / 1e9)
+                t.rate * ct_per_burst * len(rx.pool) / tx.per_burst * 8 / 1e9)
         for eng in engines:
             for size in raw_sizes:
                 r = rawcrypto.measure(eng, size, args.raw_seconds)
