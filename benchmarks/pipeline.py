@@ -284,10 +284,13 @@ class RxRun:
                 b.push(p)
 
     def timed(self, seconds: float) -> Timing:
-        """Passes over the pool for at least `seconds` of rx_burst; each pass is a chunk.
-        Wall and CPU time count only the rx_burst calls."""
+        """Passes over the pool for at least `seconds` of rx_burst, in chunks of passes
+        adding up to ~CHUNK_S of rx_burst time (like TX's chunks, so pre-emption weighs
+        the same on both). Wall and CPU time count only the rx_burst calls."""
         clock, cpu, rx = time.perf_counter, time.process_time, self.pair.b.rx_burst
+        chunk = min(CHUNK_S, seconds / 4)
         t = Timing()
+        n, spent = 0, 0.0
         while True:
             self._fill()
             c0 = cpu()
@@ -296,10 +299,14 @@ class RxRun:
                 if rx(b) != b.count:
                     raise BenchError(f"rx: drops {self.pair.b.vf_counters(0)['drops']} "
                                      f"{self.pair.b.uplink_counters()['drops']}")
-            t.add(1, clock() - t0)
+            spent += clock() - t0
             t.cpu += cpu() - c0
-            if t.wall >= seconds:
-                return t
+            n += 1
+            if spent >= chunk:
+                t.add(n, spent)
+                n, spent = 0, 0.0
+                if t.wall >= seconds:
+                    return t
 
 
 def _summary(xs: list[float]) -> dict[str, float]:
