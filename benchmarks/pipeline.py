@@ -434,6 +434,40 @@ def figure(model: str, kind: str, engines: list[str], args: argparse.Namespace,
     return out
 
 
+def profile(cell: str, engine: str, args: argparse.Namespace,
+            log: Callable[[str], None]) -> dict[str, Any]:
+    """One TX or RX cell alone for args.seconds (nothing else runs, so a profiler's
+    samples are the pipeline's; RX counts the untimed refills too, Batch.push)."""
+    try:
+        fig, d = cell.split(".")
+        kind, model = fig.split("_")
+        if kind not in ("tso", "small") or model not in ("host", "device") or \
+                d not in ("tx", "rx"):
+            raise ValueError
+    except ValueError:
+        raise BenchError(f"--profile: {cell!r} is not FIGURE.DIR, e.g. tso_host.tx") from None
+    pair = Pair(model, engine)
+    frame = tso_frame() if kind == "tso" else small_frame()
+    burst = args.tso_burst if kind == "tso" else args.burst
+    tx = TxRun(pair, frame, burst, out_slots=burst * 64 if kind == "tso" else burst)
+    tx.once()
+    if d == "tx":
+        t = tx.timed(args.seconds)
+        pkts = t.units * tx.per_burst
+    else:
+        pool: list[bytes] = []
+        while len(pool) < args.pool:
+            tx.once()
+            pool.extend(tx.packets())
+        rx = RxRun(pair, pool, args.burst)
+        t = rx.timed(args.seconds)
+        pkts = t.units * len(pool)
+    res = {"cell": cell, "engine": engine, "packets": pkts,
+           "cpu_ns_per_pkt": t.cpu * 1e9 / pkts, "pps": t.rate * pkts / t.units}
+    log(json.dumps(res))
+    return res
+
+
 def _table(model: str, kind: str, f: dict[str, Any], engines: list[str],
            raw_sizes: list[int]) -> str:
     def m(d: dict[str, Any]) -> float:
@@ -476,6 +510,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--tso-burst", type=int, default=8, help="64 KB frames per burst")
     ap.add_argument("--cpu", type=int, default=None, help="CPU to pin to (default: last)")
     ap.add_argument("--engine", action="append", help="only this engine (repeatable)")
+    ap.add_argument("--profile", metavar="FIGURE.DIR",
+                    help="run only this cell (e.g. tso_host.tx) for --seconds, without "
+                         "the reference, for perf/callgrind; prints CPU ns per packet")
     a = ap.parse_args(argv)
     a.raw_seconds = a.seconds / 2
     a.pool = 2048
@@ -496,6 +533,8 @@ def run(argv: list[str] | None = None, log: Callable[[str], None] = print) -> di
     log(f"softnic pipeline benchmark: engines {', '.join(engines)}; pinned to CPU {cpu}; "
         f"{args.rounds} rounds x {args.seconds:g} s; underlay MTU {UNDERLAY_MTU}; "
         f"AES-128-GCM, ICV 16")
+    if args.profile:
+        return profile(args.profile, engines[0], args, log)
     gc.disable()        # no collector pauses inside a timed round
     try:
         figs = {f"{kind}_{model}": figure(model, kind, engines, args, log)

@@ -150,3 +150,13 @@ def test_small_frame_is_64_bytes_and_valid():
     del pkt[UDP].chksum, pkt[IP].chksum
     pkt = Ether(bytes(pkt))
     assert (pkt[UDP].chksum, pkt[IP].chksum) == chk
+
+
+def test_profile_mode_runs_one_cell():
+    args = pipeline.parse_args(["--quick", "--profile", "tso_device.rx"])
+    lines: list[str] = []
+    res = pipeline.profile(args.profile, ENGINES[0], args, lines.append)
+    assert res["packets"] > 0 and res["cpu_ns_per_pkt"] > 0
+    assert json.loads(lines[-1]) == res
+    with pytest.raises(pipeline.BenchError):
+        pipeline.profile("tso_host.sideways", ENGINES[0], args, lines.append)
