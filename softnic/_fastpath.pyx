@@ -883,10 +883,11 @@ cdef class Datapath:
         return room
 
     cdef int _finish_tx(self, fp_vf *v, sn_pkt *p, sn_sa *sa, uint32_t l2len,
-                        uint32_t vt) noexcept nogil:
-        """ESP (host-terminated), VXLAN, ESP (device-terminated) for one packet."""
+                        const sn_vxlan_tx *tx, uint64_t *hash, uint32_t vt) noexcept nogil:
+        """ESP (host-terminated), VXLAN, ESP (device-terminated) for one packet. The
+        segments of one frame share a flow hash: *hash is computed on the first (after
+        its ESP, so an encrypted flow hashes by SPI) and reused."""
         cdef int r
-        cdef sn_vxlan_tx tx
         cdef fp_vtep *e = &self.vteps[vt]
         cdef sn_sa *ul
         if sa != NULL:
@@ -894,10 +895,10 @@ cdef class Datapath:
             if r != SN_OK:
                 return r
             v.c.tx_esp += 1
-        p.hash = sn_flow_hash(p.data + p.off, p.len)
-        tx = e.tx
-        tx.vni = v.vni
-        r = sn_vxlan_encap(p, &tx)
+        if hash[0] == 0:                # bit 32 marks "computed": any 32-bit value is valid
+            hash[0] = sn_flow_hash(p.data + p.off, p.len) | (<uint64_t>1 << 32)
+        p.hash = <uint32_t>hash[0]
+        r = sn_vxlan_encap(p, tx)
         if r != SN_OK:
             return r
         if self.ul_mode != FP_UL_OFF:
@@ -926,6 +927,8 @@ cdef class Datapath:
         cdef sn_sa *sa = NULL
         cdef int r, i, local_vf = -1
         cdef fp_flood *fl
+        cdef sn_vxlan_tx tx
+        cdef uint64_t fhash
         cdef fp_fdb *fe
         cdef uint32_t dests[FP_MAX_FLOOD + 1]
         cdef sn_pkt *p
@@ -1082,9 +1085,12 @@ cdef class Datapath:
                 memcpy(p.data + p.off, out.pkts[k + j].data + out.pkts[k + j].off, p.len)
         j = 0
         for d in range(dst_count):
+            tx = self.vteps[dests[d]].tx      # once per frame and destination
+            tx.vni = v.vni
+            fhash = 0
             for i in range(produced):
                 p = &out.pkts[k + d * produced + i]
-                r = self._finish_tx(v, p, sa, h.l2len, dests[d])
+                r = self._finish_tx(v, p, sa, h.l2len, &tx, &fhash, dests[d])
                 if r != SN_OK:
                     v.c.drops[r] += 1
                     continue
