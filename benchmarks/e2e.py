@@ -113,18 +113,56 @@ def softnic_run(seconds: int, streams: int, profile: bool) -> dict[str, Any]:
         try:
             if profile:
                 import threading
-                pids = {s: _daemon_pid(o.daemons[s].pid) for s in ("a", "b")}
+                ppids = {s: _daemon_pid(o.daemons[s].pid) for s in ("a", "b")}
                 th = threading.Thread(target=lambda: report.update(
-                    perf_profile(pids, max(2, seconds - 4), tmp)))
+                    perf_profile(ppids, max(2, seconds - 4), tmp)))
                 th.start()
+            pids = {s: _daemon_pid(o.daemons[s].pid) for s in ("a", "b")}
+            cpu0 = {s: thread_cpu(pid) for s, pid in pids.items()}
+            t0 = time.monotonic()
             r = iperf(o.vm["b1"], o.vm["a1"], VMS["b1"].addr, seconds, streams)
+            wall = time.monotonic() - t0
+            cpu1 = {s: thread_cpu(pid) for s, pid in pids.items()}
             if profile:
                 th.join()
         finally:
             shutil.rmtree(tmp, True)
         after = {s: o.stats(s) for s in ("a", "b")}
+        busy = {s: sorted(((cpu1[s].get(t, (0.0, 0.0))[0] - cpu0[s].get(t, (0.0, 0.0))[0])
+                           / wall,
+                           (cpu1[s].get(t, (0.0, 0.0))[1] - cpu0[s].get(t, (0.0, 0.0))[1])
+                           / wall, name)
+                          for t, name in _names(pids[s]).items())[::-1]
+                for s in pids}
         return {"gbps": gbps(r), "retransmits": r["end"]["sum_sent"].get("retransmits", 0),
-                "before": before, "after": after, "profile": report}
+                "before": before, "after": after, "profile": report, "threads": busy,
+                "iperf_cpu": r["end"].get("cpu_utilization_percent", {})}
+
+
+def thread_cpu(pid: int) -> dict[int, tuple[float, float]]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of each thread of `pid`,
+    from schedstat: the second shows when the machine, not softnic, is the limit."""
+    out: dict[int, tuple[float, float]] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run, wait = f.read().split()[:2]
+            out[int(tid)] = (int(run) / 1e9, int(wait) / 1e9)
+        except (OSError, IndexError, ValueError):
+            continue
+    return out
+
+
+def _names(pid: int) -> dict[int, str]:
+    """tid -> "tid:comm" for each thread of `pid`."""
+    out = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/comm") as f:
+                out[int(tid)] = f"{tid}:{f.read().strip()}"
+        except OSError:
+            continue
+    return out
 
 
 def _daemon_pid(pid: int) -> int:
@@ -178,6 +216,11 @@ def main() -> None:
     for side in ("a", "b"):
         c = counters(sn["before"][side], sn["after"][side])
         print(f"host {side}: " + ", ".join(f"{k}={v}" for k, v in c.items() if v))
+    for side, busy in sn["threads"].items():
+        print(f"host {side} daemon threads during iperf (on CPU / runnable, waiting for "
+              "a CPU, as shares of the run): " + ", ".join(
+                  f"{name} {run:.0%}/{wait:.0%}" for run, wait, name in busy if run >= 0.01))
+    print(f"iperf3 CPU (sender host / receiver remote): {sn['iperf_cpu']}")
     for side, rep in sn["profile"].items():
         print(f"--- perf, daemon on host {side} (self time by dso/symbol) ---\n{rep}")
     ratio = sn["gbps"] / ref["gbps"] if ref["gbps"] else 0.0

@@ -32,11 +32,11 @@ pytestmark = [
 
 scapy_all = pytest.importorskip("scapy.all")
 from scapy.layers.inet import IP, UDP  # noqa: E402
-from scapy.layers.ipsec import ESP, SecurityAssociation  # noqa: E402
+from scapy.layers.ipsec import ESP, IPSecIntegrityError, SecurityAssociation  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
 from scapy.layers.vxlan import VXLAN  # noqa: E402
 
-MODELS = {
+MODELS: dict[str, dict[str, Any]] = {
     "host-tunnel": {"model": "host", "host_mode": "tunnel"},
     "host-transport": {"model": "host", "host_mode": "transport"},
     "device-esp": {"model": "device", "device_encap": "esp"},
@@ -251,7 +251,7 @@ def test_spi_scoping_cross_vni_replay_is_icv_drop(ov: Overlay) -> None:
     vx = VXLAN(esp1[-1])
     ip = IP(bytes(vx[IP]))
     assert ip[ESP].spi == 0x1001
-    with pytest.raises(Exception):
+    with pytest.raises(IPSecIntegrityError):
         _sa(ov, 0x1001, 200, ip.src, ip.dst).decrypt(IP(bytes(ip)))
     inner = bytes(Ether(src=VMS["a2"].mac, dst=VMS["b2"].mac) / ip)
     before = ov.vf_stats("b2")
