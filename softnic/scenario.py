@@ -336,7 +336,8 @@ class Sniffer:
 
     The kernel hands UDP GSO trains to a veth whole, so the socket asks for the
     virtio-net header (PACKET_VNET_HDR) and `datagrams()` splits each train into the
-    packets the wire would carry. Keeps the first `keep` captures whole."""
+    packets the wire would carry. Keeps the first `keep` captures whole. outgoing=False
+    captures what the interface receives instead (e.g. a VM's side of its TAP)."""
 
     PACKET_VNET_HDR = 15
 
@@ -382,7 +383,7 @@ class Sniffer:
                 self.captures.append((gso_size if gso_type else 0, frame))
 
     def datagrams(self) -> list[bytes]:
-        """Every kept capture as the IP packets the wire carries."""
+        """Every kept IP capture (not ARP) as the IP packets the wire carries."""
         out: list[bytes] = []
         for gso, frame in self.captures:
             if frame[12:14] in (b"\x08\x00", b"\x86\xdd"):     # IPv4, IPv6; not ARP
