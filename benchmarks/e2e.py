@@ -4,12 +4,14 @@ ESP (RFC 4303, AES-128-GCM per RFC 4106, host-terminated tunnel mode) then VXLAN
 namespaces joined by the same kind of veth, talking through the kernel's own VXLAN device
 (no crypto).
 
-    sudo python benchmarks/e2e.py [-t SECONDS] [-P STREAMS] [--profile]
+    sudo python benchmarks/e2e.py [-t SECONDS] [-P STREAMS] [--profile] [--tap-ceiling]
 
 iperf3 is the load generator on both sides. Prints each figure, the daemons' counters
 (TSO frames, segments, drops) and, last, one JSON object: both figures and their ratio
 (issue 3's floor: softnic >= 25 % of the kernel's VXLAN). --profile samples both daemons
-with `perf record` during the softnic run and prints where their time goes.
+with `perf record` during the softnic run and prints where their time goes;
+--tap-ceiling measures what delivering TCP into a VM through a TAP costs one segment per
+write (softnic's RX today) against 64 KB GSO frames (RX coalescing).
 """
 
 from __future__ import annotations
@@ -17,7 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
 import shutil
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -175,6 +180,139 @@ def _daemon_pid(pid: int) -> int:
         return pid
 
 
+def _csum_fold(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def tap_ceiling(seconds: float) -> dict[str, float]:
+    """What delivering TCP data into a VM through a TAP costs, per 1460-byte segment
+    (what softnic's RX does today: one write per decrypted segment) against 64 KB
+    virtio-net GSO_TCPV4 frames (what coalescing on RX would write). A minimal TCP
+    sender in this process talks to a listening socket in the VM namespace through the
+    TAP, honouring the receiver's window; single thread, like softnic's RX worker."""
+    from softnic.topo import Host
+
+    mss, vm_ip, me_ip = 1460, "10.77.0.1", "10.77.0.2"
+    vm_mac, me_mac = bytes.fromhex("020000007701"), bytes.fromhex("020000007702")
+    out: dict[str, float] = {}
+    with Host("t") as h:
+        vm = h.add_vm("tv")
+        tap = h.open_tap(vm, ifname="eth0", mac="02:00:00:00:77:01",
+                         addrs=[f"{vm_ip}/24"])
+        vm.ip("neigh", "add", me_ip, "lladdr", "02:00:00:00:77:02", "dev", "eth0",
+              "nud", "permanent")
+        fd = tap.fileno()
+        src, dst = socket.inet_aton(me_ip), socket.inet_aton(vm_ip)
+        for mode, per_write in (("per_segment", 1), ("gso_64k", 44)):
+            port = 5000 if per_write == 1 else 5001
+            rx = vm.popen([sys.executable, "-c",
+                           "import socket\ns=socket.socket();"
+                           "s.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n"
+                           f"s.bind(('{vm_ip}',{port}));s.listen(1);print('r',flush=True)\n"
+                           "c,_=s.accept()\nwhile c.recv(1<<20): pass\n"],
+                          stdout=subprocess.PIPE, text=True)
+            assert rx.stdout is not None
+            rx.stdout.readline()
+            ident = [0]
+
+            def frame(seq: int, ack: int, flags: int, payload: bytes, opts: bytes = b"",
+                      gso: int = 0, port: int = port, ident: list[int] = ident) -> bytes:
+                ident[0] = (ident[0] + 1) & 0xFFFF
+                thl = 20 + len(opts)
+                tlen = thl + len(payload)
+                ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + tlen, ident[0],
+                                           0x4000, 64, 6, 0, src, dst))
+                ip[10:12] = struct.pack("!H", ~_csum_fold(bytes(ip)) & 0xFFFF)
+                pseudo = _csum_fold(src + dst + struct.pack("!HH", 6, tlen))
+                tcp = struct.pack("!HHIIBBHHH", 40000, port, seq & 0xFFFFFFFF,
+                                  ack & 0xFFFFFFFF, (thl // 4) << 4, flags, 65535,
+                                  pseudo, 0) + opts
+                vnet = struct.pack("<BBHHHHH", 1, 1 if gso else 0, 54 if gso else 0,
+                                   gso, 34, 16, 0)       # NEEDS_CSUM: partial checksum
+                return vnet + vm_mac + me_mac + b"\x08\x00" + bytes(ip) + tcp + payload
+
+            def acks(wait: bool, port: int = port) -> list[tuple[int, int, int, bytes]]:
+                """(flags, seq, ack, window, options) of the VM's segments to us."""
+                got = []
+                if wait:
+                    select.select([fd], [], [], 0.05)
+                while True:
+                    try:
+                        f = os.read(fd, 65600)
+                    except BlockingIOError:
+                        return got
+                    e = f[12:]
+                    if e[12:14] != b"\x08\x00" or e[23] != 6:
+                        continue
+                    t = e[14 + (e[14] & 15) * 4:]
+                    if struct.unpack("!H", t[0:2])[0] != port:
+                        continue
+                    got.append((t[13], struct.unpack("!I", t[4:8])[0],
+                                struct.unpack("!I", t[8:12])[0],
+                                struct.unpack("!H", t[14:16])[0],
+                                bytes(t[20:(t[12] >> 4) * 4])))
+            isn = 1000
+            os.write(fd, frame(isn, 0, 0x02, b"", struct.pack("!BBH", 2, 4, mss)
+                               + b"\x01\x03\x03\x07"))   # MSS, NOP, window scale 7
+            synack = None
+            for _ in range(100):
+                for a in acks(True):
+                    if a[0] & 0x12 == 0x12:
+                        synack = a
+                if synack:
+                    break
+            if synack is None:
+                raise RuntimeError("tap ceiling: no SYN-ACK")
+            ws, opts = 0, synack[4]
+            i = 0
+            while i < len(opts):          # the VM's window scale option
+                if opts[i] == 1:
+                    i += 1
+                    continue
+                if opts[i] == 0 or i + 1 >= len(opts):
+                    break
+                if opts[i] == 3:
+                    ws = opts[i + 2]
+                i += max(opts[i + 1], 2)
+            rcv = synack[1] + 1
+            una = nxt = isn + 1
+            wnd = synack[3]
+            os.write(fd, frame(nxt, rcv, 0x10, b""))
+            size = mss * per_write
+            # one template per run: only the sequence number changes per write, so
+            # Python's share of the per-write cost stays small and equal in both modes
+            tmpl = bytearray(frame(nxt, rcv, 0x10, bytes(size),
+                                   gso=mss if per_write > 1 else 0))
+            pack_into, seq_at = struct.pack_into, 12 + 14 + 20 + 4
+            start = time.monotonic()
+            end = start + seconds
+            writes = 0
+            while time.monotonic() < end:
+                while nxt + size - una <= wnd:
+                    pack_into("!I", tmpl, seq_at, nxt & 0xFFFFFFFF)
+                    os.write(fd, tmpl)
+                    nxt += size
+                    writes += 1
+                for _flags, _seq, ack, win, _o in acks(nxt - una + size > wnd):
+                    adv = (ack - una) & 0xFFFFFFFF     # una, nxt: unwrapped counters
+                    if 0 < adv < 1 << 30:
+                        una += adv
+                    wnd = win << ws
+            elapsed = time.monotonic() - start
+            os.write(fd, frame(nxt, rcv, 0x04, b""))                 # RST
+            rx.kill()
+            rx.wait()
+            out[f"{mode}_gbps"] = (una - isn - 1) * 8 / elapsed / 1e9
+            out[f"{mode}_writes_per_s"] = writes / elapsed
+    out["ratio"] = out["gso_64k_gbps"] / max(out["per_segment_gbps"], 1e-9)
+    return out
+
+
 def counters(before: dict[str, Any], after: dict[str, Any]) -> dict[str, int]:
     """The counters the run moved, per host: TSO, segments, ESP, drops."""
     out: dict[str, int] = {}
@@ -200,6 +338,9 @@ def main() -> None:
     ap.add_argument("-t", "--seconds", type=int, default=10)
     ap.add_argument("-P", "--streams", type=int, default=1)
     ap.add_argument("--profile", action="store_true", help="perf record both daemons")
+    ap.add_argument("--tap-ceiling", action="store_true",
+                    help="also measure TCP delivery into a VM through a TAP: one write "
+                         "per segment against 64 KB GSO frames")
     a = ap.parse_args()
     if a.seconds < 10:
         ap.error("issue 3 asks for at least 10 s")
@@ -225,6 +366,14 @@ def main() -> None:
         print(f"--- perf, daemon on host {side} (self time by dso/symbol) ---\n{rep}")
     ratio = sn["gbps"] / ref["gbps"] if ref["gbps"] else 0.0
     ca = counters(sn["before"]["a"], sn["after"]["a"])
+    extra: dict[str, float] = {}
+    if a.tap_ceiling:
+        tc = tap_ceiling(5)
+        print(f"TCP into a VM through a TAP, one thread: one write per 1460-byte segment "
+              f"{tc['per_segment_gbps']:.2f} Gbit/s ({tc['per_segment_writes_per_s']:.0f} "
+              f"writes/s); 64 KB GSO frames {tc['gso_64k_gbps']:.2f} Gbit/s "
+              f"({tc['gso_64k_writes_per_s']:.0f} writes/s)")
+        extra = {f"tap_{k}": round(v, 3) for k, v in tc.items()}
     print(json.dumps({
         "softnic_esp_vxlan_gbps": round(sn["gbps"], 3),
         "kernel_vxlan_gbps": round(ref["gbps"], 3),
@@ -236,6 +385,7 @@ def main() -> None:
         "tx_tso_frames": ca.get("vm1.tx_tso_frames", 0),
         "tx_segments": ca.get("vm1.tx_segments", 0),
         "loadavg_1m_before": round(load, 2),
+        **extra,
     }))
 
 
