@@ -30,7 +30,7 @@ pytestmark = [
     pytest.mark.skipif(topo.can_netns() is not None, reason=str(topo.can_netns())),
 ]
 
-scapy_all = pytest.importorskip("scapy.all")
+pytest.importorskip("scapy.all")
 from scapy.layers.inet import IP, UDP  # noqa: E402
 from scapy.layers.ipsec import ESP, IPSecIntegrityError, SecurityAssociation  # noqa: E402
 from scapy.layers.l2 import Ether  # noqa: E402
@@ -165,7 +165,7 @@ def _udp_send(ov: Overlay, side: str, dst: str, port: int, payloads: list[bytes]
     ov.host(side).ns.call(send)
 
 
-def _settle(ov: Overlay, side: str, key: str = "", timeout: float = 5.0) -> dict[str, int]:
+def _settle(ov: Overlay, side: str, timeout: float = 5.0) -> dict[str, int]:
     """Drop counters once they stop moving (the RX worker is asynchronous)."""
     last: dict[str, int] = {}
     end = time.monotonic() + timeout
