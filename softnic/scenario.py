@@ -92,6 +92,7 @@ class Overlay:
         self.daemons: dict[str, subprocess.Popen[Any]] = {}
         self.sockets: dict[str, str] = {}
         self.logs: dict[str, str] = {}
+        self.vm_dev: dict[str, str] = {}      # VM key -> its interface inside the VM netns
 
     # ---- setup ---------------------------------------------------------------------------
 
@@ -136,9 +137,10 @@ class Overlay:
         for key, vm in VMS.items():
             if key[0] != side:
                 continue
+            self.vm_dev[key] = f"sn{key}{os.getpid() % 10000}"
             lines += [
                 "[[vf]]", f"name = {_toml_str(vm.name)}", 'kind = "tap"',
-                f"ifname = {_toml_str('sn' + key + str(os.getpid() % 10000))}",
+                f"ifname = {_toml_str(self.vm_dev[key])}",
                 f"netns = {_toml_str(self.vm[key].name)}", f"mac = {_toml_str(vm.mac)}",
                 f"addresses = [{_toml_str(vm.addr + '/24')}]", f"vni = {vm.vni}",
                 f"ipsec = {_toml_str(self.vf_ipsec)}", "",
@@ -291,9 +293,36 @@ class Overlay:
         return {"bytes": got_n, "seconds": seconds, "gbps": got_n * 8 / seconds / 1e9,
                 "ok": got_n == nbytes and got_h == want.hexdigest()}
 
+    def tcp_parallel(self, src: str, dst: str, nbytes: int, streams: int = 4,
+                     port: int = 5301, timeout: float = 120) -> list[dict[str, Any]]:
+        """`streams` concurrent tcp_transfer()s of nbytes each, on ports port.., i.e.
+        distinct TCP flows between the same two VMs. Returns each transfer's result."""
+        results: list[dict[str, Any] | BaseException] = [RuntimeError("not run")] * streams
+
+        def one(i: int) -> None:
+            try:
+                results[i] = self.tcp_transfer(src, dst, nbytes, port=port + i,
+                                               timeout=timeout)
+            except BaseException as e:  # handed back below
+                results[i] = e
+
+        threads = [threading.Thread(target=one, args=(i,)) for i in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results:
+            if isinstance(r, BaseException):
+                raise r
+        return results  # type: ignore[return-value]
+
     def stats(self, side: str) -> dict[str, Any]:
         with self.client(side) as c:
             return c.stats()
+
+    def vf_stats(self, key: str) -> dict[str, int]:
+        """The counters of VM `key`'s VF on its host ("a1" -> host a, vf vm1)."""
+        return self.stats(key[0])["vf"][VMS[key].name]  # type: ignore[no-any-return]
 
 
 def _pattern(n: int) -> bytes:
@@ -307,20 +336,28 @@ class Sniffer:
 
     The kernel hands UDP GSO trains to a veth whole, so the socket asks for the
     virtio-net header (PACKET_VNET_HDR) and `datagrams()` splits each train into the
-    packets the wire would carry. Keeps the first `keep` captures whole."""
+    packets the wire would carry. Keeps the first `keep` captures whole. outgoing=False
+    captures what the interface receives instead (e.g. a VM's side of its TAP)."""
 
     PACKET_VNET_HDR = 15
 
-    def __init__(self, ns: Netns, dev: str = "ul0", keep: int = 4000) -> None:
+    def __init__(self, ns: Netns, dev: str = "ul0", keep: int = 4000,
+                 outgoing: bool = True, rcvbuf: int = 32 << 20) -> None:
         self.keep = keep
+        self.outgoing = outgoing          # False: what the interface receives instead
         self.captures: list[tuple[int, bytes]] = []     # (gso_size, frame)
         self.marks = 0
         self.count = 0
         self.max_wire = 0                                 # largest IP packet on the wire
+        self.dropped = 0                                  # the kernel's capture drops
         self._stop = threading.Event()
         self.sock = ns.call(socket.socket, socket.AF_PACKET, socket.SOCK_RAW,
                             socket.htons(0x0003))
         self.sock.setsockopt(263, self.PACKET_VNET_HDR, 1)   # SOL_PACKET
+        try:     # a burst must not overflow the capture (root: beyond rmem_max)
+            self.sock.setsockopt(socket.SOL_SOCKET, 33, rcvbuf)   # SO_RCVBUFFORCE
+        except OSError:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.sock.bind((dev, 0))
         self.sock.settimeout(0.2)
         self._t = threading.Thread(target=self._run, daemon=True)
@@ -333,7 +370,7 @@ class Sniffer:
                 continue
             except OSError:
                 return
-            if addr[2] != socket.PACKET_OUTGOING:
+            if (addr[2] == socket.PACKET_OUTGOING) != self.outgoing:
                 continue
             gso_type, gso_size = data[1], int.from_bytes(data[4:6], "little")
             frame = data[10:]
@@ -346,10 +383,11 @@ class Sniffer:
                 self.captures.append((gso_size if gso_type else 0, frame))
 
     def datagrams(self) -> list[bytes]:
-        """Every kept capture as the IP packets the wire carries."""
+        """Every kept IP capture (not ARP) as the IP packets the wire carries."""
         out: list[bytes] = []
         for gso, frame in self.captures:
-            out.extend(_split(frame, gso))
+            if frame[12:14] in (b"\x08\x00", b"\x86\xdd"):     # IPv4, IPv6; not ARP
+                out.extend(_split(frame, gso))
         return out
 
     def __enter__(self) -> Sniffer:
@@ -359,6 +397,11 @@ class Sniffer:
     def __exit__(self, *exc: object) -> None:
         self._stop.set()
         self._t.join(timeout=2)
+        try:      # struct tpacket_stats: packets, drops (since the last read)
+            st = self.sock.getsockopt(263, 6, 8)                  # PACKET_STATISTICS
+            self.dropped = int.from_bytes(st[4:8], "little")
+        except OSError:
+            pass
         self.sock.close()
 
 
