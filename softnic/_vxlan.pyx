@@ -461,7 +461,7 @@ cdef int _too_big4(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     # A non-first fragment gets no ICMP error (RFC 1122 §3.2.2).
     if (fo & 0x4000) == 0 or (fo & 0x1FFF) != 0:
         return SN_DROP_TOO_BIG
-    if f[0] & 1 or _v4_bad_source(_ld32(ip + 12)) or (ip[16] >= 224):
+    if (f[0] | f[6]) & 1 or _v4_bad_source(_ld32(ip + 12)) or ip[16] >= 224:
         return SN_DROP_TOO_BIG        # link/IP broadcast or multicast, bad source
     if ip[9] == IPPROTO_ICMP:
         # Never an error about an error (RFC 1122 §3.2.2); unreadable type: assume error.
@@ -671,7 +671,7 @@ cdef object _addr(const uint8_t *a, uint8_t family):
 
 def encap(frame, local, remote, uint32_t vni, *, uint16_t dport=SN_VXLAN_PORT,
           uint8_t ttl=64, uint8_t tos=0, bint df=True, udp_csum=None, bint ecn=True,
-          uint32_t flow_hash=0):
+          uint32_t flow_hash=0, uint32_t _headroom=256):
     """Encapsulate an Ethernet frame; returns the outer IP packet (bytes).
 
     udp_csum: IPv4 UDP checksum on/off (default off, RFC 7348 §5); IPv6 always computes.
@@ -679,7 +679,7 @@ def encap(frame, local, remote, uint32_t vni, *, uint16_t dport=SN_VXLAN_PORT,
     Raises ValueError with the drop-reason name on a refused frame.
     """
     cdef sn_vxlan_tx t
-    cdef _Slot s = _Slot(bytes(frame))
+    cdef _Slot s = _Slot(bytes(frame), _headroom)
     cdef int r
     sn_vxlan_tx_init(&t, local, remote, vni, dport, ttl, tos, df, bool(udp_csum), ecn)
     s.pkt.hash = flow_hash

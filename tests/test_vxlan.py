@@ -1,0 +1,404 @@
+"""VXLAN (RFC 7348) encap/decap, flow hash and ICMP too-big, against scapy and dpkt."""
+
+import ipaddress
+import struct
+
+import dpkt
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPerror
+from scapy.layers.inet6 import IPv6, IPv6ExtHdrFragment, ICMPv6EchoRequest, ICMPv6PacketTooBig
+from scapy.layers.ipsec import ESP
+from scapy.layers.l2 import Dot1Q, Ether
+from scapy.layers.vxlan import VXLAN
+
+from softnic import _vxlan as vx
+from softnic._batch import DROP_REASONS
+
+MAC_A = "02:00:00:00:00:0a"
+MAC_B = "02:00:00:00:00:0b"
+
+
+def inner_v4(sport=1234, dport=80, payload=b"x" * 18, proto="tcp", **ip):
+    l4 = TCP(sport=sport, dport=dport) if proto == "tcp" else UDP(sport=sport, dport=dport)
+    return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="192.0.2.2", **ip)
+                 / l4 / payload)
+
+
+def inner_v6(sport=1234, dport=80, payload=b"y" * 18):
+    return bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="2001:db8::1", dst="2001:db8::2")
+                 / UDP(sport=sport, dport=dport) / payload)
+
+
+def inet_sum(data: bytes) -> int:
+    """RFC 1071 sum, written here from the RFC (a third check besides scapy and dpkt)."""
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+# --- encapsulation, checked by scapy and dpkt -------------------------------------------
+
+UNDERLAYS = [("10.1.0.1", "10.2.0.2"), ("2001:db8:1::1", "2001:db8:2::2")]
+FRAMES = [
+    inner_v4(),
+    inner_v4(proto="udp", payload=b"z" * 1400),
+    inner_v6(),
+    inner_v6(payload=b"q" * 1401),       # odd length: the checksum tail byte
+    bytes(Ether(src=MAC_A, dst=MAC_B, type=0x88B5) / (b"\x01" * 47)),
+    bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=7) / IP(src="1.2.3.4", dst="5.6.7.8")
+          / ESP(spi=0x1234, seq=1, data=b"\xaa" * 40)),
+]
+
+
+@pytest.mark.parametrize("local,remote", UNDERLAYS)
+@pytest.mark.parametrize("frame", FRAMES)
+@pytest.mark.parametrize("csum", [False, True])
+def test_encap_parsed_by_scapy_and_dpkt(local, remote, frame, csum):
+    vni = 0xABCDEF
+    pkt = vx.encap(frame, local, remote, vni, udp_csum=csum, ttl=33)
+    v6 = ":" in local
+    s = (IPv6 if v6 else IP)(pkt)
+    assert s.src == local and s.dst == remote
+    u = s[UDP]
+    assert u.dport == 4789 and 49152 <= u.sport <= 65535
+    assert u.sport == vx.flow_port(vx.flow_hash(frame))
+    assert s[VXLAN].vni == vni and s[VXLAN].flags == 0x08
+    assert bytes(s[VXLAN].payload) == frame
+    if v6:
+        assert s.hlim == 33 and s.plen == len(pkt) - 40 and s.nh == 17
+        assert s.fl == vx.flow_hash(frame) & 0xFFFFF          # RFC 6438 flow label
+        d = dpkt.ip6.IP6(pkt)
+        pseudo = d.src + d.dst + struct.pack("!IxxxB", len(pkt) - 40, 17)
+        assert u.chksum != 0 and inet_sum(pseudo + pkt[40:]) == 0xFFFF
+    else:
+        assert s.ttl == 33 and s.flags == "DF" and s.len == len(pkt) and s.proto == 17
+        ref = IP(pkt)                  # scapy recomputes the header checksum from scratch
+        del ref.chksum
+        assert IP(bytes(ref)).chksum == s.chksum
+        d = dpkt.ip.IP(pkt)
+        assert inet_sum(pkt[:20]) == 0xFFFF
+        assert dpkt.in_cksum(pkt[:20]) == 0
+        if csum:
+            pseudo = d.src + d.dst + struct.pack("!xBH", 17, len(pkt) - 20)
+            assert u.chksum != 0 and inet_sum(pseudo + pkt[20:]) == 0xFFFF
+            ref = IP(pkt)
+            del ref[UDP].chksum
+            assert IP(bytes(ref))[UDP].chksum == u.chksum
+        else:
+            assert u.chksum == 0
+    assert isinstance(d.data, dpkt.udp.UDP) and d.data.dport == 4789
+    assert d.data.ulen == len(frame) + 16
+
+
+def test_encap_options():
+    fr = inner_v4(tos=0x03)                       # inner CE
+    p = vx.encap(fr, "10.0.0.1", "10.0.0.2", 1, dport=8472, tos=0xB8, df=False)
+    s = IP(p)
+    assert s[UDP].dport == 8472 and s.tos == 0xBB and s.flags == 0
+    p2 = vx.encap(fr, "10.0.0.1", "10.0.0.2", 1, df=False)
+    assert IP(p2).id != s.id                       # non-atomic datagrams get fresh IDs
+    assert IP(vx.encap(fr, "10.0.0.1", "10.0.0.2", 1, ecn=False)).tos == 0
+    p6 = vx.encap(inner_v6(), "::1", "::2", 5, tos=0x20, flow_hash=0x12345678)
+    s6 = IPv6(p6)
+    assert s6.tc == 0x20 and s6.fl == 0x45678 and s6[UDP].sport == vx.flow_port(0x12345678)
+
+
+def test_encap_refusals():
+    with pytest.raises(ValueError, match="malformed_l2"):
+        vx.encap(b"\x00" * 13, "10.0.0.1", "10.0.0.2", 1)
+    with pytest.raises(ValueError, match="no_room"):
+        vx.encap(inner_v4(), "10.0.0.1", "10.0.0.2", 1, _headroom=35)
+    assert vx.encap(inner_v4(), "10.0.0.1", "10.0.0.2", 1, _headroom=36)
+    with pytest.raises(ValueError, match="no_room"):
+        vx.encap(inner_v4(), "::1", "::2", 1, _headroom=55)
+    with pytest.raises(ValueError, match="too_big"):
+        vx.encap(bytes(65536 - 16 - 20 + 1), "10.0.0.1", "10.0.0.2", 1)
+    assert len(vx.encap(bytes(65535 - 36), "10.0.0.1", "10.0.0.2", 1)) == 65535
+    with pytest.raises(ValueError):
+        vx.encap(inner_v4(), "10.0.0.1", "::2", 1)
+    with pytest.raises(ValueError):
+        vx.encap(inner_v4(), "10.0.0.1", "10.0.0.2", 1 << 24)
+
+
+# --- decapsulation ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("outer", [
+    IP(src="10.9.0.1", dst="10.9.0.2"),
+    IP(src="10.9.0.1", dst="10.9.0.2", options=b"\x01\x01\x01\x00"),
+    IPv6(src="2001:db8::a", dst="2001:db8::b"),
+])
+@pytest.mark.parametrize("flags", [0x08, 0x0C, 0xFF])
+def test_decap_scapy_built(outer, flags):
+    frame = inner_v4()
+    pkt = outer / UDP(sport=51000, dport=4789) / VXLAN(vni=0x123456) / Ether(frame)
+    raw = bytes(pkt)
+    i = len(raw) - len(frame) - 8
+    assert raw[i] & 0x08 and raw[i + 4:i + 7] == b"\x12\x34\x56"   # as scapy lays it out
+    assert vx.decap(raw)[:2] == (0x123456, frame)
+    # reserved bits in the VXLAN header are ignored on receipt (RFC 7348 §5)
+    raw = raw[:i] + bytes([flags]) + b"\xff\xff\xff" + raw[i + 4:i + 7] + b"\xee" + frame
+    vni, inner, info = vx.decap(raw)
+    assert vni == 0x123456 and inner == frame
+    assert info["sport"] == 51000 and info["dport"] == 4789
+    assert str(info["src"]) == pkt.src and str(info["dst"]) == pkt.dst
+    assert info["family"] == (4 if isinstance(outer, IP) else 6)
+
+
+def test_decap_roundtrip_and_trailer():
+    for local, remote in UNDERLAYS:
+        for fr in FRAMES:
+            vni, inner, info = vx.decap(vx.encap(fr, local, remote, 77))
+            assert (vni, inner, str(info["src"])) == (77, fr, local)
+    # bytes past the IP total length (e.g. link padding) are not part of the frame
+    p = vx.encap(FRAMES[0], "10.0.0.1", "10.0.0.2", 3)
+    assert vx.decap(p + b"\0" * 6)[1] == FRAMES[0]
+
+
+def test_decap_bad_flags_and_protocols():
+    frame = inner_v4()
+    bad = bytes(IP() / UDP(dport=4789) / VXLAN(vni=1, flags=0x00) / Ether(frame))
+    with pytest.raises(ValueError, match="bad_vxlan"):
+        vx.decap(bad)
+    with pytest.raises(ValueError, match="malformed_l3"):     # not UDP
+        vx.decap(bytes(IP() / TCP() / (b"\x08" + bytes(30))))
+    with pytest.raises(ValueError, match="malformed_l3"):     # a fragment
+        vx.decap(bytes(IP(flags="MF") / UDP(dport=4789) / VXLAN(vni=1) / Ether(frame)))
+    with pytest.raises(ValueError, match="malformed_l2"):     # inner < 14 bytes
+        vx.decap(bytes(IP() / UDP(dport=4789) / VXLAN(vni=1) / (b"\0" * 13)))
+    with pytest.raises(ValueError, match="malformed_l3"):
+        vx.decap(b"\x50" + bytes(60))
+    # IPv6 with a destination-options header in front of UDP is walked
+    p6 = IPv6(src="::1", dst="::2", nh=60) / bytes([17, 0, 1, 4, 0, 0, 0, 0]) \
+        / UDP(sport=5, dport=4789) / VXLAN(vni=9) / Ether(frame)
+    assert vx.decap(bytes(p6))[:2] == (9, frame)
+
+
+@pytest.mark.parametrize("local,remote", UNDERLAYS)
+def test_decap_truncated_at_every_offset(local, remote):
+    pkt = vx.encap(inner_v4(), local, remote, 5)
+    hl = 40 if ":" in local else 20
+    for cut in range(len(pkt)):
+        with pytest.raises(ValueError) as e:
+            vx.decap(pkt[:cut])
+        reason = str(e.value)
+        assert reason in DROP_REASONS and reason != "ok"
+        if cut < hl:
+            assert reason == "malformed_l3"
+    # the IP/UDP lengths claim more than is there: every shortened length field
+    for delta in range(1, 40):
+        b = bytearray(pkt)
+        ulen_off = hl + 4
+        struct.pack_into("!H", b, ulen_off, len(pkt) - hl - delta)
+        if len(pkt) - hl - delta < 30:
+            with pytest.raises(ValueError):
+                vx.decap(bytes(b))
+        else:
+            assert len(vx.decap(bytes(b))[1]) == len(pkt) - hl - delta - 16
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=200), st.integers(0, 199), st.integers(0, 255))
+def test_decap_fuzz(data, pos, val):
+    base = bytearray(vx.encap(inner_v4(), "10.0.0.1", "10.0.0.2", 5)) + bytearray(data)
+    base[pos % len(base)] = val
+    for blob in (bytes(base), data):
+        try:
+            vni, inner, _ = vx.decap(blob)
+        except ValueError as e:
+            assert str(e) in DROP_REASONS
+        else:
+            assert len(inner) >= 14 and vni < (1 << 24)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, 2000))
+def test_hash_and_icmp_fuzz(data, mtu):
+    assert vx.flow_hash(data) != 0
+    try:
+        r = vx.icmp_too_big(data, mtu)
+    except ValueError as e:
+        assert str(e) in DROP_REASONS
+    else:
+        assert r is None or len(r) >= 14 + 28
+
+
+# --- flow hash and source-port spread ----------------------------------------------------
+
+def chi_square(ports, buckets=32):
+    counts = [0] * buckets
+    for p in ports:
+        assert 49152 <= p <= 65535
+        counts[(p - 49152) * buckets // 16384] += 1
+    exp = len(ports) / buckets
+    return sum((c - exp) ** 2 / exp for c in counts)
+
+
+# chi-square with 31 degrees of freedom: p = 0.001 at 61.1
+CHI2_LIMIT = 61.1
+
+
+def test_sport_spread_ports():
+    frames = [inner_v4(sport=1024 + i, dport=443) for i in range(1000)]
+    ports = [IP(vx.encap(f, "10.0.0.1", "10.0.0.2", 1))[UDP].sport for f in frames]
+    assert len(set(ports)) > 900
+    assert chi_square(ports) < CHI2_LIMIT
+
+
+def test_sport_spread_esp_spi():
+    def esp(spi):
+        return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.1")
+                     / ESP(spi=spi, seq=1, data=b"\0" * 32))
+    ports = [vx.flow_port(vx.flow_hash(esp(0x1000 + i))) for i in range(1000)]
+    assert chi_square(ports) < CHI2_LIMIT and len(set(ports)) > 900
+
+
+def test_sport_spread_esp_in_udp_and_v6():
+    def natt(spi):
+        return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.1")
+                     / UDP(sport=4500, dport=4500) / struct.pack("!II", spi, 1) / bytes(24))
+
+    def esp6(spi):
+        return bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="2001:db8::1", dst="2001:db8::2")
+                     / ESP(spi=spi, seq=1, data=b"\0" * 32))
+    for mk in (natt, esp6):
+        ports = [vx.flow_port(vx.flow_hash(mk(1 + i))) for i in range(1000)]
+        assert chi_square(ports) < CHI2_LIMIT and len(set(ports)) > 900
+
+
+def test_flow_hash_selectors():
+    h = vx.flow_hash
+    base = inner_v4()
+    # payload is not a selector; ports, addresses and VLAN-skipping are
+    assert h(base) == h(inner_v4(payload=b"other payload!"))
+    assert h(base) != h(inner_v4(sport=1235))
+    tagged = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=5) / Ether(base).payload)
+    qinq = bytes(Ether(src=MAC_A, dst=MAC_B, type=0x88A8) / Dot1Q(vlan=5) / Dot1Q(vlan=6)
+                 / Ether(base).payload)
+    assert h(tagged) == h(base) == h(qinq)
+    # ESP-in-UDP hashes the SPI; IKE (non-ESP marker 0) hashes the ports
+    def natt(spi, sport=4500):
+        return bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="1.1.1.1", dst="2.2.2.2") / UDP(sport=sport, dport=4500)
+                     / struct.pack("!II", spi, 7) / bytes(8))
+    assert h(natt(5)) != h(natt(6)) and h(natt(5, 1111)) == h(natt(5, 2222))
+    assert h(natt(0, 1111)) != h(natt(0, 2222))
+    # all fragments of a datagram hash alike (ports only in the unfragmented case)
+    f1 = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="1.1.1.1", dst="2.2.2.2", flags="MF", proto=17) / bytes(16))
+    f2 = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="1.1.1.1", dst="2.2.2.2", frag=100, proto=17) / bytes(16))
+    assert h(f1) == h(f2)
+    g1 = bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="::1", dst="::2") / IPv6ExtHdrFragment(m=1, nh=17)
+               / UDP(sport=1, dport=2))
+    g2 = bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="::1", dst="::2") / IPv6ExtHdrFragment(offset=9, nh=17)
+               / bytes(8))
+    assert h(g1) == h(g2)
+    # non-IP: MACs matter
+    assert h(bytes(Ether(src=MAC_A, dst=MAC_B, type=0x88B5) / bytes(40))) != \
+        h(bytes(Ether(src=MAC_B, dst=MAC_B, type=0x88B5) / bytes(40)))
+    assert all(49152 <= vx.flow_port(x) <= 65535 for x in (0, 1, 0xFFFFFFFF, 0x80000000))
+    assert vx.flow_port(0) == 49152 and vx.flow_port(0xFFFFFFFF) == 65535
+
+
+# --- ICMP too big ------------------------------------------------------------------------
+
+def test_icmp4_too_big():
+    big = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9",
+                                                 flags="DF", id=77)
+                / TCP(sport=40000, dport=80) / (b"p" * 1460))
+    r = vx.icmp_too_big(big, 1450)
+    e = Ether(r)
+    assert e.src == MAC_B and e.dst == MAC_A
+    ip = e[IP]
+    assert ip.src == "198.51.100.9" and ip.dst == "192.0.2.1" and ip.proto == 1
+    assert len(r) - 14 == 576 == ip.len
+    ic = e[ICMP]
+    assert ic.type == 3 and ic.code == 4 and ic.nexthopmtu == 1450
+    assert inet_sum(bytes(ic)) == 0xFFFF and inet_sum(bytes(ip)[:20]) == 0xFFFF
+    ref = e.copy()
+    del ref[IP].chksum
+    del ref[ICMP].chksum
+    ref = Ether(bytes(ref))
+    assert ref[ICMP].chksum == ic.chksum and ref[IP].chksum == ip.chksum
+    assert bytes(ic)[8:] == bytes(Ether(big)[IP])[:548]
+    assert ic[IPerror].src == "192.0.2.1" and ic[IPerror].id == 77
+    # with dpkt as well
+    d = dpkt.ethernet.Ethernet(r)
+    assert d.data.data.type == 3 and d.data.data.code == 4
+
+
+def test_icmp4_vlan_and_short_quote():
+    small = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=12)
+                  / IP(src="192.0.2.1", dst="198.51.100.9", flags="DF") / UDP() / b"abc")
+    r = vx.icmp_too_big(small, 576)
+    e = Ether(r)
+    assert e[Dot1Q].vlan == 12 and e[ICMP].nexthopmtu == 576
+    assert bytes(e[ICMP])[8:] == bytes(Ether(small)[IP])
+
+
+@pytest.mark.parametrize("frame", [
+    # DF clear: fragmentation allowed, no PMTU message
+    Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9") / UDP() / bytes(100),
+    # non-first fragment
+    Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9", flags="DF", frag=10) / bytes(9),
+    # ICMP error about an ICMP error
+    Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9", flags="DF") / ICMP(type=3)
+    / bytes(40),
+    # broadcast / multicast / invalid sources and destinations
+    Ether(src=MAC_A, dst=MAC_B) / IP(src="0.0.0.0", dst="198.51.100.9", flags="DF") / UDP(),
+    Ether(src=MAC_A, dst=MAC_B) / IP(src="224.0.0.1", dst="198.51.100.9", flags="DF") / UDP(),
+    Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="255.255.255.255", flags="DF") / UDP(),
+    Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="239.1.1.1", flags="DF") / UDP(),
+    Ether(src="01:00:5e:00:00:01", dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9", flags="DF") / UDP(),
+    Ether(src=MAC_A, dst="ff:ff:ff:ff:ff:ff") / IP(src="192.0.2.1", dst="198.51.100.9",
+                                                 flags="DF") / UDP(),
+    Ether(src=MAC_A, dst=MAC_B) / IPv6(src="ff02::1", dst="2001:db8::2") / UDP(),
+    Ether(src=MAC_A, dst=MAC_B) / IPv6(src="::", dst="2001:db8::2") / UDP(),
+    Ether(src=MAC_A, dst=MAC_B) / IPv6(src="2001:db8::1", dst="2001:db8::2") / ICMPv6PacketTooBig(),
+    Ether(src=MAC_A, dst=MAC_B) / IPv6(src="2001:db8::1", dst="2001:db8::2")
+    / IPv6ExtHdrFragment(offset=3, nh=17) / bytes(20),
+    Ether(src=MAC_A, dst=MAC_B, type=0x88B5) / bytes(100),
+], ids=lambda f: f.summary())
+def test_icmp_no_reply(frame):
+    assert vx.icmp_too_big(bytes(frame), 1400) is None
+
+
+def test_icmp4_mtu_bounds():
+    f = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9", flags="DF") / UDP())
+    assert vx.icmp_too_big(f, 67) is None and vx.icmp_too_big(f, 68) is not None
+    with pytest.raises(ValueError, match="malformed_l3"):
+        vx.icmp_too_big(f[:30], 1400)
+
+
+def test_icmp6_too_big():
+    big = bytes(Ether(src=MAC_A, dst=MAC_B)
+                / IPv6(src="2001:db8::1", dst="2001:db8::2", hlim=9)
+                / ICMPv6EchoRequest(data=b"e" * 1500))
+    r = vx.icmp_too_big(big, 1400)
+    e = Ether(r)
+    assert e.src == MAC_B and e.dst == MAC_A
+    ip = e[IPv6]
+    assert ip.src == "2001:db8::2" and ip.dst == "2001:db8::1" and ip.nh == 58
+    assert len(r) - 14 == 1280 and ip.plen == 1240
+    ptb = e[ICMPv6PacketTooBig]
+    assert ptb.type == 2 and ptb.code == 0 and ptb.mtu == 1400
+    ref = e.copy()
+    del ref[ICMPv6PacketTooBig].cksum
+    assert Ether(bytes(ref))[ICMPv6PacketTooBig].cksum == ptb.cksum
+    src = ipaddress.IPv6Address(ip.src).packed
+    dst = ipaddress.IPv6Address(ip.dst).packed
+    body = r[14 + 40:]
+    assert inet_sum(src + dst + struct.pack("!IxxxB", len(body), 58) + body) == 0xFFFF
+    assert body[8:] == bytes(Ether(big)[IPv6])[:1232]
+    assert vx.icmp_too_big(big, 1279) is None
+    # a first fragment is answered; ICMPv6 informational messages are answered
+    first = bytes(Ether(src=MAC_A, dst=MAC_B) / IPv6(src="2001:db8::1", dst="2001:db8::2")
+                  / IPv6ExtHdrFragment(offset=0, m=1, nh=17) / bytes(1400))
+    assert vx.icmp_too_big(first, 1280) is not None
+
+
+def test_bench_encap_runs():
+    ns = vx._bench_encap(inner_v4(payload=b""), "10.0.0.1", "10.0.0.2", 1, 10000)
+    assert 0 < ns < 10000
