@@ -178,7 +178,7 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
     """
     cdef uint32_t h = HASH_SEED
     cdef uint32_t off = ETH_HLEN
-    cdef uint32_t hl, l4, i
+    cdef uint32_t hl, l4, i, _i
     cdef uint16_t et
     cdef uint8_t nh
     cdef bint frag = False
@@ -187,7 +187,7 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
             h = _mix(h, f[i])
         return _fmix(h ^ n)
     et = _ld16(f + 12)
-    for i in range(MAX_VLAN_TAGS):
+    for _i in range(MAX_VLAN_TAGS):
         if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
             et = _ld16(f + off + 2)
             off += 4
@@ -208,7 +208,7 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
             h = _mix(h, _ld32(f + off + 8 + 4 * i))
         nh = f[off + 6]
         l4 = off + 40
-        for i in range(MAX_EXT_HDRS):
+        for _i in range(MAX_EXT_HDRS):
             if nh == IPPROTO_HOPOPTS or nh == IPPROTO_ROUTING or nh == IPPROTO_DSTOPTS:
                 if l4 + 8 > n:
                     break
@@ -244,8 +244,8 @@ cdef inline uint8_t _inner_ecn(const uint8_t *f, uint32_t n) noexcept nogil:
     """ECN bits of the inner IP header, 0 (Not-ECT) when there is none."""
     cdef uint32_t off = ETH_HLEN
     cdef uint16_t et = _ld16(f + 12)
-    cdef int i
-    for i in range(MAX_VLAN_TAGS):
+    cdef int _i
+    for _i in range(MAX_VLAN_TAGS):
         if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
             et = _ld16(f + off + 2)
             off += 4
@@ -358,7 +358,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
     cdef const uint8_t *b
     cdef const uint8_t *v
     cdef uint32_t n = p.len
-    cdef uint32_t hl, end, l4, ulen, i
+    cdef uint32_t hl, end, l4, ulen, _i
     cdef uint8_t nh
     cdef uint8_t ver
     if p.off > p.cap or n > p.cap - p.off or n < 1:
@@ -383,7 +383,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
             return SN_DROP_MALFORMED_L3
         nh = b[6]
         l4 = 40
-        for i in range(MAX_EXT_HDRS):
+        for _i in range(MAX_EXT_HDRS):
             if nh != IPPROTO_HOPOPTS and nh != IPPROTO_ROUTING and nh != IPPROTO_DSTOPTS:
                 break
             if l4 + 8 > end:
@@ -506,7 +506,7 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
                    sn_pkt *out) noexcept nogil:
     cdef const uint8_t *ip = f + off
     cdef uint32_t avail = n - off
-    cdef uint32_t tot, l, q, i
+    cdef uint32_t tot, pos, q, i, _i
     cdef uint8_t nh
     cdef uint8_t *r
     cdef uint8_t *c
@@ -527,30 +527,30 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     else:
         return SN_DROP_TOO_BIG
     nh = ip[6]
-    l = 40
-    for i in range(MAX_EXT_HDRS):
+    pos = 40
+    for _i in range(MAX_EXT_HDRS):
         if nh == IPPROTO_HOPOPTS or nh == IPPROTO_ROUTING or nh == IPPROTO_DSTOPTS:
-            if l + 8 > tot:
+            if pos + 8 > tot:
                 return SN_DROP_MALFORMED_L3
-            nh = ip[l]
-            l += (<uint32_t>ip[l + 1] + 1) * 8
+            nh = ip[pos]
+            pos += (<uint32_t>ip[pos + 1] + 1) * 8
         elif nh == IPPROTO_FRAGMENT:
-            if l + 8 > tot:
+            if pos + 8 > tot:
                 return SN_DROP_MALFORMED_L3
-            if (_ld16(ip + l + 2) & 0xFFF8) != 0:
+            if (_ld16(ip + pos + 2) & 0xFFF8) != 0:
                 return SN_DROP_TOO_BIG    # not the first fragment (RFC 4443 §2.4(e))
-            nh = ip[l]
-            l += 8
+            nh = ip[pos]
+            pos += 8
         elif nh == IPPROTO_AH:
-            if l + 8 > tot:
+            if pos + 8 > tot:
                 return SN_DROP_MALFORMED_L3
-            nh = ip[l]
-            l += (<uint32_t>ip[l + 1] + 2) * 4
+            nh = ip[pos]
+            pos += (<uint32_t>ip[pos + 1] + 2) * 4
         else:
             break
     if nh == IPPROTO_ICMPV6:
         # Errors are types 0..127 (RFC 4443 §2.1); an unreadable type counts as one.
-        if l + 1 > tot or ip[l] < 128:
+        if pos + 1 > tot or ip[pos] < 128:
             return SN_DROP_TOO_BIG
     if mtu < 1280:                    # RFC 8200 §5: no link below the IPv6 minimum
         return SN_DROP_TOO_BIG
@@ -598,11 +598,11 @@ cdef int sn_icmp_too_big(const uint8_t *f, uint32_t n, uint32_t mtu,
     """
     cdef uint32_t off = ETH_HLEN
     cdef uint16_t et
-    cdef int i
+    cdef int _i
     if n < ETH_HLEN:
         return SN_DROP_MALFORMED_L2
     et = _ld16(f + 12)
-    for i in range(MAX_VLAN_TAGS):
+    for _i in range(MAX_VLAN_TAGS):
         if et == ETH_P_8021Q or et == ETH_P_8021AD:
             if off + 4 > n:
                 return SN_DROP_MALFORMED_L2
@@ -752,12 +752,12 @@ def _bench_encap(frame, local, remote, uint32_t vni, long n, bint udp_csum=False
     cdef uint32_t off0 = s.pkt.off
     cdef uint32_t len0 = s.pkt.len
     cdef timespec a, b
-    cdef long i
+    cdef long _i
     cdef uint64_t sink = 0
     sn_vxlan_tx_init(&t, local, remote, vni, SN_VXLAN_PORT, 64, 0, True, udp_csum, True)
     with nogil:
         clock_gettime(CLOCK_MONOTONIC, &a)
-        for i in range(n):
+        for _i in range(n):
             s.pkt.off = off0
             s.pkt.len = len0
             s.pkt.hash = 0
