@@ -402,7 +402,7 @@ cdef int sn_policy_lookup(const sn_policy_table *t, uint32_t vf, uint8_t dir, ui
     cdef uint64_t a[2]
     cdef uint64_t b[2]
     cdef const sn_policy_rule *r
-    cdef uint32_t i, n
+    cdef uint32_t _i, n
     if vf >= t.n_vfs:
         return SN_POLICY_NONE
     n = t.n[vf]
@@ -411,7 +411,7 @@ cdef int sn_policy_lookup(const sn_policy_table *t, uint32_t vf, uint8_t dir, ui
     memcpy(a, src, 16)
     memcpy(b, dst, 16)
     r = t.rules + <size_t>vf * t.max_rules
-    for i in range(n):
+    for _i in range(n):
         if (r.dir == dir and r.family == family
                 and (r.proto == SN_PROTO_ANY or r.proto == proto)
                 and r.sport_lo <= sport <= r.sport_hi
@@ -458,7 +458,7 @@ cdef class PolicyTable:
         if n_vfs == 0 or max_rules == 0 or <uint64_t>n_vfs * max_rules > (1u << 24):
             raise ValueError("n_vfs and max_rules must be positive and n_vfs*max_rules <= 2**24")
         self.t.rules = <sn_policy_rule *>calloc(<size_t>n_vfs * max_rules,
-                                                 sizeof(sn_policy_rule))
+                                                sizeof(sn_policy_rule))
         self.t.n = <uint32_t *>calloc(n_vfs, sizeof(uint32_t))
         if self.t.rules == NULL or self.t.n == NULL:
             raise MemoryError()
