@@ -402,3 +402,113 @@ def test_icmp6_too_big():
 def test_bench_encap_runs():
     ns = vx._bench_encap(inner_v4(payload=b""), "10.0.0.1", "10.0.0.2", 1, 10000)
     assert 0 < ns < 10000
+
+
+# --- Linux kernel as the peer VTEP (root only: two network namespaces of our own) -----------
+
+PEER = r'''
+import json, socket, struct, sys
+from scapy.layers.inet import ICMP, IP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+from scapy.packet import Raw
+from softnic import _vxlan as vx
+
+local, remote, csum = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+v6 = ":" in local
+fam = socket.AF_INET6 if v6 else socket.AF_INET
+hl = 40 if v6 else 20
+rx = socket.socket(fam, socket.SOCK_DGRAM)
+rx.bind((local, 4789))
+rx.settimeout(3)
+frame = bytes(Ether(src="02:00:00:00:00:0b", dst="02:00:00:00:00:0a")
+              / IP(src="192.168.77.2", dst="192.168.77.1") / ICMP(id=0x77, seq=1) / b"softnic")
+pkt = vx.encap(frame, local, remote, 42, udp_csum=csum)
+sport = struct.unpack("!H", pkt[hl:hl + 2])[0]
+if len(sys.argv) > 4:                      # a corrupted UDP checksum: the kernel must drop it
+    pkt = pkt[:hl + 6] + bytes([pkt[hl + 6] ^ 1]) + pkt[hl + 7:]
+# The whole outer packet as we built it goes on the wire (raw socket, header included), so
+# the receiving kernel checks our lengths and UDP checksum.
+tx = socket.socket(fam, socket.SOCK_RAW, socket.IPPROTO_RAW)
+if v6:
+    tx.setsockopt(socket.IPPROTO_IPV6, 36, 1)    # IPV6_HDRINCL
+tx.sendto(pkt, (remote, 0))
+result = {"sport": sport}
+for _ in range(20):
+    try:
+        data, addr = rx.recvfrom(4096)
+    except TimeoutError:
+        break
+    outer = (IPv6(src=addr[0], dst=local) if v6 else IP(src=addr[0], dst=local)) \
+        / UDP(sport=addr[1], dport=4789)
+    vni, inner, info = vx.decap(bytes(outer / Raw(data)))
+    e = Ether(inner)
+    if ICMP in e and e[ICMP].type == 0 and e[ICMP].id == 0x77:
+        result.update(vni=vni, src=e[IP].src, dst=e[IP].dst, payload=bytes(e[ICMP].payload).hex(),
+                      outer_src=str(info["src"]))
+        break
+print(json.dumps(result))
+'''
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("underlay,csum,corrupt", [
+    ("4", False, False), ("4", True, False), ("6", True, False), ("4", True, True),
+    ("6", True, True)])
+def test_linux_kernel_vtep_interop(tmp_path, underlay, csum, corrupt):
+    """Our outer packet, sent as built, is decapsulated by the Linux vxlan driver, which
+    answers a ping; we decapsulate the kernel's reply. A corrupted UDP checksum gets no
+    answer (the kernel verified ours)."""
+    import json
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for network namespaces")
+    ns1, ns2 = f"snvx1-{os.getpid()}", f"snvx2-{os.getpid()}"
+    if underlay == "4":
+        a, b, plen, extra = "10.200.0.1", "10.200.0.2", "24", []
+    else:
+        a, b, plen, extra = "fd00:200::1", "fd00:200::2", "64", ["nodad"]
+
+    def ip(*args):
+        subprocess.run(["ip", *args], check=True, capture_output=True, timeout=10)
+
+    try:
+        ip("netns", "add", ns1)
+        ip("netns", "add", ns2)
+        ip("-n", ns1, "link", "add", "va", "type", "veth", "peer", "name", "vb", "netns", ns2)
+        ip("-n", ns1, "addr", "add", f"{a}/{plen}", "dev", "va", *extra)
+        ip("-n", ns2, "addr", "add", f"{b}/{plen}", "dev", "vb", *extra)
+        for ns, dev in ((ns1, "va"), (ns2, "vb"), (ns1, "lo"), (ns2, "lo")):
+            ip("-n", ns, "link", "set", dev, "up")
+        ip("-n", ns1, "link", "add", "vx0", "type", "vxlan", "id", "42", "local", a,
+           "remote", b, "dstport", "4789")
+        ip("-n", ns1, "link", "set", "vx0", "address", "02:00:00:00:00:0a")
+        ip("-n", ns1, "addr", "add", "192.168.77.1/24", "dev", "vx0")
+        ip("-n", ns1, "link", "set", "vx0", "up")
+        ip("-n", ns1, "neigh", "add", "192.168.77.2", "lladdr", "02:00:00:00:00:0b",
+           "dev", "vx0")
+        script = tmp_path / "peer.py"
+        script.write_text(PEER)
+        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+        out = subprocess.run(["ip", "netns", "exec", ns2, sys.executable, str(script), b, a,
+                              "1" if csum else "0"] + (["corrupt"] if corrupt else []),
+                             capture_output=True, text=True, timeout=60, env=env)
+        assert out.returncode == 0, out.stderr[-2000:]
+        res = json.loads(out.stdout.strip().splitlines()[-1])
+        if corrupt:
+            assert "vni" not in res
+            return
+        assert res.get("vni") == 42, res
+        assert res["src"] == "192.168.77.1" and res["dst"] == "192.168.77.2"
+        assert bytes.fromhex(res["payload"]) == b"softnic" and res["outer_src"] == a
+        # the kernel learned our inner MAC behind our VTEP address (RFC 7348 §4)
+        fdb = subprocess.run(["bridge", "-n", ns1, "fdb", "show", "dev", "vx0"],
+                             capture_output=True, text=True, timeout=10).stdout
+        assert any("02:00:00:00:00:0b" in ln and b in ln for ln in fdb.splitlines()), fdb
+    finally:
+        for ns in (ns1, ns2):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
