@@ -16,6 +16,13 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from softnic._csum cimport (
+    sn_csum,
+    sn_csum_finish,
+    sn_csum_partial,
+    sn_csum_pseudo4,
+    sn_csum_pseudo6,
+)
 from softnic._pkt cimport (
     SN_DROP_BAD_VXLAN,
     SN_DROP_MALFORMED_L2,
@@ -27,35 +34,14 @@ from softnic._pkt cimport (
     SN_OK,
     sn_pkt,
 )
+from softnic._proto cimport sn_ld16, sn_ld32, sn_st16, sn_st32
 
 from softnic._batch import DROP_REASONS
 
 
 cdef extern from *:
     """
-    #include <string.h>
     #include <stdint.h>
-    #include <arpa/inet.h>
-    /* One's-complement sum of n bytes in memory order (RFC 1071): the folded result,
-       stored back to memory as a native 16-bit word, is the big-endian sum on any host. */
-    static inline uint64_t sn_vx_sum(const uint8_t *p, uint32_t n, uint64_t acc) {
-        uint32_t w; uint16_t h;
-        while (n >= 4) { memcpy(&w, p, 4); acc += w; p += 4; n -= 4; }
-        if (n >= 2) { memcpy(&h, p, 2); acc += h; p += 2; n -= 2; }
-        if (n) { h = 0; memcpy(&h, p, 1); acc += h; }
-        return acc;
-    }
-    /* Fold and complement; returns the checksum in memory order. */
-    static inline uint16_t sn_vx_fold(uint64_t acc) {
-        acc = (acc & 0xffffffffu) + (acc >> 32);
-        acc = (acc & 0xffffffffu) + (acc >> 32);
-        acc = (acc & 0xffffu) + (acc >> 16);
-        acc = (acc & 0xffffu) + (acc >> 16);
-        acc = (acc & 0xffffu) + (acc >> 16);
-        return (uint16_t)~acc;
-    }
-    static inline void sn_vx_put16m(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-    static inline uint16_t sn_vx_htons(uint16_t v) { return htons(v); }
     /* IPv4 ID for datagrams sent without DF (RFC 6864 §4.1: must be unique per
        src/dst/proto within the MSL; a shared wrapping counter is what Linux does too). */
     static uint32_t sn_vx_ipid_ctr;
@@ -63,10 +49,6 @@ cdef extern from *:
         return (uint16_t)__atomic_fetch_add(&sn_vx_ipid_ctr, 1, __ATOMIC_RELAXED);
     }
     """
-    uint64_t sn_vx_sum(const uint8_t *p, uint32_t n, uint64_t acc) nogil
-    uint16_t sn_vx_fold(uint64_t acc) nogil
-    void sn_vx_put16m(uint8_t *p, uint16_t v) nogil
-    uint16_t sn_vx_htons(uint16_t v) nogil
     uint16_t sn_vx_next_ipid() nogil
 
 
@@ -95,29 +77,6 @@ cdef enum:
     ICMP4_QUOTE_LIMIT = 576    # RFC 1812 §4.3.2.3: the whole reply fits 576 bytes
     ICMP6_QUOTE_LIMIT = 1280   # RFC 4443 §2.4(c): the whole reply fits the IPv6 minimum MTU
     HASH_SEED = 0x9E3779B9
-
-
-# --- byte-order helpers (private; switch to softnic._proto once it lands) ---------------
-
-cdef inline uint16_t _ld16(const uint8_t *p) noexcept nogil:
-    return <uint16_t>((<uint16_t>p[0] << 8) | p[1])
-
-
-cdef inline uint32_t _ld32(const uint8_t *p) noexcept nogil:
-    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8)
-            | <uint32_t>p[3])
-
-
-cdef inline void _st16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 8)
-    p[1] = <uint8_t>v
-
-
-cdef inline void _st32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 24)
-    p[1] = <uint8_t>(v >> 16)
-    p[2] = <uint8_t>(v >> 8)
-    p[3] = <uint8_t>v
 
 
 # --- flow hash ------------------------------------------------------------------------
@@ -154,7 +113,7 @@ cdef inline uint32_t _mix_l4(uint32_t h, const uint8_t *f, uint32_t l4, uint32_t
     A truncated transport header contributes nothing (addresses + protocol remain)."""
     if proto == IPPROTO_ESP:
         if l4 + 4 <= n:
-            h = _mix(h, _ld32(f + l4))
+            h = _mix(h, sn_ld32(f + l4))
         return h
     if (proto != IPPROTO_TCP and proto != IPPROTO_UDP and proto != IPPROTO_SCTP
             and proto != IPPROTO_UDPLITE and proto != IPPROTO_DCCP):
@@ -162,11 +121,11 @@ cdef inline uint32_t _mix_l4(uint32_t h, const uint8_t *f, uint32_t l4, uint32_t
     if l4 + 4 > n:
         return h
     if (proto == IPPROTO_UDP and l4 + 12 <= n
-            and (_ld16(f + l4) == NATT_PORT or _ld16(f + l4 + 2) == NATT_PORT)
-            and _ld32(f + l4 + 8) != 0):
+            and (sn_ld16(f + l4) == NATT_PORT or sn_ld16(f + l4 + 2) == NATT_PORT)
+            and sn_ld32(f + l4 + 8) != 0):
         # NAT-T ports are fixed (or NAT-chosen): the SPI is where the entropy is.
-        return _mix(h, _ld32(f + l4 + 8) ^ 0x45535055u)
-    return _mix(h, _ld32(f + l4))
+        return _mix(h, sn_ld32(f + l4 + 8) ^ 0x45535055u)
+    return _mix(h, sn_ld32(f + l4))
 
 
 cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
@@ -186,26 +145,26 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
         for i in range(n):
             h = _mix(h, f[i])
         return _fmix(h ^ n)
-    et = _ld16(f + 12)
+    et = sn_ld16(f + 12)
     for _i in range(MAX_VLAN_TAGS):
         if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
-            et = _ld16(f + off + 2)
+            et = sn_ld16(f + off + 2)
             off += 4
         else:
             break
     if et == ETH_P_IP and off + 20 <= n and (f[off] >> 4) == 4:
         hl = (f[off] & 15) * 4
         if hl >= 20 and off + hl <= n:
-            h = _mix(h, _ld32(f + off + 12))
-            h = _mix(h, _ld32(f + off + 16))
+            h = _mix(h, sn_ld32(f + off + 12))
+            h = _mix(h, sn_ld32(f + off + 16))
             nh = f[off + 9]
             h = _mix(h, nh)
-            if (_ld16(f + off + 6) & 0x3FFF) == 0:      # neither MF nor an offset
+            if (sn_ld16(f + off + 6) & 0x3FFF) == 0:      # neither MF nor an offset
                 h = _mix_l4(h, f, off + hl, n, nh)
             return _fmix(h ^ 4)
     elif et == ETH_P_IPV6 and off + 40 <= n and (f[off] >> 4) == 6:
         for i in range(8):
-            h = _mix(h, _ld32(f + off + 8 + 4 * i))
+            h = _mix(h, sn_ld32(f + off + 8 + 4 * i))
         nh = f[off + 6]
         l4 = off + 40
         for _i in range(MAX_EXT_HDRS):
@@ -231,9 +190,9 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
         if not frag and l4 <= n:
             h = _mix_l4(h, f, l4, n, nh)
         return _fmix(h ^ 6)
-    h = _mix(h, _ld32(f))
-    h = _mix(h, _ld32(f + 4))
-    h = _mix(h, _ld32(f + 8))
+    h = _mix(h, sn_ld32(f))
+    h = _mix(h, sn_ld32(f + 4))
+    h = _mix(h, sn_ld32(f + 8))
     h = _mix(h, et)
     return _fmix(h ^ 2)
 
@@ -243,11 +202,11 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
 cdef inline uint8_t _inner_ecn(const uint8_t *f, uint32_t n) noexcept nogil:
     """ECN bits of the inner IP header, 0 (Not-ECT) when there is none."""
     cdef uint32_t off = ETH_HLEN
-    cdef uint16_t et = _ld16(f + 12)
+    cdef uint16_t et = sn_ld16(f + 12)
     cdef int _i
     for _i in range(MAX_VLAN_TAGS):
         if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
-            et = _ld16(f + off + 2)
+            et = sn_ld16(f + off + 2)
             off += 4
     if et == ETH_P_IP and off + 2 <= n and (f[off] >> 4) == 4:
         return f[off + 1] & 3
@@ -299,41 +258,40 @@ cdef int sn_vxlan_encap(sn_pkt *p, const sn_vxlan_tx *t) noexcept nogil:
     if hl == 20:
         o[0] = 0x45
         o[1] = tos
-        _st16(o + 2, <uint16_t>(ulen + 20))
+        sn_st16(o + 2, <uint16_t>(ulen + 20))
         if t.flags & SN_VXLAN_F_DF:
-            _st32(o + 4, 0x00004000u)       # atomic datagram: ID 0 (RFC 6864 §4.1)
+            sn_st32(o + 4, 0x00004000u)       # atomic datagram: ID 0 (RFC 6864 §4.1)
         else:
-            _st16(o + 4, sn_vx_next_ipid())
-            _st16(o + 6, 0)
+            sn_st16(o + 4, sn_vx_next_ipid())
+            sn_st16(o + 6, 0)
         o[8] = t.ttl if t.ttl else 64
         o[9] = IPPROTO_UDP
         o[10] = 0
         o[11] = 0
         memcpy(o + 12, t.local, 4)
         memcpy(o + 16, t.remote, 4)
-        sn_vx_put16m(o + 10, sn_vx_fold(sn_vx_sum(o, 20, 0)))
+        sn_st16(o + 10, sn_csum(o, 20))
     else:
-        _st32(o, 0x60000000u | (<uint32_t>tos << 20) | (h & 0xFFFFFu))
-        _st16(o + 4, <uint16_t>ulen)
+        sn_st32(o, 0x60000000u | (<uint32_t>tos << 20) | (h & 0xFFFFFu))
+        sn_st16(o + 4, <uint16_t>ulen)
         o[6] = IPPROTO_UDP
         o[7] = t.ttl if t.ttl else 64
         memcpy(o + 8, t.local, 16)
         memcpy(o + 24, t.remote, 16)
-    _st16(u, sn_flow_port(h))
-    _st16(u + 2, t.dport if t.dport else SN_VXLAN_PORT)
-    _st16(u + 4, <uint16_t>ulen)
+    sn_st16(u, sn_flow_port(h))
+    sn_st16(u + 2, t.dport if t.dport else SN_VXLAN_PORT)
+    sn_st16(u + 4, <uint16_t>ulen)
     u[6] = 0
     u[7] = 0
-    _st32(v, 0x08000000u)                   # I flag; reserved bits zero (RFC 7348 §5)
-    _st32(v + 4, (t.vni & 0xFFFFFFu) << 8)
+    sn_st32(v, 0x08000000u)                   # I flag; reserved bits zero (RFC 7348 §5)
+    sn_st32(v + 4, (t.vni & 0xFFFFFFu) << 8)
     if hl == 40 or (t.flags & SN_VXLAN_F_UDP_CSUM):
         if hl == 20:
-            acc = sn_vx_sum(o + 12, 8, 0)
+            acc = sn_csum_pseudo4(o + 12, o + 16, IPPROTO_UDP, ulen)
         else:
-            acc = sn_vx_sum(o + 8, 32, 0)
-        acc += sn_vx_htons(IPPROTO_UDP) + sn_vx_htons(<uint16_t>ulen)
-        c = sn_vx_fold(sn_vx_sum(u, ulen, acc))
-        sn_vx_put16m(u + 6, c if c != 0 else 0xFFFF)   # 0 means "no checksum" in UDP
+            acc = sn_csum_pseudo6(o + 8, o + 24, IPPROTO_UDP, ulen)
+        c = sn_csum_finish(sn_csum_partial(u, ulen, acc))
+        sn_st16(u + 6, c if c != 0 else 0xFFFF)        # 0 means "no checksum" in UDP
     p.off -= ol
     p.len += ol
     return SN_OK
@@ -369,16 +327,16 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         if n < 20:
             return SN_DROP_MALFORMED_L3
         hl = (b[0] & 15) * 4
-        end = _ld16(b + 2)
+        end = sn_ld16(b + 2)
         if hl < 20 or end < hl or end > n:
             return SN_DROP_MALFORMED_L3
-        if (_ld16(b + 6) & 0x3FFF) != 0 or b[9] != IPPROTO_UDP:
+        if (sn_ld16(b + 6) & 0x3FFF) != 0 or b[9] != IPPROTO_UDP:
             return SN_DROP_MALFORMED_L3
         l4 = hl
     elif ver == 6:
         if n < 40:
             return SN_DROP_MALFORMED_L3
-        end = 40 + <uint32_t>_ld16(b + 4)
+        end = 40 + <uint32_t>sn_ld16(b + 4)
         if end > n:
             return SN_DROP_MALFORMED_L3
         nh = b[6]
@@ -396,7 +354,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         return SN_DROP_MALFORMED_L3
     if end - l4 < 8:
         return SN_DROP_MALFORMED_L4
-    ulen = _ld16(b + l4 + 4)
+    ulen = sn_ld16(b + l4 + 4)
     if ulen < 8 or ulen > end - l4:
         return SN_DROP_MALFORMED_L4
     if ulen < 16:
@@ -406,7 +364,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         return SN_DROP_BAD_VXLAN
     if ulen - 16 < ETH_HLEN:
         return SN_DROP_MALFORMED_L2
-    info.vni = _ld32(v + 4) >> 8
+    info.vni = sn_ld32(v + 4) >> 8
     memset(info.src, 0, 16)
     memset(info.dst, 0, 16)
     if ver == 4:
@@ -418,9 +376,9 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         info.family = SN_AF_INET6
         memcpy(info.src, b + 8, 16)
         memcpy(info.dst, b + 24, 16)
-        info.tos = <uint8_t>(_ld16(b) >> 4)
-    info.sport = _ld16(b + l4)
-    info.dport = _ld16(b + l4 + 2)
+        info.tos = <uint8_t>(sn_ld16(b) >> 4)
+    info.sport = sn_ld16(b + l4)
+    info.dport = sn_ld16(b + l4 + 2)
     p.off += l4 + 16
     p.len = ulen - 16
     return SN_OK
@@ -453,15 +411,15 @@ cdef int _too_big4(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     if avail < 20 or (ip[0] >> 4) != 4:
         return SN_DROP_MALFORMED_L3
     hl = (ip[0] & 15) * 4
-    tot = _ld16(ip + 2)
+    tot = sn_ld16(ip + 2)
     if hl < 20 or tot < hl or tot > avail:
         return SN_DROP_MALFORMED_L3
-    fo = _ld16(ip + 6)
+    fo = sn_ld16(ip + 6)
     # DF clear: the sender allowed fragmentation, so this is no PMTU event (RFC 1191 §4).
     # A non-first fragment gets no ICMP error (RFC 1122 §3.2.2).
     if (fo & 0x4000) == 0 or (fo & 0x1FFF) != 0:
         return SN_DROP_TOO_BIG
-    if (f[0] | f[6]) & 1 or _v4_bad_source(_ld32(ip + 12)) or ip[16] >= 224:
+    if (f[0] | f[6]) & 1 or _v4_bad_source(sn_ld32(ip + 12)) or ip[16] >= 224:
         return SN_DROP_TOO_BIG        # link/IP broadcast or multicast, bad source
     if ip[9] == IPPROTO_ICMP:
         # Never an error about an error (RFC 1122 §3.2.2); unreadable type: assume error.
@@ -482,22 +440,22 @@ cdef int _too_big4(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     r += off
     r[0] = 0x45
     r[1] = 0xC0                       # precedence "internetwork control" (RFC 1812 §4.3.2.5)
-    _st16(r + 2, <uint16_t>(28 + q))
-    _st32(r + 4, 0x00004000u)         # ID 0, DF: an atomic datagram (RFC 6864)
+    sn_st16(r + 2, <uint16_t>(28 + q))
+    sn_st32(r + 4, 0x00004000u)         # ID 0, DF: an atomic datagram (RFC 6864)
     r[8] = 64
     r[9] = IPPROTO_ICMP
     r[10] = 0
     r[11] = 0
     memcpy(r + 12, ip + 16, 4)
     memcpy(r + 16, ip + 12, 4)
-    sn_vx_put16m(r + 10, sn_vx_fold(sn_vx_sum(r, 20, 0)))
+    sn_st16(r + 10, sn_csum(r, 20))
     c = r + 20
     c[0] = 3                          # destination unreachable
     c[1] = 4                          # fragmentation needed and DF set
-    _st32(c + 2, 0)                   # checksum + unused
-    _st16(c + 6, <uint16_t>mtu)       # next-hop MTU (RFC 1191 §4)
+    sn_st32(c + 2, 0)                   # checksum + unused
+    sn_st16(c + 6, <uint16_t>mtu)       # next-hop MTU (RFC 1191 §4)
     memcpy(c + 8, ip, q)
-    sn_vx_put16m(c + 2, sn_vx_fold(sn_vx_sum(c, 8 + q, 0)))
+    sn_st16(c + 2, sn_csum(c, 8 + q))
     out.len = off + 28 + q
     return SN_OK
 
@@ -513,7 +471,7 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     cdef uint64_t acc
     if avail < 40 or (ip[0] >> 4) != 6:
         return SN_DROP_MALFORMED_L3
-    tot = 40 + <uint32_t>_ld16(ip + 4)
+    tot = 40 + <uint32_t>sn_ld16(ip + 4)
     if tot > avail:
         return SN_DROP_MALFORMED_L3
     # Source must be a unicast host (RFC 4443 §2.4(e.6)): not ::, not multicast.
@@ -537,7 +495,7 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
         elif nh == IPPROTO_FRAGMENT:
             if pos + 8 > tot:
                 return SN_DROP_MALFORMED_L3
-            if (_ld16(ip + pos + 2) & 0xFFF8) != 0:
+            if (sn_ld16(ip + pos + 2) & 0xFFF8) != 0:
                 return SN_DROP_TOO_BIG    # not the first fragment (RFC 4443 §2.4(e))
             nh = ip[pos]
             pos += 8
@@ -562,8 +520,8 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     r = out.data + out.off
     _l2_reply(f, off, r)
     r += off
-    _st32(r, 0x60000000u)
-    _st16(r + 4, <uint16_t>(8 + q))
+    sn_st32(r, 0x60000000u)
+    sn_st16(r + 4, <uint16_t>(8 + q))
     r[6] = IPPROTO_ICMPV6
     r[7] = 64
     memcpy(r + 8, ip + 24, 16)
@@ -573,11 +531,10 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     c[1] = 0
     c[2] = 0
     c[3] = 0
-    _st32(c + 4, mtu)
+    sn_st32(c + 4, mtu)
     memcpy(c + 8, ip, q)
-    acc = sn_vx_sum(r + 8, 32, 0)     # pseudo-header (RFC 8200 §8.1)
-    acc += sn_vx_htons(<uint16_t>(8 + q)) + sn_vx_htons(IPPROTO_ICMPV6)
-    sn_vx_put16m(c + 2, sn_vx_fold(sn_vx_sum(c, 8 + q, acc)))
+    acc = sn_csum_pseudo6(r + 8, r + 24, IPPROTO_ICMPV6, 8 + q)   # RFC 8200 §8.1
+    sn_st16(c + 2, sn_csum_finish(sn_csum_partial(c, 8 + q, acc)))
     out.len = off + 48 + q
     return SN_OK
 
@@ -601,12 +558,12 @@ cdef int sn_icmp_too_big(const uint8_t *f, uint32_t n, uint32_t mtu,
     cdef int _i
     if n < ETH_HLEN:
         return SN_DROP_MALFORMED_L2
-    et = _ld16(f + 12)
+    et = sn_ld16(f + 12)
     for _i in range(MAX_VLAN_TAGS):
         if et == ETH_P_8021Q or et == ETH_P_8021AD:
             if off + 4 > n:
                 return SN_DROP_MALFORMED_L2
-            et = _ld16(f + off + 2)
+            et = sn_ld16(f + off + 2)
             off += 4
     if et == ETH_P_IP:
         return _too_big4(f, n, off, mtu, out)
