@@ -22,6 +22,7 @@ from softnic._csum cimport (
     sn_csum_partial,
     sn_csum_pseudo4,
     sn_csum_pseudo6,
+    sn_csum_update16,
 )
 from softnic._pkt cimport (
     SN_DROP_BAD_VXLAN,
@@ -199,20 +200,67 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
 
 # --- encapsulation --------------------------------------------------------------------
 
-cdef inline uint8_t _inner_ecn(const uint8_t *f, uint32_t n) noexcept nogil:
-    """ECN bits of the inner IP header, 0 (Not-ECT) when there is none."""
+cdef inline int _inner_ip(const uint8_t *f, uint32_t n, uint32_t *l3) noexcept nogil:
+    """IP version (4 or 6) of the frame's payload with *l3 its offset (20 resp. 40 bytes
+    present), or 0 when it carries no IP header."""
     cdef uint32_t off = ETH_HLEN
-    cdef uint16_t et = sn_ld16(f + 12)
+    cdef uint16_t et
     cdef int _i
+    if n < ETH_HLEN:
+        return 0
+    et = sn_ld16(f + 12)
     for _i in range(MAX_VLAN_TAGS):
         if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
             et = sn_ld16(f + off + 2)
             off += 4
-    if et == ETH_P_IP and off + 2 <= n and (f[off] >> 4) == 4:
+    l3[0] = off
+    if et == ETH_P_IP and off + 20 <= n and (f[off] >> 4) == 4:
+        return 4
+    if et == ETH_P_IPV6 and off + 40 <= n and (f[off] >> 4) == 6:
+        return 6
+    return 0
+
+
+cdef inline uint8_t _inner_ecn(const uint8_t *f, uint32_t n) noexcept nogil:
+    """ECN bits of the inner IP header, 0 (Not-ECT) when there is none."""
+    cdef uint32_t off = 0
+    cdef int v = _inner_ip(f, n, &off)
+    if v == 4:
         return f[off + 1] & 3
-    if et == ETH_P_IPV6 and off + 2 <= n and (f[off] >> 4) == 6:
+    if v == 6:
         return (f[off + 1] >> 4) & 3
     return 0
+
+
+cdef inline void _ecn_decap(uint8_t *f, uint32_t n, uint8_t outer) noexcept nogil:
+    """RFC 6040 §4.2, normal mode: an outer CE marks an ECN-capable inner header CE, and
+    an outer ECT(1) turns an inner ECT(0) into ECT(1); the IPv4 header checksum follows
+    (RFC 1624). A Not-ECT inner is left alone (RFC 6040 would drop it under an outer CE;
+    there is no drop reason for that yet)."""
+    cdef uint32_t off = 0
+    cdef int v = _inner_ip(f, n, &off)
+    cdef uint8_t inner, new
+    cdef uint16_t old_w
+    outer &= 3
+    if v == 0 or outer == 0:
+        return
+    inner = (f[off + 1] & 3) if v == 4 else ((f[off + 1] >> 4) & 3)
+    if inner == 0:
+        return
+    if outer == 3:
+        new = 3
+    elif outer == 1 and inner == 2:
+        new = 1
+    else:
+        return
+    if new == inner:
+        return
+    if v == 4:
+        old_w = sn_ld16(f + off)
+        f[off + 1] = (f[off + 1] & 0xFC) | new
+        sn_st16(f + off + 10, sn_csum_update16(sn_ld16(f + off + 10), old_w, sn_ld16(f + off)))
+    else:
+        f[off + 1] = (f[off + 1] & 0xCF) | (new << 4)
 
 
 cdef int sn_vxlan_encap(sn_pkt *p, const sn_vxlan_tx *t) noexcept nogil:
@@ -306,8 +354,9 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
     datagram reached the UDP socket, and the I/O layer rebuilt these headers. The UDP
     destination port is not checked either (the socket it arrived on decides that); it is
     reported in info. Fragments are refused (the kernel reassembles before the socket).
-    Ownership: reads p.data[p.off : p.off+p.len] only; on success moves p.off/p.len to
-    the inner frame and fills info; on failure neither p nor info is changed.
+    Ownership: reads p.data[p.off : p.off+p.len]; on success moves p.off/p.len to the
+    inner frame, fills info and applies RFC 6040 ECN decapsulation to the inner IP
+    header (outer CE -> inner CE); on failure neither p nor info is changed.
     Returns SN_OK; SN_DROP_MALFORMED_L3 (IP version, header/total length, fragment,
     not UDP); SN_DROP_MALFORMED_L4 (UDP header/length); SN_DROP_BAD_VXLAN (truncated
     VXLAN header, I flag clear; reserved bits are ignored per RFC 7348 §5);
@@ -379,6 +428,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         info.tos = <uint8_t>(sn_ld16(b) >> 4)
     info.sport = sn_ld16(b + l4)
     info.dport = sn_ld16(b + l4 + 2)
+    _ecn_decap(p.data + p.off + l4 + 16, ulen - 16, info.tos)
     p.off += l4 + 16
     p.len = ulen - 16
     return SN_OK

@@ -512,3 +512,25 @@ def test_linux_kernel_vtep_interop(tmp_path, underlay, csum, corrupt):
     finally:
         for ns in (ns1, ns2):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+@pytest.mark.parametrize("outer_ecn,inner_ecn,expect", [
+    (3, 2, 3), (3, 1, 3), (3, 0, 0), (1, 2, 1), (1, 1, 1), (2, 1, 1), (0, 2, 2), (2, 3, 3)])
+@pytest.mark.parametrize("v6", [False, True])
+def test_decap_ecn_rfc6040(outer_ecn, inner_ecn, expect, v6):
+    if v6:
+        fr = bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=3)
+                   / IPv6(src="::1", dst="::2", tc=0xA0 | inner_ecn) / UDP() / b"e")
+    else:
+        fr = inner_v4(tos=0xA0 | inner_ecn, proto="udp")
+    pkt = bytes(IP(src="10.0.0.1", dst="10.0.0.2", tos=0x20 | outer_ecn) / UDP(dport=4789)
+                / VXLAN(vni=1) / Ether(fr))
+    inner = Ether(vx.decap(pkt)[1])
+    if v6:
+        assert inner[IPv6].tc == 0xA0 | expect
+    else:
+        assert inner[IP].tos == 0xA0 | expect
+        ref = inner[IP].copy()
+        del ref.chksum
+        assert IP(bytes(ref)).chksum == inner[IP].chksum      # header checksum updated
+    assert bytes(inner[UDP]) == bytes(Ether(fr)[UDP])
