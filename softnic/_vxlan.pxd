@@ -51,6 +51,10 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil
 cdef uint32_t sn_flow_hash(const uint8_t *frame, uint32_t len) noexcept nogil
 cdef int sn_icmp_too_big(const uint8_t *frame, uint32_t len, uint32_t mtu,
                          sn_pkt *out) noexcept nogil
+# Bursts (DPDK style): run the per-packet function over pkts[0:n] that are still alive
+# (drop == SN_OK), set each refused packet's .drop to the reason, return how many passed.
+cdef int sn_vxlan_encap_burst(sn_pkt *pkts, int n, const sn_vxlan_tx *t) noexcept nogil
+cdef int sn_vxlan_decap_burst(sn_pkt *pkts, int n, sn_vxlan_rx *infos) noexcept nogil
 
 
 cdef inline uint16_t sn_flow_port(uint32_t hash) noexcept nogil:

@@ -534,3 +534,21 @@ def test_decap_ecn_rfc6040(outer_ecn, inner_ecn, expect, v6):
         del ref.chksum
         assert IP(bytes(ref)).chksum == inner[IP].chksum      # header checksum updated
     assert bytes(inner[UDP]) == bytes(Ether(fr)[UDP])
+
+
+def test_batch_encap_decap():
+    from softnic._batch import Batch
+    b = Batch(8)
+    frames = [inner_v4(sport=1000 + i) for i in range(5)] + [b"short"]
+    for f in frames:
+        b.push(f)
+    assert vx.encap_batch(b, "10.0.0.1", "10.0.0.2", 99) == 5
+    assert b.drop_reason(5) == "malformed_l2" and b.get(5) == b"short"
+    for i in range(5):
+        s = IP(b.get(i))
+        assert s[VXLAN].vni == 99 and bytes(s[VXLAN].payload) == frames[i]
+        assert s[UDP].sport == vx.flow_port(vx.flow_hash(frames[i]))
+    ok, vnis = vx.decap_batch(b)
+    assert ok == 5 and vnis == [99] * 5 + [None]
+    assert [b.get(i) for i in range(5)] == frames[:5]
+    assert vx._bench_encap_batch(b, "10.0.0.1", "10.0.0.2", 1, 10) > 0
