@@ -1,7 +1,14 @@
 """VXLAN (RFC 7348) encap/decap, flow hash and ICMP too-big, against scapy and dpkt."""
 
+import contextlib
 import ipaddress
+import json
+import os
+import shutil
 import struct
+import subprocess
+import sys
+import time
 
 import dpkt
 import pytest
@@ -451,20 +458,11 @@ print(json.dumps(result))
 '''
 
 
-@pytest.mark.netns
-@pytest.mark.parametrize("underlay,csum,corrupt", [
-    ("4", False, False), ("4", True, False), ("6", True, False), ("4", True, True),
-    ("6", True, True)])
-def test_linux_kernel_vtep_interop(tmp_path, underlay, csum, corrupt):
-    """Our outer packet, sent as built, is decapsulated by the Linux vxlan driver, which
-    answers a ping; we decapsulate the kernel's reply. A corrupted UDP checksum gets no
-    answer (the kernel verified ours)."""
-    import json
-    import os
-    import shutil
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def kernel_vtep(underlay):
+    """Two namespaces joined by a veth: ns1 runs the Linux vxlan driver (VNI 42, inner
+    192.168.77.1 / fd00:77::1, MAC ..:0a, static neighbours .2 at MAC ..:0b); ns2 is
+    where our code plays the other VTEP. Yields (ns1, ns2, ns1 underlay, ns2 underlay)."""
     if os.geteuid() != 0 or shutil.which("ip") is None:
         pytest.skip("needs root and iproute2 for network namespaces")
     ns1, ns2 = f"snvx1-{os.getpid()}", f"snvx2-{os.getpid()}"
@@ -488,17 +486,39 @@ def test_linux_kernel_vtep_interop(tmp_path, underlay, csum, corrupt):
            "remote", b, "dstport", "4789")
         ip("-n", ns1, "link", "set", "vx0", "address", "02:00:00:00:00:0a")
         ip("-n", ns1, "addr", "add", "192.168.77.1/24", "dev", "vx0")
+        ip("-n", ns1, "addr", "add", "fd00:77::1/64", "dev", "vx0", "nodad")
         ip("-n", ns1, "link", "set", "vx0", "up")
-        ip("-n", ns1, "neigh", "add", "192.168.77.2", "lladdr", "02:00:00:00:00:0b",
-           "dev", "vx0")
-        script = tmp_path / "peer.py"
-        script.write_text(PEER)
-        env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
-        out = subprocess.run(["ip", "netns", "exec", ns2, sys.executable, str(script), b, a,
-                              "1" if csum else "0"] + (["corrupt"] if corrupt else []),
-                             capture_output=True, text=True, timeout=60, env=env)
-        assert out.returncode == 0, out.stderr[-2000:]
-        res = json.loads(out.stdout.strip().splitlines()[-1])
+        for addr in ("192.168.77.2", "fd00:77::2"):
+            ip("-n", ns1, "neigh", "add", addr, "lladdr", "02:00:00:00:00:0b", "dev", "vx0")
+        yield ns1, ns2, a, b
+    finally:
+        for ns in (ns1, ns2):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+def run_in(ns, tmp_path, name, code, *args, **kw):
+    script = tmp_path / name
+    script.write_text(code)
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(__file__)))
+    return subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, str(script),
+                             *args], env=env, text=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kw)
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("underlay,csum,corrupt", [
+    ("4", False, False), ("4", True, False), ("6", True, False), ("4", True, True),
+    ("6", True, True)])
+def test_linux_kernel_vtep_interop(tmp_path, underlay, csum, corrupt):
+    """Our outer packet, sent as built, is decapsulated by the Linux vxlan driver, which
+    answers a ping; we decapsulate the kernel's reply. A corrupted UDP checksum gets no
+    answer (the kernel verified ours)."""
+    with kernel_vtep(underlay) as (ns1, ns2, a, b):
+        peer = run_in(ns2, tmp_path, "peer.py", PEER, b, a, "1" if csum else "0",
+                      *(["corrupt"] if corrupt else []))
+        stdout, stderr = peer.communicate(timeout=60)
+        assert peer.returncode == 0, stderr[-2000:]
+        res = json.loads(stdout.strip().splitlines()[-1])
         if corrupt:
             assert "vni" not in res
             return
@@ -509,9 +529,70 @@ def test_linux_kernel_vtep_interop(tmp_path, underlay, csum, corrupt):
         fdb = subprocess.run(["bridge", "-n", ns1, "fdb", "show", "dev", "vx0"],
                              capture_output=True, text=True, timeout=10).stdout
         assert any("02:00:00:00:00:0b" in ln and b in ln for ln in fdb.splitlines()), fdb
-    finally:
-        for ns in (ns1, ns2):
-            subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=10)
+
+
+PMTU_SENDER = r'''
+import socket, sys
+v6 = sys.argv[1] == "6"
+fam, lvl = (socket.AF_INET6, socket.IPPROTO_IPV6) if v6 else (socket.AF_INET, socket.IPPROTO_IP)
+s = socket.socket(fam, socket.SOCK_DGRAM)
+# IP(V6)_MTU_DISCOVER = IP_PMTUDISC_DO: DF set, and the socket learns the path MTU
+s.setsockopt(lvl, 23 if v6 else 10, 2)
+s.connect(("fd00:77::2" if v6 else "192.168.77.2", 9))
+s.send(b"D" * 1400)
+print("sent", flush=True)
+sys.stdin.readline()
+print(s.getsockopt(lvl, 24 if v6 else 14), flush=True)      # IPV6_MTU / IP_MTU
+'''
+
+PMTU_PEER = r'''
+import json, socket, struct, sys
+from scapy.layers.inet import IP, UDP
+from scapy.packet import Raw
+from softnic import _vxlan as vx
+local, remote, mtu = sys.argv[1], sys.argv[2], int(sys.argv[3])
+rx = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+rx.bind((local, 4789))
+rx.settimeout(5)
+print("ready", flush=True)
+for _ in range(20):
+    data, addr = rx.recvfrom(4096)
+    vni, frame, _ = vx.decap(bytes(IP(src=addr[0], dst=local) / UDP(sport=addr[1], dport=4789)
+                                   / Raw(data)))
+    if len(frame) > 1400:
+        break
+reply = vx.icmp_too_big(frame, mtu)
+pkt = vx.encap(reply, local, remote, 42, udp_csum=True)
+tx = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+tx.sendto(pkt, (remote, 0))
+print(json.dumps({"quoted": len(reply)}), flush=True)
+'''
+
+
+@pytest.mark.netns
+@pytest.mark.parametrize("inner", ["4", "6"])
+def test_linux_kernel_accepts_icmp_too_big(tmp_path, inner):
+    """The Linux stack, sending a DF / IPv6 datagram through its vxlan device, takes our
+    ICMP Fragmentation Needed / Packet Too Big (sent back through the tunnel) and lowers
+    the socket's path MTU to the value we sent."""
+    mtu = 1300 if inner == "4" else 1280
+    with kernel_vtep("4") as (ns1, ns2, a, b):
+        peer = run_in(ns2, tmp_path, "peer.py", PMTU_PEER, b, a, str(mtu))
+        try:
+            assert peer.stdout.readline().strip() == "ready"
+            sender = run_in(ns1, tmp_path, "sender.py", PMTU_SENDER, inner)
+            try:
+                assert sender.stdout.readline().strip() == "sent", sender.stderr.read()
+                out, err = peer.communicate(timeout=30)
+                assert peer.returncode == 0, err[-2000:]
+                assert json.loads(out.strip().splitlines()[-1])["quoted"] > 0
+                time.sleep(0.2)
+                got, err = sender.communicate("go\n", timeout=30)
+                assert int(got.strip().splitlines()[-1]) == mtu, err
+            finally:
+                sender.kill()
+        finally:
+            peer.kill()
 
 
 @pytest.mark.parametrize("outer_ecn,inner_ecn,expect", [
