@@ -345,3 +345,80 @@ def test_policy_against_model(sels, pkts, data):
         assert p.lookup(1, d, src, dst, proto, 0, dport) == \
             model_lookup(rules, d, src, dst, proto, dport)
         assert p.lookup(0, d, src, dst, proto, 0, dport) == ("none", None)
+
+
+# --- the cimport contract the lead's pipeline relies on ------------------------------------
+
+PROBE = '''
+# cython: language_level=3
+from libc.stdint cimport uint8_t, uint32_t
+from softnic._pkt cimport sn_pkt
+from softnic._tables cimport (SATable, Fdb, PolicyTable, sn_sa_lookup, sn_fdb_lookup,
+                              sn_policy_lookup, SN_DIR_IN)
+from softnic._vxlan cimport (sn_vxlan_tx, sn_vxlan_rx, sn_vxlan_encap, sn_vxlan_decap,
+                             sn_flow_hash, sn_flow_port, sn_vxlan_tx_init)
+
+def probe(SATable t, Fdb f, PolicyTable p, bytes frame):
+    cdef void *sa
+    cdef void *psa = NULL
+    cdef uint32_t v
+    cdef int act, r1, r2
+    cdef uint8_t mac[6]
+    cdef uint8_t a[16]
+    cdef sn_vxlan_tx tx
+    cdef sn_vxlan_rx rx
+    cdef bytearray buf = bytearray(512)
+    cdef sn_pkt pk
+    sn_vxlan_tx_init(&tx, "10.0.0.1", "10.0.0.2", 7)
+    pk.data = <uint8_t *>(<char *>buf)
+    pk.cap = 512
+    pk.off = 256
+    pk.len = len(frame)
+    pk.hash = 0
+    buf[256:256 + len(frame)] = frame
+    mac[:] = [2, 0, 0, 0, 0, 1]
+    a[:] = [10, 0, 0, 1] + [0] * 12
+    with nogil:
+        sa = sn_sa_lookup(&t.t, 1, 5, SN_DIR_IN)
+        v = sn_fdb_lookup(&f.f, 9, mac)
+        act = sn_policy_lookup(&p.t, 0, 1, 2, a, a, 6, 1, 2, &psa)
+        r1 = sn_vxlan_encap(&pk, &tx)
+        r2 = sn_vxlan_decap(&pk, &rx)
+    return (<size_t>sa, v, act, <size_t>psa, r1, r2, rx.vni, pk.len,
+            sn_flow_port(sn_flow_hash(<const uint8_t *>frame, len(frame))))
+'''
+
+
+@pytest.mark.slow
+def test_cimport_contract_from_another_extension(tmp_path):
+    """A separate extension cimports the .pxd files and calls every lookup and the VXLAN
+    stages without the GIL, as softnic/_fastpath.pyx will."""
+    import os
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "lead_probe.pyx").write_text(PROBE)
+    (tmp_path / "setup.py").write_text(
+        "from setuptools import setup, Extension\n"
+        "from Cython.Build import cythonize\n"
+        "setup(ext_modules=cythonize([Extension('lead_probe', ['lead_probe.pyx'])],"
+        f" include_path=[{root!r}]))\n")
+    r = subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import lead_probe
+    finally:
+        sys.path.remove(str(tmp_path))
+    from softnic._vxlan import flow_hash, flow_port
+    t = SATable(8)
+    t.add(1, 5, "in", 1234)
+    f = Fdb(8)
+    f.add(9, "02:00:00:00:00:01", 3)
+    p = PolicyTable(2, 2)
+    p.add(0, src="10.0.0.0/8", action="protect", sa=77)
+    frame = bytes(range(64))
+    assert lead_probe.probe(t, f, p, frame) == (1234, 3, 1, 77, 0, 0, 7, 64,
+                                                flow_port(flow_hash(frame)))
