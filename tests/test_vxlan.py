@@ -633,3 +633,27 @@ def test_batch_encap_decap():
     assert ok == 5 and vnis == [99] * 5 + [None]
     assert [b.get(i) for i in range(5)] == frames[:5]
     assert vx._bench_encap_batch(b, "10.0.0.1", "10.0.0.2", 1, 10) > 0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(min_size=14, max_size=1600), st.integers(0, (1 << 24) - 1),
+       st.sampled_from(UNDERLAYS), st.booleans())
+def test_encap_decap_property(frame, vni, underlay, csum):
+    pkt = vx.encap(frame, *underlay, vni, udp_csum=csum)
+    hl = 40 if ":" in underlay[0] else 20
+    assert len(pkt) == len(frame) + hl + 16
+    assert pkt[hl + 8:hl + 16] == b"\x08\0\0\0" + vni.to_bytes(3, "big") + b"\0"
+    s = (IPv6 if hl == 40 else IP)(pkt)
+    assert s[VXLAN].vni == vni and s[UDP].len == len(frame) + 16
+    if hl == 20:
+        assert inet_sum(pkt[:20]) == 0xFFFF
+    if hl == 40 or csum:
+        src = ipaddress.ip_address(underlay[0]).packed
+        dst = ipaddress.ip_address(underlay[1]).packed
+        pseudo = src + dst + (struct.pack("!xBH", 17, len(pkt) - hl) if hl == 20
+                              else struct.pack("!IxxxB", len(pkt) - hl, 17))
+        assert inet_sum(pseudo + pkt[hl:]) == 0xFFFF
+    got_vni, inner, info = vx.decap(pkt)
+    assert got_vni == vni and info["sport"] == vx.flow_port(vx.flow_hash(frame))
+    # decap may rewrite inner ECN bits (RFC 6040), but the outer ECN was copied from them
+    assert inner == frame
