@@ -6,8 +6,9 @@ Outer headers: IPv4 per RFC 791 (DF set by default so the underlay never fragmen
 7348 §4.3), IPv6 per RFC 8200 with the flow label taken from the inner flow hash (RFC
 6438); UDP per RFC 768, checksum zero for IPv4 unless asked (RFC 7348 §5 "SHOULD be
 transmitted as zero"), always computed for IPv6 (RFC 8200 §8.1; the RFC 6935 zero-checksum
-exception is not used). ICMP replies: RFC 792 / RFC 1191 §4 and RFC 1812 §4.3.2 for IPv4,
-RFC 4443 §3.2 and §2.4 for IPv6.
+exception is not used). ECN: copied to the outer header on encapsulation and propagated
+back on decapsulation per RFC 6040 §4 (normal mode). ICMP replies: RFC 792 / RFC 1191 §4
+and RFC 1812 §4.3.2 for IPv4, RFC 4443 §3.2 and §2.4 for IPv6.
 """
 
 import ipaddress
@@ -61,6 +62,7 @@ cdef enum:
     ETH_P_IPV6 = 0x86DD
     ETH_P_8021Q = 0x8100
     ETH_P_8021AD = 0x88A8
+    ETH_P_QINQ_OLD = 0x9100
     IPPROTO_HOPOPTS = 0
     IPPROTO_ICMP = 1
     IPPROTO_TCP = 6
@@ -80,6 +82,11 @@ cdef enum:
     ICMP4_QUOTE_LIMIT = 576    # RFC 1812 §4.3.2.3: the whole reply fits 576 bytes
     ICMP6_QUOTE_LIMIT = 1280   # RFC 4443 §2.4(c): the whole reply fits the IPv6 minimum MTU
     HASH_SEED = 0x9E3779B9
+
+
+cdef inline bint _is_vlan(uint16_t et) noexcept nogil:
+    """802.1Q, 802.1ad, and the pre-standard QinQ TPID still seen in the field."""
+    return et == ETH_P_8021Q or et == ETH_P_8021AD or et == ETH_P_QINQ_OLD
 
 
 # --- flow hash ------------------------------------------------------------------------
@@ -150,7 +157,7 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
         return _fmix(h ^ n)
     et = sn_ld16(f + 12)
     for _i in range(MAX_VLAN_TAGS):
-        if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
+        if _is_vlan(et) and off + 4 <= n:
             et = sn_ld16(f + off + 2)
             off += 4
         else:
@@ -212,7 +219,7 @@ cdef inline int _inner_ip(const uint8_t *f, uint32_t n, uint32_t *l3) noexcept n
         return 0
     et = sn_ld16(f + 12)
     for _i in range(MAX_VLAN_TAGS):
-        if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
+        if _is_vlan(et) and off + 4 <= n:
             et = sn_ld16(f + off + 2)
             off += 4
     l3[0] = off
@@ -612,7 +619,7 @@ cdef int sn_icmp_too_big(const uint8_t *f, uint32_t n, uint32_t mtu,
         return SN_DROP_MALFORMED_L2
     et = sn_ld16(f + 12)
     for _i in range(MAX_VLAN_TAGS):
-        if et == ETH_P_8021Q or et == ETH_P_8021AD:
+        if _is_vlan(et):
             if off + 4 > n:
                 return SN_DROP_MALFORMED_L2
             et = sn_ld16(f + off + 2)
