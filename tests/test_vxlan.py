@@ -659,3 +659,43 @@ def test_encap_decap_property(frame, vni, underlay, csum):
     assert got_vni == vni and info["sport"] == vx.flow_port(vx.flow_hash(frame))
     # decap may rewrite inner ECN bits (RFC 6040), but the outer ECN was copied from them
     assert inner == frame
+
+
+ICMP_SEEDS = [
+    bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9", flags="DF")
+          / TCP() / bytes(700)),
+    bytes(Ether(src=MAC_A, dst=MAC_B) / Dot1Q(vlan=4) / IPv6(src="2001:db8::1", dst="2001:db8::2")
+          / IPv6ExtHdrFragment(m=1, nh=58) / ICMPv6EchoRequest(data=bytes(1400))),
+    bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src="192.0.2.1", dst="198.51.100.9", flags="DF",
+                                           options=b"\x94\x04\0\0") / ICMP(type=8) / bytes(9)),
+]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.sampled_from(ICMP_SEEDS), st.lists(st.tuples(st.integers(0, 1600), st.integers(0, 255)),
+                                            max_size=4), st.integers(0, 1600))
+def test_icmp_too_big_mutated(seed, edits, cut):
+    """Structured mutations reach the deep paths; any reply must be a valid ICMP error."""
+    b = bytearray(seed)
+    for pos, val in edits:
+        b[pos % len(b)] = val
+    frame = bytes(b[:max(cut, 14)] if cut < len(b) else b)
+    try:
+        r = vx.icmp_too_big(frame, 1280)
+    except ValueError as e:
+        assert str(e) in DROP_REASONS
+        return
+    if r is None:
+        return
+    e = Ether(r)
+    assert e.dst == Ether(frame).src
+    l3 = bytes(e.payload.payload if Dot1Q in e else e.payload)
+    if IP in e:
+        assert e[ICMP].type == 3 and e[ICMP].code == 4 and len(l3) <= 576
+        assert inet_sum(l3[:20]) == 0xFFFF and inet_sum(l3[20:]) == 0xFFFF
+    else:
+        ip6 = e[IPv6]
+        assert e[ICMPv6PacketTooBig].mtu == 1280 and len(l3) <= 1280
+        src = ipaddress.IPv6Address(ip6.src).packed
+        dst = ipaddress.IPv6Address(ip6.dst).packed
+        assert inet_sum(src + dst + struct.pack("!IxxxB", len(l3) - 40, 58) + l3[40:]) == 0xFFFF
