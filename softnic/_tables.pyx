@@ -395,7 +395,8 @@ cdef int sn_policy_lookup(const sn_policy_table *t, uint32_t vf, uint8_t dir, ui
                           uint16_t sport, uint16_t dport, void **sa) noexcept nogil:
     """First rule of VF vf's list (ordered by priority, then age) whose selectors all
     match the packet: direction, family, src/dst prefix, protocol (or any), port ranges.
-    src/dst: 16-byte buffers (IPv4 in bytes 0..3; the rest is ignored). Ports: the
+    src/dst: the addresses in wire order, 4 bytes read for SN_TAF_INET, 16 otherwise
+    (they may point straight into the packet). Ports: the
     caller passes 0 for protocols without ports (so only full-range rules match them).
     Returns the rule's action (SN_POLICY_PROTECT sets *sa) or SN_POLICY_NONE when no
     rule matches or vf is out of range. Reads only."""
@@ -408,8 +409,17 @@ cdef int sn_policy_lookup(const sn_policy_table *t, uint32_t vf, uint8_t dir, ui
     n = t.n[vf]
     if n == 0:
         return SN_POLICY_NONE
-    memcpy(a, src, 16)
-    memcpy(b, dst, 16)
+    if family == SN_TAF_INET:
+        # IPv4: read only the 4 address bytes (callers may point into the packet itself)
+        a[0] = 0
+        a[1] = 0
+        b[0] = 0
+        b[1] = 0
+        memcpy(a, src, 4)
+        memcpy(b, dst, 4)
+    else:
+        memcpy(a, src, 16)
+        memcpy(b, dst, 16)
     r = t.rules + <size_t>vf * t.max_rules
     for _i in range(n):
         if (r.dir == dir and r.family == family
