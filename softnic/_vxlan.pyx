@@ -818,6 +818,13 @@ def decap_batch(Batch b not None):
         free(infos)
 
 
+def _ratelimit_trace(uint32_t per_second, uint32_t burst, times_ns):
+    """Which of the (monotonic, ns) times a fresh sn_ratelimit lets through (tests)."""
+    cdef sn_ratelimit r
+    sn_ratelimit_init(&r, per_second, burst)
+    return [bool(sn_ratelimit_take(&r, t)) for t in times_ns]
+
+
 def _bench_encap_batch(Batch b not None, local, remote, uint32_t vni, long rounds):
     """ns per packet of sn_vxlan_encap_burst (hash included) over the batch, repeated."""
     cdef sn_vxlan_tx t

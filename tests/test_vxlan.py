@@ -699,3 +699,14 @@ def test_icmp_too_big_mutated(seed, edits, cut):
         src = ipaddress.IPv6Address(ip6.src).packed
         dst = ipaddress.IPv6Address(ip6.dst).packed
         assert inet_sum(src + dst + struct.pack("!IxxxB", len(l3) - 40, 58) + l3[40:]) == 0xFFFF
+
+
+def test_icmp_ratelimit_bucket():
+    # 10 per second, burst 3: three at once, then one per 100 ms
+    t0 = 5_000_000_000
+    got = vx._ratelimit_trace(10, 3, [t0, t0, t0, t0, t0 + 50_000_000, t0 + 100_000_000,
+                                      t0 + 150_000_000, t0 + 10**10, t0 + 10**10,
+                                      t0 + 10**10, t0 + 10**10])
+    assert got == [True, True, True, False, False, True, False, True, True, True, False]
+    # a clock that goes backwards grants nothing extra
+    assert vx._ratelimit_trace(1, 1, [t0, t0 - 10**9, t0 - 10**9]) == [True, False, False]
