@@ -147,7 +147,7 @@ class Pair:
         if model == "host":
             # Host-terminated: the VM's own SA, tunnel mode between the VMs' addresses.
             self.a.sa_add(0, "out", self._sa("out"))
-            self.a.policy_set(0, "out", [{"src": VM_A, "dst": VM_B, "action": "protect",
+            self.a.policy_set(0, [{"dir": "out", "src": VM_A, "dst": VM_B, "action": "protect",
                                           "spi": SPI_VF}])
         else:
             # Device-terminated: the host's SA between the VTEPs, transport mode (the
@@ -172,7 +172,7 @@ class Pair:
         self.rx_sa = self._sa("in")
         self.b.sa_add(scope, "in", self.rx_sa)
         if self.model == "host":
-            self.b.policy_set(0, "in", [{"src": VM_A, "dst": VM_B, "action": "protect",
+            self.b.policy_set(0, [{"dir": "in", "src": VM_A, "dst": VM_B, "action": "protect",
                                          "spi": SPI_VF}])
 
 

@@ -26,9 +26,9 @@ from cpython.pythread cimport (
     PyThread_type_lock,
 )
 from cpython.mem cimport PyMem_Calloc, PyMem_Free
-from libc.stdint cimport int16_t, int32_t, uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy, memset
-from posix.time cimport CLOCK_REALTIME, clock_gettime, timespec
+from posix.time cimport CLOCK_MONOTONIC, CLOCK_REALTIME, clock_gettime, timespec
 
 from softnic._batch cimport Batch
 from softnic._esp cimport (
@@ -72,6 +72,31 @@ from softnic._csum cimport (
     sn_csum_sum16,
 )
 from softnic._proto cimport sn_st16
+from softnic._tables cimport (
+    SN_DIR_IN,
+    SN_DIR_OUT,
+    SN_FDB_NONE,
+    SN_POLICY_BYPASS,
+    SN_POLICY_DISCARD,
+    SN_POLICY_NONE,
+    SN_POLICY_PROTECT,
+    SN_TAF_INET,
+    SN_TAF_INET6,
+    SN_VF_UPLINK,
+    Fdb,
+    PolicyTable,
+    SATable,
+    sn_fdb_find,
+    sn_fdb_flood,
+    sn_fdb_slot,
+    sn_fdb_learn,
+    sn_fdb_lookup,
+    sn_policy_lookup,
+    sn_policy_rule,
+    sn_sa_add,
+    sn_sa_lookup,
+    sn_sa_remove,
+)
 from softnic._tso cimport sn_csum_complete, sn_tcp_mss_clamp, sn_tso_segment
 from vhost._virtq cimport (
     Virtq,
@@ -126,10 +151,6 @@ cdef enum:
     FP_UL_ESP = 1               # raw ESP (IP protocol 50) between VTEPs
     FP_UL_ESPINUDP = 2          # ESP in UDP 4500 (RFC 3948)
 
-    FP_ACT_BYPASS = 0
-    FP_ACT_PROTECT = 1
-    FP_ACT_DISCARD = 2
-
 ctypedef struct fp_counters:
     uint64_t tx_frames          # frames taken from the VF
     uint64_t tx_bytes
@@ -147,20 +168,6 @@ ctypedef struct fp_counters:
     uint64_t rx_coalesced       # segments merged into larger frames for the VF
     uint64_t drops[<int>SN_DROP_MAX]
 
-ctypedef struct fp_policy:
-    uint8_t family              # 4 or 6
-    uint8_t action              # FP_ACT_*
-    uint8_t src_len
-    uint8_t dst_len
-    uint8_t src[16]
-    uint8_t dst[16]
-    int16_t proto               # -1 = any
-    int32_t sport               # -1 = any
-    int32_t dport
-    int32_t priority            # lower first (as ip xfrm)
-    uint32_t reqid              # inbound PROTECT by reqid: any SA with it is accepted
-    sn_sa *sa                   # PROTECT: outbound SA, or the inbound SA it expects
-
 ctypedef struct fp_vf:
     uint8_t used
     uint8_t mode                # FP_MODE_*
@@ -175,10 +182,6 @@ ctypedef struct fp_vf:
     uint8_t guest_tso           # VIRTIO_NET_F_GUEST_TSO4/6: coalesced frames allowed
     uint8_t mergeable           # VIRTIO_NET_F_MRG_RXBUF
     uint8_t mirror              # a capture is on: copy frames both ways to the mirror
-    int n_out
-    int n_in
-    fp_policy out_pol[FP_MAX_POLICY]
-    fp_policy in_pol[FP_MAX_POLICY]
     fp_counters c
     sn_tap_stats tap
 
@@ -190,23 +193,11 @@ ctypedef struct fp_vtep:
     int n_sas
     sn_sa *sas[FP_MAX_UL_SAS]   # device-terminated outbound SAs towards this VTEP
 
-ctypedef struct fp_flood:
-    uint32_t vni
-    uint32_t n
-    uint32_t vteps[FP_MAX_FLOOD]
-
-ctypedef struct fp_fdb:
-    uint8_t used
-    uint8_t mac[6]
-    uint32_t vni
-    uint32_t vtep
-    uint8_t learned
-
-ctypedef struct fp_sa_slot:
-    uint32_t spi
-    uint16_t scope
-    uint32_t reqid              # groups the SAs of one policy (old and new across a rekey)
+ctypedef struct fp_sa_ref:
+    # What the SA table and the policies point at: the SA, and the reqid that groups the
+    # SAs of one policy (the old and the new one across a make-before-break rekey).
     sn_sa *sa
+    uint32_t reqid
 
 ctypedef struct fp_uplink_counters:
     uint64_t rx_packets
@@ -223,16 +214,6 @@ cdef inline uint32_t _mix(uint32_t h) noexcept nogil:
     h *= MIX_K2
     h ^= h >> 16
     return h
-
-
-cdef inline bint _prefix_match(const uint8_t *addr, const uint8_t *pfx,
-                               uint8_t plen) noexcept nogil:
-    cdef uint32_t full = plen >> 3, rem = plen & 7
-    if full and memcmp(addr, pfx, full) != 0:
-        return False
-    if rem:
-        return ((addr[full] ^ pfx[full]) & (<uint8_t>(0xFF << (8 - rem)))) == 0
-    return True
 
 
 cdef struct fp_sel:
@@ -269,25 +250,15 @@ cdef bint _selector(const uint8_t *f, const sn_hdrs *h, fp_sel *s) noexcept nogi
     return True
 
 
-cdef fp_policy *_policy_lookup(fp_policy *pol, int n, const fp_sel *s) noexcept nogil:
-    cdef int i
-    cdef fp_policy *p
-    for i in range(n):
-        p = &pol[i]
-        if p.family != s.family:
-            continue
-        if p.proto >= 0 and p.proto != s.proto:
-            continue
-        if p.sport >= 0 and p.sport != s.sport:
-            continue
-        if p.dport >= 0 and p.dport != s.dport:
-            continue
-        if not _prefix_match(s.src, p.src, p.src_len):
-            continue
-        if not _prefix_match(s.dst, p.dst, p.dst_len):
-            continue
-        return p
-    return NULL
+cdef inline int _spd(PolicyTable t, int vf, uint8_t direction, const fp_sel *s,
+                     fp_sa_ref **ref) noexcept nogil:
+    """The VF's policy for a packet: SN_POLICY_* (PROTECT sets *ref)."""
+    cdef void *sa = NULL
+    cdef int act = sn_policy_lookup(&t.t, vf, direction,
+                                    SN_TAF_INET if s.family == 4 else SN_TAF_INET6,
+                                    s.src, s.dst, s.proto, s.sport, s.dport, &sa)
+    ref[0] = <fp_sa_ref *>sa
+    return act
 
 
 cdef bint _is_neighbour_discovery(const uint8_t *f, const sn_hdrs *h,
@@ -305,16 +276,12 @@ cdef class Datapath:
 
     cdef fp_vf *vfs
     cdef fp_vtep *vteps
-    cdef fp_fdb *fdb
-    cdef uint32_t fdb_cap
-    cdef fp_flood floods[FP_MAX_VF]   # per VNI with a flood list; linear (few VNIs)
-    cdef int n_floods
+    cdef SATable sa_table             # (scope, SPI, dir) -> fp_sa_ref*; scope = VF index
+    cdef Fdb fdb                      # (VNI, MAC) -> VTEP index, and per-VNI flood lists
+    cdef PolicyTable spd              # per-VF ordered policies -> fp_sa_ref*
     cdef int active[FP_MAX_VF]        # indices of used VFs, so loops skip the unused
     cdef int n_active
     cdef uint32_t ul_room             # largest outer IP packet before device ESP
-    cdef fp_sa_slot *sas
-    cdef uint32_t sa_cap
-    cdef uint32_t n_sa
     cdef fp_uplink_counters ul
     cdef readonly uint32_t underlay_mtu
     cdef uint8_t ul_mode
@@ -334,8 +301,9 @@ cdef class Datapath:
     cdef int vf_mirrors               # VFs with a capture on
     cdef PyThread_type_lock tx_lock
     cdef PyThread_type_lock rx_lock
-    cdef dict sa_refs          # (scope, spi) -> SecurityAssociation, keeps sn_sa alive
+    cdef dict sa_refs          # (scope, spi, dir) -> (SecurityAssociation, fp_sa_ref address)
     cdef dict vtep_index       # packed address -> index
+    cdef dict floods           # vni -> [vtep index]: the flood lists, as installed in fdb
     cdef Underlay underlay
     cdef TxQueue txq
     cdef Batch tx_in
@@ -356,8 +324,6 @@ cdef class Datapath:
     def __cinit__(self):
         self.vfs = NULL
         self.vteps = NULL
-        self.fdb = NULL
-        self.sas = NULL
         self.tx_lock = PyThread_allocate_lock()
         self.rx_lock = PyThread_allocate_lock()
         if self.tx_lock == NULL or self.rx_lock == NULL:
@@ -376,14 +342,12 @@ cdef class Datapath:
         self.ul_single = sa_select == "single"
         self.vfs = <fp_vf *>PyMem_Calloc(FP_MAX_VF, sizeof(fp_vf))
         self.vteps = <fp_vtep *>PyMem_Calloc(FP_MAX_VTEP, sizeof(fp_vtep))
-        self.fdb_cap = 1
-        while self.fdb_cap < fdb_size * 2:
-            self.fdb_cap <<= 1
-        self.fdb = <fp_fdb *>PyMem_Calloc(self.fdb_cap, sizeof(fp_fdb))
-        self.sa_cap = 2 * FP_MAX_SA
-        self.sas = <fp_sa_slot *>PyMem_Calloc(self.sa_cap, sizeof(fp_sa_slot))
-        if not self.vfs or not self.vteps or not self.fdb or not self.sas:
+        if not self.vfs or not self.vteps:
             raise MemoryError()
+        self.sa_table = SATable(FP_MAX_SA)
+        self.fdb = Fdb(fdb_size, FP_MAX_VF)
+        self.spd = PolicyTable(FP_MAX_VF, FP_MAX_POLICY)
+        self.floods = {}
         self.underlay_mtu = underlay_mtu
         self.ul_mode = {"off": FP_UL_OFF, "esp": FP_UL_ESP, "espinudp": FP_UL_ESPINUDP}[ipsec]
         memcpy(self.local, <const char *>la.packed, len(la.packed))
@@ -418,8 +382,9 @@ cdef class Datapath:
     def __dealloc__(self):
         PyMem_Free(self.vfs)
         PyMem_Free(self.vteps)
-        PyMem_Free(self.fdb)
-        PyMem_Free(self.sas)
+        if self.sa_refs:
+            for _sa, ref in self.sa_refs.values():
+                PyMem_Free(<void *><size_t>ref)
         PyMem_Free(self.tx_mirror_ts)
         PyMem_Free(self.rx_mirror_ts)
         if self.tx_lock != NULL:
@@ -483,14 +448,11 @@ cdef class Datapath:
                 self.vf_mirrors -= 1
             memset(&self.vfs[index], 0, sizeof(fp_vf))
             self.vfs[index].tap_fd = -1
+            self.spd.t.n[index] = 0
             self._drop_scope_sas(index)
             self._refresh()
         finally:
             self._unlock()
-
-    cdef void _drop_scope_sas(self, int scope):
-        for key in [k for k in self.sa_refs if k[0] == scope]:
-            self._sa_remove(scope, key[1], key[2])
 
     cdef int _vtep(self, remote) except -1:
         ra = ipaddress.ip_address(remote)
@@ -519,9 +481,15 @@ cdef class Datapath:
         try:
             vt = self._vtep(remote)
             if mac is None:
-                self._flood_add(vni, vt)
+                lst = self.floods.get(vni, [])
+                if vt not in lst:
+                    self.fdb.set_flood(vni, lst + [vt])
+                    self.floods[vni] = lst + [vt]
             else:
-                self._fdb_put(vni, _mac(mac), vt, 0)
+                macb = _mac(mac)
+                if self.fdb.lookup(vni, macb) is not None:
+                    self.fdb.remove(vni, macb)   # a static entry replaces a learned one
+                self.fdb.add(vni, macb, vt)
         finally:
             self._unlock()
 
@@ -529,51 +497,30 @@ cdef class Datapath:
         self._lock()
         try:
             if mac is None:
-                key = ipaddress.ip_address(remote).packed
-                vt = self.vtep_index.get(key)
-                if vt is not None:
-                    self._flood_del(vni, vt)
+                vt = self.vtep_index.get(ipaddress.ip_address(remote).packed)
+                lst = [x for x in self.floods.get(vni, []) if x != vt]
+                self.fdb.set_flood(vni, lst)
+                self.floods[vni] = lst
             else:
-                self._fdb_remove(vni, _mac(mac))
+                self.fdb.remove(vni, _mac(mac))
         finally:
             self._unlock()
 
-    cdef fp_flood *_flood_find(self, uint32_t vni) noexcept nogil:
-        cdef int i
-        for i in range(self.n_floods):
-            if self.floods[i].vni == vni:
-                return &self.floods[i]
-        return NULL
+    def fdb_age(self, uint64_t max_age_ns):
+        """Forget learned FDB entries not seen for max_age_ns; returns how many."""
+        cdef timespec t
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        self._lock()
+        try:
+            return self.fdb.age(<uint64_t>t.tv_sec * 1000000000 + t.tv_nsec, max_age_ns)
+        finally:
+            self._unlock()
 
-    cdef int _flood_add(self, uint32_t vni, uint32_t vt) except -1:
-        cdef fp_flood *fl = self._flood_find(vni)
-        cdef uint32_t i
-        if fl == NULL:
-            if self.n_floods >= FP_MAX_VF:
-                raise ValueError("too many VNIs with flood lists")
-            fl = &self.floods[self.n_floods]
-            fl.vni = vni
-            fl.n = 0
-            self.n_floods += 1
-        for i in range(fl.n):
-            if fl.vteps[i] == vt:
-                return 0
-        if fl.n >= FP_MAX_FLOOD:
-            raise ValueError("flood list full")
-        fl.vteps[fl.n] = vt
-        fl.n += 1
-        return 0
-
-    cdef void _flood_del(self, uint32_t vni, uint32_t vt):
-        cdef fp_flood *fl = self._flood_find(vni)
-        cdef uint32_t i, k = 0
-        if fl == NULL:
-            return
-        for i in range(fl.n):
-            if fl.vteps[i] != vt:
-                fl.vteps[k] = fl.vteps[i]
-                k += 1
-        fl.n = k
+    def fdb_entries(self):
+        """[(vni, mac, remote address, learned)] for listings."""
+        addrs = {i: ipaddress.ip_address(k) for k, i in self.vtep_index.items()}
+        return [(vni, mac.hex(":"), str(addrs.get(vt)), learned)
+                for vni, mac, vt, learned, _seen in self.fdb.entries()]
 
     cdef void _refresh(self):
         """Recompute what the data path would otherwise find per packet: the list of
@@ -597,161 +544,46 @@ cdef class Datapath:
                     if m < self.ul_room:
                         self.ul_room = m
 
-    cdef uint32_t _fdb_slot(self, uint32_t vni, const uint8_t *mac) noexcept nogil:
-        cdef uint32_t h = vni * MIX_GOLDEN
-        cdef int i
-        for i in range(6):
-            h = (h ^ mac[i]) * MIX_FNV
-        return _mix(h) & (self.fdb_cap - 1)
+    # SAs: one table keyed by (scope, SPI, direction), the scope being the VF index (or
+    # the uplink), so a VF can never find another VF's SA even when their SPIs are equal.
 
-    cdef fp_fdb *_fdb_find(self, uint32_t vni, const uint8_t *mac) noexcept nogil:
-        cdef uint32_t i = self._fdb_slot(vni, mac), n = 0
-        cdef fp_fdb *e
-        while n < self.fdb_cap:
-            e = &self.fdb[i]
-            if e.used == 0:
-                return NULL
-            if e.used == 1 and e.vni == vni and memcmp(e.mac, mac, 6) == 0:
-                return e
-            i = (i + 1) & (self.fdb_cap - 1)
-            n += 1
-        return NULL
-
-    cdef int _fdb_put(self, uint32_t vni, const uint8_t *mac, uint32_t vt,
-                      uint8_t learned) noexcept nogil:
-        cdef fp_fdb *e = self._fdb_find(vni, mac)
-        cdef uint32_t i, n = 0
-        if e != NULL:
-            if learned and not e.learned:
-                return 0        # a static entry is never overridden by learning
-            e.vtep = vt
-            e.learned = learned
-            return 0
-        i = self._fdb_slot(vni, mac)
-        while n < self.fdb_cap // 2:
-            e = &self.fdb[i]
-            if e.used != 1:     # empty or tombstone
-                e.used = 1
-                e.vni = vni
-                memcpy(e.mac, mac, 6)
-                e.vtep = vt
-                e.learned = learned
-                return 0
-            i = (i + 1) & (self.fdb_cap - 1)
-            n += 1
-        return -1
-
-    cdef void _fdb_remove(self, uint32_t vni, const uint8_t *mac) noexcept nogil:
-        cdef fp_fdb *e = self._fdb_find(vni, mac)
-        if e != NULL:
-            e.used = 2          # tombstone keeps later probes intact
-
-    # SA table: open addressing keyed by (scope, SPI, direction). The scope is the VF
-    # index (or FP_UPLINK), so a VF can never find another VF's SA even with equal SPIs.
-
-    cdef uint32_t _sa_hash(self, uint16_t scope, uint32_t spi, uint8_t inbound) noexcept nogil:
-        return _mix(spi ^ (<uint32_t>scope << 20) ^ (<uint32_t>inbound << 31)) & (self.sa_cap - 1)
-
-    cdef fp_sa_slot *_sa_slot(self, uint16_t scope, uint32_t spi,
-                              uint8_t inbound) noexcept nogil:
-        cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
-        cdef fp_sa_slot *s
-        cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
-        while n < self.sa_cap:
-            s = &self.sas[i]
-            if s.sa == NULL and s.scope == 0:
-                return NULL
-            if s.sa != NULL and s.spi == spi and s.scope == sc:
-                return s
-            i = (i + 1) & (self.sa_cap - 1)
-            n += 1
-        return NULL
-
-    cdef sn_sa *_sa_find(self, uint16_t scope, uint32_t spi, uint8_t inbound) noexcept nogil:
-        cdef fp_sa_slot *s = self._sa_slot(scope, spi, inbound)
-        return s.sa if s != NULL else NULL
-
-    cdef int _sa_insert(self, uint16_t scope, uint32_t spi, uint8_t inbound,
-                        sn_sa *sa, uint32_t reqid) except -1:
-        cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
-        cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
-        if self.n_sa >= FP_MAX_SA:
-            raise ValueError("SA table full")
-        while n < self.sa_cap:
-            if self.sas[i].sa == NULL:
-                self.sas[i].sa = sa
-                self.sas[i].spi = spi
-                self.sas[i].scope = sc
-                self.sas[i].reqid = reqid
-                self.n_sa += 1
-                return 0
-            i = (i + 1) & (self.sa_cap - 1)
-            n += 1
-        raise ValueError("SA table full")
-
-    cdef void _sa_remove(self, uint16_t scope, uint32_t spi, uint8_t inbound):
-        cdef uint32_t i = self._sa_hash(scope, spi, inbound), n = 0
-        cdef uint16_t sc = scope | (<uint16_t>inbound << 15)
-        while n < self.sa_cap:
-            if self.sas[i].sa == NULL and self.sas[i].scope == 0:
-                break
-            if self.sas[i].sa != NULL and self.sas[i].spi == spi and self.sas[i].scope == sc:
-                self.sas[i].sa = NULL   # tombstone: scope stays non-zero
-                self.sas[i].scope = 0xFFFF
-                self.n_sa -= 1
-                break
-            i = (i + 1) & (self.sa_cap - 1)
-            n += 1
-        self.sa_refs.pop((scope, spi, inbound), None)
-        # Policies and VTEP lists that point at it lose the pointer.
-        self._forget_sa_pointers()
-
-    cdef void _forget_sa_pointers(self):
-        """After an SA left the table: clear every pointer to it (policies, VTEP lists),
-        so nothing on the data path can reach it once the locks are released."""
-        cdef int i, j, k
-        cdef set live = {<size_t>(<SecurityAssociation>s).sa for s in self.sa_refs.values()}
-        for i in range(FP_MAX_VF):
-            if not self.vfs[i].used:
-                continue
-            for j in range(self.vfs[i].n_out):
-                if <size_t>self.vfs[i].out_pol[j].sa not in live:
-                    self.vfs[i].out_pol[j].sa = NULL
-            for j in range(self.vfs[i].n_in):
-                if <size_t>self.vfs[i].in_pol[j].sa not in live:
-                    self.vfs[i].in_pol[j].sa = NULL
-        for i in range(FP_MAX_VTEP):
-            k = 0
-            for j in range(self.vteps[i].n_sas):
-                if <size_t>self.vteps[i].sas[j] in live:
-                    self.vteps[i].sas[k] = self.vteps[i].sas[j]
-                    k += 1
-            self.vteps[i].n_sas = k
-        self._refresh()
+    cdef inline fp_sa_ref *_sa_find(self, int vf, uint32_t spi,
+                                    uint8_t direction) noexcept nogil:
+        return <fp_sa_ref *>sn_sa_lookup(&self.sa_table.t,
+                                         SN_VF_UPLINK if vf == FP_UPLINK else <uint32_t>vf,
+                                         spi, direction)
 
     def sa_add(self, int scope, str direction, SecurityAssociation sa not None,
                uint32_t reqid=0):
         """Install an SA for a VF index (or -1 for the uplink). Outbound uplink SAs are
         attached to the VTEP of their destination; inbound SAs are found by SPI."""
-        cdef uint16_t sc = FP_UPLINK if scope < 0 else scope
-        cdef uint8_t inbound = 1 if direction == "in" else 0
+        cdef fp_sa_ref *ref
+        cdef int vt = -1
         if direction not in ("in", "out"):
             raise ValueError("dir: must be in or out")
         if scope >= FP_MAX_VF or (scope >= 0 and not self.vfs[scope].used):
             raise ValueError("scope: no such VF")
-        spi = int(sa.spi)
-        key = (sc, spi, inbound)
+        cdef uint32_t table_vf = SN_VF_UPLINK if scope < 0 else scope
+        cdef uint8_t d = SN_DIR_IN if direction == "in" else SN_DIR_OUT
+        key = (-1 if scope < 0 else scope, int(sa.spi), direction)
         self._lock()
         try:
             if key in self.sa_refs:
                 raise ValueError("spi: an SA with this SPI and direction exists")
-            if sc == FP_UPLINK and not inbound:
+            if scope < 0 and d == SN_DIR_OUT:
                 vt = self._vtep(sa.dst)
                 if self.vteps[vt].n_sas >= FP_MAX_UL_SAS:
                     raise ValueError("too many SAs towards this VTEP")
-            self._sa_insert(sc, spi, inbound, sa.sa, reqid)
-            self.sa_refs[key] = sa
-            if sc == FP_UPLINK and not inbound:
+            ref = <fp_sa_ref *>PyMem_Calloc(1, sizeof(fp_sa_ref))
+            if ref == NULL:
+                raise MemoryError()
+            ref.sa = sa.sa
+            ref.reqid = reqid
+            if sn_sa_add(&self.sa_table.t, table_vf, key[1], d, ref) != 0:
+                PyMem_Free(ref)
+                raise ValueError("SA table full")
+            self.sa_refs[key] = (sa, <size_t>ref)
+            if vt >= 0:
                 self.vteps[vt].sas[self.vteps[vt].n_sas] = sa.sa
                 self.vteps[vt].n_sas += 1
                 self._refresh()
@@ -759,72 +591,77 @@ cdef class Datapath:
             self._unlock()
 
     def sa_del(self, int scope, str direction, uint32_t spi):
-        cdef uint16_t sc = FP_UPLINK if scope < 0 else scope
-        cdef uint8_t inbound = 1 if direction == "in" else 0
+        key = (-1 if scope < 0 else scope, spi, direction)
         self._lock()
         try:
-            if (sc, spi, inbound) not in self.sa_refs:
+            if key not in self.sa_refs:
                 raise KeyError("no such SA")
-            self._sa_remove(sc, spi, inbound)
+            self._sa_remove(key)
         finally:
             self._unlock()
 
-    def policy_set(self, int vf, str direction, list policies):
-        """Replace a VF's policies of one direction. Each is a dict: src, dst (networks),
-        action (protect|bypass|discard), proto, sport, dport (None = any), priority,
-        spi (protect: the SA of this VF and direction); reqid (inbound protect: SAs with
-        this reqid are all accepted, so an old SA keeps working through a rekey)."""
-        cdef fp_policy tmp[FP_MAX_POLICY]
-        cdef fp_policy *p
-        cdef int i
+    cdef void _drop_scope_sas(self, int scope):
+        for key in [k for k in self.sa_refs if k[0] == scope]:
+            self._sa_remove(key)
+
+    cdef void _sa_remove(self, tuple key):
+        """Take an SA out of every place the data path can reach it (caller holds both
+        locks): the table, the policies that point at it (they then discard: nothing is
+        sent in clear by accident), the VTEP lists. Then free its reference."""
+        cdef int scope = key[0]
+        cdef uint8_t d = SN_DIR_IN if key[2] == "in" else SN_DIR_OUT
         cdef SecurityAssociation sa
+        cdef fp_sa_ref *ref
+        cdef sn_policy_rule *r
+        cdef uint32_t i, vf
+        cdef int j, k
+        sa, addr = self.sa_refs.pop(key)
+        ref = <fp_sa_ref *><size_t>addr
+        sn_sa_remove(&self.sa_table.t, SN_VF_UPLINK if scope < 0 else <uint32_t>scope,
+                     key[1], d)
+        for vf in range(self.spd.t.n_vfs):
+            r = self.spd.t.rules + <size_t>vf * self.spd.t.max_rules
+            for i in range(self.spd.t.n[vf]):
+                if r[i].sa == <void *>ref:
+                    r[i].sa = NULL
+                    r[i].action = SN_POLICY_DISCARD
+        for j in range(FP_MAX_VTEP):
+            k = 0
+            for i in range(<uint32_t>self.vteps[j].n_sas):
+                if self.vteps[j].sas[i] != sa.sa:
+                    self.vteps[j].sas[k] = self.vteps[j].sas[i]
+                    k += 1
+            self.vteps[j].n_sas = k
+        PyMem_Free(ref)
+        self._refresh()
+
+    def policy_set(self, int vf, list policies):
+        """Replace a VF's policies (both directions). Each is a dict: dir (in|out), src,
+        dst (networks), action (protect|bypass|discard), proto, sport, dport (None = any),
+        priority (lower first), spi (protect: the SA of this VF and direction). An inbound
+        protect policy accepts any SA with the same reqid as its own SA (make-before-break
+        rekeys), or that SA alone when its reqid is 0."""
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             raise ValueError("scope: no such VF")
-        if direction not in ("in", "out"):
-            raise ValueError("dir: must be in or out")
         if len(policies) > FP_MAX_POLICY:
-            raise ValueError(f"policies: at most {FP_MAX_POLICY} per VF and direction")
-        inbound = direction == "in"
-        ordered = sorted(policies, key=lambda d: d.get("priority", 0))
-        memset(tmp, 0, sizeof(tmp))
-        for i, d in enumerate(ordered):
-            p = &tmp[i]
-            src = ipaddress.ip_network(d["src"], strict=False)
-            dst = ipaddress.ip_network(d["dst"], strict=False)
-            if src.version != dst.version:
-                raise ValueError("src/dst: address families differ")
-            p.family = src.version
-            memcpy(p.src, <const char *>src.network_address.packed, len(src.network_address.packed))
-            memcpy(p.dst, <const char *>dst.network_address.packed, len(dst.network_address.packed))
-            p.src_len = src.prefixlen
-            p.dst_len = dst.prefixlen
-            p.proto = -1 if d.get("proto") is None else int(d["proto"])
-            p.sport = -1 if d.get("sport") is None else int(d["sport"])
-            p.dport = -1 if d.get("dport") is None else int(d["dport"])
-            p.priority = int(d.get("priority", 0))
-            act = d["action"]
-            if act == "bypass":
-                p.action = FP_ACT_BYPASS
-            elif act == "discard":
-                p.action = FP_ACT_DISCARD
-            elif act == "protect":
-                p.action = FP_ACT_PROTECT
-                p.reqid = int(d.get("reqid") or 0) if inbound else 0
-                ref = self.sa_refs.get((vf, int(d["spi"]), 1 if inbound else 0))
-                if ref is None:
+            raise ValueError(f"policies: at most {FP_MAX_POLICY} per VF")
+        staged = PolicyTable(1, FP_MAX_POLICY)      # validate everything before touching
+        for d in policies:
+            direction = d.get("dir", "out")
+            handle = 0
+            if d["action"] == "protect":
+                entry = self.sa_refs.get((vf, int(d["spi"]), direction))
+                if entry is None:
                     raise ValueError("spi: no SA with this SPI for this VF and direction")
-                sa = ref
-                p.sa = sa.sa
-            else:
-                raise ValueError("action: must be protect, bypass or discard")
+                handle = entry[1]
+            staged.add(0, src=d["src"], dst=d["dst"], proto=d.get("proto"),
+                       sport=d.get("sport"), dport=d.get("dport"), action=d["action"],
+                       dir=direction, priority=int(d.get("priority", 0)), sa=handle)
         self._lock()
         try:
-            if inbound:
-                memcpy(self.vfs[vf].in_pol, tmp, sizeof(tmp))
-                self.vfs[vf].n_in = len(ordered)
-            else:
-                memcpy(self.vfs[vf].out_pol, tmp, sizeof(tmp))
-                self.vfs[vf].n_out = len(ordered)
+            memcpy(self.spd.t.rules + <size_t>vf * self.spd.t.max_rules, staged.t.rules,
+                   staged.t.n[0] * sizeof(sn_policy_rule))
+            self.spd.t.n[vf] = staged.t.n[0]
         finally:
             self._unlock()
 
@@ -860,8 +697,10 @@ cdef class Datapath:
     def mss_for(self, int vf, int ipver=4, int spi=-1):
         """The TCP MSS a frame of this VF gets towards the underlay (for tests/docs)."""
         cdef sn_sa *sa = NULL
+        cdef fp_sa_ref *ref
         if spi >= 0:
-            sa = self._sa_find(vf, spi, 0)
+            ref = self._sa_find(vf, spi, SN_DIR_OUT)
+            sa = ref.sa if ref != NULL else NULL
         hdr = 20 if ipver == 4 else 40
         return self._l3_budget(&self.vfs[vf], sa, hdr, 14) - hdr - 20
 
@@ -923,13 +762,13 @@ cdef class Datapath:
         cdef uint32_t flen, budget, mss, need, nseg, k, dst_count, d, j, produced
         cdef sn_hdrs h
         cdef fp_sel sel
-        cdef fp_policy *pol = NULL
+        cdef fp_sa_ref *ref = NULL
         cdef sn_sa *sa = NULL
-        cdef int r, i, local_vf = -1
-        cdef fp_flood *fl
+        cdef int r, i, act, local_vf = -1
+        cdef const uint32_t *flood
+        cdef uint32_t n_flood, vt
         cdef sn_vxlan_tx tx
         cdef uint64_t fhash
-        cdef fp_fdb *fe
         cdef uint32_t dests[FP_MAX_FLOOD + 1]
         cdef sn_pkt *p
         cdef bint bum
@@ -955,17 +794,17 @@ cdef class Datapath:
                     local_vf = i
                     break
             if local_vf < 0:
-                fe = self._fdb_find(v.vni, f)
-                if fe != NULL:
-                    dests[0] = fe.vtep
+                vt = sn_fdb_lookup(&self.fdb.f, v.vni, f)
+                if vt != SN_FDB_NONE:
+                    dests[0] = vt
                     dst_count = 1
                 else:
                     bum = True
         if bum:
-            fl = self._flood_find(v.vni)
-            if fl != NULL:
-                for d in range(fl.n):
-                    dests[dst_count] = fl.vteps[d]
+            n_flood = sn_fdb_flood(&self.fdb.f, v.vni, &flood)
+            for d in range(n_flood):
+                if dst_count < FP_MAX_FLOOD:
+                    dests[dst_count] = flood[d]
                     dst_count += 1
         if dst_count == 0 and local_vf < 0 and not bum:
             return SN_DROP_NO_FDB
@@ -973,16 +812,16 @@ cdef class Datapath:
         # Policy: only IP is subject to it; ARP and neighbour discovery always pass.
         if v.mode != FP_MODE_OFF and _selector(f, &h, &sel) and \
                 not _is_neighbour_discovery(f, &h, flen):
-            pol = _policy_lookup(v.out_pol, v.n_out, &sel)
-            if pol == NULL:
+            act = _spd(self.spd, vfi, SN_DIR_OUT, &sel, &ref)
+            if act == SN_POLICY_NONE:
                 if v.mode == FP_MODE_ENFORCE:
                     return SN_DROP_POLICY
-            elif pol.action == FP_ACT_DISCARD:
+            elif act == SN_POLICY_DISCARD:
                 return SN_DROP_POLICY
-            elif pol.action == FP_ACT_PROTECT:
-                sa = pol.sa
-                if sa == NULL:
+            elif act == SN_POLICY_PROTECT:
+                if ref == NULL or ref.sa == NULL:
                     return SN_DROP_NO_SA
+                sa = ref.sa
 
         budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
         nseg = 1
@@ -1143,14 +982,14 @@ cdef class Datapath:
         cdef uint32_t ihl, esp_off, spi
         cdef uint8_t proto, nh
         cdef sn_sa *sa
-        cdef int r, i, k, vfi = -1
-        cdef fp_sa_slot *slot
+        cdef int r, i, k, act, vfi = -1
+        cdef fp_sa_ref *slot
+        cdef fp_sa_ref *ref
         cdef bint protected = False
         cdef sn_vxlan_rx info
         cdef fp_vf *v
         cdef sn_hdrs h
         cdef fp_sel sel
-        cdef fp_policy *pol
         cdef sn_vnet_hdr *vh
         cdef uint16_t vnet_flags = 0
         if p.len < 20:
@@ -1175,10 +1014,10 @@ cdef class Datapath:
                 esp_off = ihl + 8
         if esp_off:
             spi = sn_esp_read_spi(p, esp_off)
-            sa = self._sa_find(FP_UPLINK, spi, 1)
-            if sa == NULL:
+            slot = self._sa_find(FP_UPLINK, spi, SN_DIR_IN)
+            if slot == NULL:
                 return SN_DROP_NO_SA
-            r = sn_esp_decap(sa, p, 0, esp_off, &nh)
+            r = sn_esp_decap(slot.sa, p, 0, esp_off, &nh)
             if r != SN_OK:
                 return r
             self.ul.rx_esp += 1
@@ -1220,7 +1059,7 @@ cdef class Datapath:
                 esp_off = h.l4off + 8
             if esp_off:
                 spi = sn_esp_read_spi(p, esp_off)
-                slot = self._sa_slot(vfi, spi, 1)
+                slot = self._sa_find(vfi, spi, SN_DIR_IN)
                 sa = slot.sa if slot != NULL else NULL
                 if sa == NULL:
                     if v.mode == FP_MODE_ENFORCE:
@@ -1237,19 +1076,22 @@ cdef class Datapath:
                     if r != SN_OK:
                         v.c.drops[r] += 1
                         return -r
-                    # Inbound policy: what came out must be what this SA may carry.
-                    if _selector(b, &h, &sel) and v.n_in:
-                        pol = _policy_lookup(v.in_pol, v.n_in, &sel)
-                        if pol == NULL or pol.action != FP_ACT_PROTECT or \
-                                (pol.sa != sa and (pol.reqid == 0 or pol.reqid != slot.reqid)):
+                    # Inbound policy (RFC 4301 5.2): what came out must be what this SA
+                    # may carry. A protect policy names its SA, or with a reqid the group
+                    # of SAs a rekey moves through; no policy at all leaves it to the SA.
+                    if _selector(b, &h, &sel):
+                        act = _spd(self.spd, vfi, SN_DIR_IN, &sel, &ref)
+                        if act == SN_POLICY_DISCARD or act == SN_POLICY_BYPASS or \
+                                (act == SN_POLICY_PROTECT and ref != slot and
+                                 (ref == NULL or ref.reqid == 0 or ref.reqid != slot.reqid)):
                             v.c.drops[<int>SN_DROP_POLICY] += 1
                             return -SN_DROP_POLICY
                     v.c.rx_esp += 1
                     vnet_flags = VIRTIO_NET_HDR_F_DATA_VALID
             elif _selector(b, &h, &sel):
-                pol = _policy_lookup(v.in_pol, v.n_in, &sel)
-                if (pol != NULL and pol.action != FP_ACT_BYPASS) or \
-                        (pol == NULL and v.mode == FP_MODE_ENFORCE):
+                act = _spd(self.spd, vfi, SN_DIR_IN, &sel, &ref)
+                if (act != SN_POLICY_NONE and act != SN_POLICY_BYPASS) or \
+                        (act == SN_POLICY_NONE and v.mode == FP_MODE_ENFORCE):
                     v.c.drops[<int>SN_DROP_POLICY] += 1
                     return -SN_DROP_POLICY
 
@@ -1270,20 +1112,28 @@ cdef class Datapath:
 
     cdef void _learn(self, uint32_t vni, const uint8_t *mac,
                      const sn_vxlan_rx *info) noexcept nogil:
+        """Learn (VNI, inner source MAC) -> the outer source VTEP (RFC 7348 4.1). A known
+        entry only gets its last-seen time; a new or moved one changes the FDB under the
+        TX lock, taken without waiting (the next packet will try again)."""
         cdef int i
-        cdef fp_fdb *fe
+        cdef sn_fdb_slot *e
+        cdef timespec t
+        cdef uint64_t now
         if mac[0] & 1:
             return
         for i in range(FP_MAX_VTEP):
             if self.vteps[i].used and memcmp(self.vteps[i].addr, info.src,
                                              4 if info.family == SN_AF_INET else 16) == 0:
-                fe = self._fdb_find(vni, mac)
-                if fe == NULL or (fe.learned and fe.vtep != <uint32_t>i):
-                    # The TX thread reads the FDB: change it under its lock, only when
-                    # something changed (rare), and never wait for it.
-                    if PyThread_acquire_lock(self.tx_lock, NOWAIT_LOCK):
-                        self._fdb_put(vni, mac, i, 1)
-                        PyThread_release_lock(self.tx_lock)
+                clock_gettime(CLOCK_MONOTONIC, &t)
+                now = <uint64_t>t.tv_sec * 1000000000 + t.tv_nsec
+                e = sn_fdb_find(&self.fdb.f, vni, mac)
+                if e != NULL and (not e.learned or e.vtep == <uint32_t>i):
+                    if e.learned:
+                        e.seen = now
+                    return                  # static entries are never overridden
+                if PyThread_acquire_lock(self.tx_lock, NOWAIT_LOCK):
+                    sn_fdb_learn(&self.fdb.f, vni, mac, i, now)
+                    PyThread_release_lock(self.tx_lock)
                 return
 
     cdef int _rx_burst(self, Batch inb) noexcept nogil:

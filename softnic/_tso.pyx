@@ -17,7 +17,6 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
 from softnic._batch cimport Batch
 from softnic._csum cimport (
-    sn_csum,
     sn_csum_add16,
     sn_csum_copy,
     sn_csum_finish,

@@ -35,6 +35,7 @@ _EVENT_TYPES = {
 _BUSY_POLLS = 64        # bursts in a row before looking at epoll again
 _IDLE_WAIT = 0.2        # seconds an idle worker sleeps in epoll (also the stop latency)
 _EVENT_PERIOD = 0.5     # how often SA events are collected
+_FDB_MAX_AGE_NS = 300 * 10**9   # learned MACs are forgotten after 5 minutes of silence
 _CAPTURE_PERIOD = 0.02  # how often capture mirrors are drained (they hold 1024 frames)
 
 
@@ -261,9 +262,8 @@ class Dataplane:
     def _sync_policies(self, scope: str, strict: bool = True) -> None:
         if scope == model.UPLINK or self._fp is None or scope not in self._ports:
             return
-        index = self._ports[scope].index
+        entries = []
         for d in ("out", "in"):
-            entries = []
             for p in self._policies.get((scope, d), {}).values():
                 spi = self._resolve(p)
                 if p.action == "protect" and spi is None:
@@ -273,13 +273,13 @@ class Dataplane:
                     entries.append(self._policy_dict(p, None, "discard"))
                     continue
                 entries.append(self._policy_dict(p, spi, p.action))
-            self._fp.policy_set(index, d, entries)
+        self._fp.policy_set(self._ports[scope].index, entries)
 
     @staticmethod
     def _policy_dict(p: model.Policy, spi: int | None, action: str) -> dict[str, Any]:
-        return {"src": str(p.src), "dst": str(p.dst), "action": action, "proto": p.proto,
-                "sport": p.sport, "dport": p.dport, "priority": p.priority, "spi": spi,
-                "reqid": p.reqid if p.spi is None else None}
+        return {"dir": p.dir, "src": str(p.src), "dst": str(p.dst), "action": action,
+                "proto": p.proto, "sport": p.sport, "dport": p.dport,
+                "priority": p.priority, "spi": spi}
 
     def add_policy(self, policy: model.Policy) -> None:
         with self._lock:
@@ -460,7 +460,7 @@ class Dataplane:
             log.exception("tx on %s", port.vf.name)
 
     def _rx_worker(self) -> None:
-        last_events = time.monotonic()
+        last_events = next_aging = time.monotonic()
         while not self._stop.is_set():
             try:
                 events = self._rx_epoll.poll(_IDLE_WAIT)
@@ -479,6 +479,10 @@ class Dataplane:
             if time.monotonic() - last_events > _EVENT_PERIOD:
                 last_events = time.monotonic()
                 self._collect_events()
+                if fp is not None and self._uplink_cfg is not None and \
+                        self._uplink_cfg.fdb_learning and last_events > next_aging:
+                    fp.fdb_age(_FDB_MAX_AGE_NS)
+                    next_aging = last_events + _FDB_MAX_AGE_NS / 1e9 / 10
 
     def _collect_events(self) -> None:
         for (scope, d, spi), (_sa, obj) in list(self._sas.items()):

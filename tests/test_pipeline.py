@@ -56,12 +56,12 @@ def hosts(a_ipsec="off", b_ipsec="off", ul="off", mode="tunnel", ul_mode="transp
     if a_ipsec != "off":
         out = SecurityAssociation(0x1000, mode, VM_A, VM_B, "aes-gcm", KEY)
         a.sa_add(0, "out", out)
-        a.policy_set(0, "out", [{"src": VM_A, "dst": VM_B, "action": "protect",
+        a.policy_set(0, [{"dir": "out", "src": VM_A, "dst": VM_B, "action": "protect",
                                  "spi": 0x1000}])
     if b_ipsec != "off":
         inb = SecurityAssociation(0x1000, mode, VM_A, VM_B, "aes-gcm", KEY)
         b.sa_add(0, "in", inb)
-        b.policy_set(0, "in", [{"src": VM_A, "dst": VM_B, "action": "protect",
+        b.policy_set(0, [{"dir": "in", "src": VM_A, "dst": VM_B, "action": "protect",
                                 "spi": 0x1000}])
     if ul != "off":
         encap = (4500, 4500) if ul == "espinudp" else None
@@ -207,7 +207,7 @@ def test_spi_scoped_per_vf():
     a.fdb_add(200, "02:00:00:00:00:0d", VTEP_B)
     for vf, key in ((0, KEY), (1, KEY2)):
         a.sa_add(vf, "out", SecurityAssociation(0x1000, "tunnel", VM_A, VM_B, "aes-gcm", key))
-        a.policy_set(vf, "out", [{"src": VM_A, "dst": VM_B, "action": "protect",
+        a.policy_set(vf, [{"dir": "out", "src": VM_A, "dst": VM_B, "action": "protect",
                                   "spi": 0x1000}])
         b.sa_add(vf, "in", SecurityAssociation(0x1000, "tunnel", VM_A, VM_B, "aes-gcm", key))
     out0, _, _ = tx(a, [plain_input(tcp_frame(b"vf0" * 50))])

@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
+
 from softnic._tables import Fdb, PolicyTable, SATable
 
 UPLINK = 0xFFFFFFFF

@@ -19,9 +19,9 @@ from scapy.layers.inet6 import ICMPv6EchoRequest, ICMPv6PacketTooBig, IPv6, IPv6
 from scapy.layers.ipsec import ESP
 from scapy.layers.l2 import Dot1Q, Ether
 from scapy.layers.vxlan import VXLAN
-from softnic._batch import DROP_REASONS
 
 from softnic import _vxlan as vx
+from softnic._batch import DROP_REASONS
 
 MAC_A = "02:00:00:00:00:0a"
 MAC_B = "02:00:00:00:00:0b"
