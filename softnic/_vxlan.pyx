@@ -21,6 +21,7 @@ from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 from softnic._batch cimport Batch
 from softnic._csum cimport (
     sn_csum,
+    sn_csum_add16,
     sn_csum_finish,
     sn_csum_partial,
     sn_csum_pseudo4,
@@ -286,7 +287,7 @@ cdef int sn_vxlan_encap(sn_pkt *p, const sn_vxlan_tx *t) noexcept nogil:
     cdef uint8_t *u
     cdef uint8_t *v
     cdef uint8_t tos
-    cdef uint16_t c
+    cdef uint16_t c, ipid, frag
     cdef uint64_t acc
     if t.family == SN_AF_INET:
         hl = 20
@@ -318,16 +319,27 @@ cdef int sn_vxlan_encap(sn_pkt *p, const sn_vxlan_tx *t) noexcept nogil:
         sn_st16(o + 2, <uint16_t>(ulen + 20))
         if t.flags & SN_VXLAN_F_DF:
             sn_st32(o + 4, 0x00004000u)       # atomic datagram: ID 0 (RFC 6864 §4.1)
+            ipid = 0
+            frag = 0x4000
         else:
-            sn_st16(o + 4, sn_vx_next_ipid())
+            ipid = sn_vx_next_ipid()
+            frag = 0
+            sn_st16(o + 4, ipid)
             sn_st16(o + 6, 0)
         o[8] = t.ttl if t.ttl else 64
         o[9] = IPPROTO_UDP
-        o[10] = 0
-        o[11] = 0
         memcpy(o + 12, t.local, 4)
         memcpy(o + 16, t.remote, 4)
-        sn_st16(o + 10, sn_csum(o, 20))
+        # The header checksum from the values (the addresses from t, not from the header
+        # just written: reading back fresh narrow stores stalls store forwarding).
+        acc = sn_csum_partial(t.local, 4, 0)
+        acc = sn_csum_partial(t.remote, 4, acc)
+        acc = sn_csum_add16(acc, 0x4500 | tos)
+        acc = sn_csum_add16(acc, <uint16_t>(ulen + 20))
+        acc = sn_csum_add16(acc, ipid)
+        acc = sn_csum_add16(acc, frag)
+        acc = sn_csum_add16(acc, (<uint16_t>(t.ttl if t.ttl else 64) << 8) | IPPROTO_UDP)
+        sn_st16(o + 10, sn_csum_finish(acc))
     else:
         sn_st32(o, 0x60000000u | (<uint32_t>tos << 20) | (h & 0xFFFFFu))
         sn_st16(o + 4, <uint16_t>ulen)
