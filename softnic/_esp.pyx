@@ -373,7 +373,7 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
         pl = tot - hdr_len
         nxt = ip[nh_off]
         outer_len = hdr_len
-    pad = (sa.block - (pl + 2) % sa.block) % sa.block
+    pad = (0 - (pl + 2)) & (sa.block - 1)   # block is a power of two: no division here
     ct_len = pl + pad + 2
     udp = 8 if sa.encap else 0
     # Bytes inserted in front of the payload, and appended behind it.
@@ -557,7 +557,7 @@ cdef int _decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
     if esp_len < SN_ESP_HDR_LEN + sa.iv_len + sa.icv_len + sa.block:
         return SN_DROP_MALFORMED_ESP
     ct_len = esp_len - SN_ESP_HDR_LEN - sa.iv_len - sa.icv_len
-    if ct_len % sa.block:
+    if ct_len & (sa.block - 1):
         return SN_DROP_MALFORMED_ESP
     esp = base + esp_off
     if _rd32(esp) != sa.spi:
@@ -793,7 +793,7 @@ cdef class SecurityAssociation:
         sa.iv_len = xform_iv_len(sa.xform)
         sa.icv_len = xform_icv_len(sa.xform)
         sa.block = xform_block(sa.xform)
-        if sa.block < 4 or sa.iv_len > 16 or sa.icv_len > 16:
+        if sa.block < 4 or sa.block & (sa.block - 1) or sa.iv_len > 16 or sa.icv_len > 16:
             raise ValueError("transform geometry out of range")
 
         sa.spi = spi
