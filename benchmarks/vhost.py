@@ -1,0 +1,417 @@
+"""softnic's vhost-user VFs at full speed, beside the frontend's own ceiling, in one run.
+
+What it drives (virtio 1.1 §2.6 split rings and §5.1.6 virtio-net, through
+vhost.testing's compiled guest driver; the frontend is this process, softnic is another):
+
+  ceiling   the same frontend, same rings and frames, against vhost's LoopbackDevice in
+            "sink" mode in a child process: the device only returns TX buffers.
+  vf2vf     two vhost-user VFs of one softnic in one VNI (local switching): VF a sends,
+            VF b receives (this process polls both rings).
+  underlay  a vhost-user VF with host-terminated ESP (RFC 4303, AES-128-GCM per RFC 4106,
+            tunnel mode) then VXLAN (RFC 7348) to a peer VTEP in a second namespace over a
+            veth; there a UDP socket that is never read is the sink (the peer kernel
+            counts what arrives in /proc/net/snmp and /proc/net/dev; no ICMP goes back).
+
+Frames: 64 and 1500 bytes (Ethernet, IPv4/UDP, GSO_NONE) and 64 KB TSO frames (IPv4/TCP,
+virtio-net NEEDS_CSUM + GSO_TCPV4, gso_size 1448, as Linux's virtio_net sends them).
+
+Figures per case: frames/s and Gbit/s (Ethernet frame bytes, without the virtio-net
+header) of what left the VF, measured over one window of wall time; per core: the same
+frames divided by the CPU seconds (utime + stime from /proc/PID/stat) the device process
+(softnic, or the sink child for the ceiling) used in that window.
+
+The underlay runs at MTU 9000 by default (--underlay-mtu): ESP + VXLAN add ~100 bytes, so a
+1500-byte guest frame only fits a jumbo underlay, as in most clouds.
+
+    python benchmarks/vhost.py [--seconds 1.5] [--quick]
+
+Needs root (network namespaces, veth). Last line: one JSON object with all figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import multiprocessing as mp
+import os
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+# This file is benchmarks/vhost.py: its own directory must not shadow the vhost package.
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+
+from vhost.backend import VhostUserServer  # noqa: E402
+from vhost.testing import LoopbackDevice, VhostUserFrontend, frame_hdr  # noqa: E402
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+HDR = 12                      # virtio-net header with VERSION_1 / MRG_RXBUF
+RX_BUF = 65536 + 1024         # RX buffers take a whole GRO frame: one buffer = one frame
+MAC = {"a": "02:00:00:00:0d:01", "b": "02:00:00:00:0d:02", "c": "02:00:00:00:0d:03",
+       "peer": "02:00:00:00:0e:03"}
+IP_AB = ("10.212.0.1", "10.212.0.2")
+IP_C = ("10.213.0.1", "10.213.0.2")    # VF c -> a VM behind the peer VTEP
+UL = ("10.98.0.1", "10.98.0.2")
+SPI = 0x1001
+# A test key for this benchmark only (16-byte AES key || 4-byte salt, RFC 4106).
+KEY = "6b1f0e4d2c3a59687786a5b4c3d2e1f0a0b1c2d3"
+KINDS = ("64", "1500", "tso64k")
+
+
+# ---- frames ----------------------------------------------------------------------------
+
+def _mac(s: str) -> bytes:
+    return bytes.fromhex(s.replace(":", ""))
+
+
+def frame(kind: str, src_mac: str, dst_mac: str, src: str, dst: str) -> bytes:
+    """One frame with its virtio-net header, built with scapy (checksums by scapy)."""
+    from scapy.layers.inet import IP, TCP, UDP
+    from scapy.layers.l2 import Ether
+
+    eth = Ether(src=src_mac, dst=dst_mac)
+    if kind in ("64", "1500"):
+        size = int(kind)
+        pkt = eth / IP(src=src, dst=dst) / UDP(sport=40000, dport=9) / bytes(size - 42)
+        raw = bytes(pkt)
+        assert len(raw) == size
+        return frame_hdr() + raw
+    # 64 KB TSO: the largest IPv4 packet; the TCP checksum field holds the pseudo-header
+    # sum without length (what Linux puts there for CHECKSUM_PARTIAL + GSO).
+    payload = bytes(range(256)) * 256
+    pkt = eth / IP(src=src, dst=dst) / TCP(sport=40000, dport=5001, flags="PA", seq=1,
+                                          window=65535) / payload[:65535 - 40]
+    raw = bytearray(bytes(pkt))
+    ph = sum(struct.unpack("!4H", raw[26:34])) + 6
+    while ph >> 16:
+        ph = (ph & 0xFFFF) + (ph >> 16)
+    raw[50:52] = struct.pack("!H", ph)
+    return frame_hdr(flags=1, gso_type=1, hdr_len=54, gso_size=1448, csum_start=34,
+                     csum_offset=16) + bytes(raw)
+
+
+# ---- process CPU -------------------------------------------------------------------------
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), from /proc/PID/stat."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def _softnic_pid(pid: int) -> int:
+    """`ip netns exec` execs the daemon in place; if a shell or a fork came between,
+    follow the children until the process is the daemon."""
+    for _ in range(4):
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            if b"softnic.daemon" in f.read():
+                return pid
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            kids = f.read().split()
+        if not kids:
+            break
+        pid = int(kids[0])
+    raise RuntimeError("softnic daemon process not found")
+
+
+# ---- one measured window ---------------------------------------------------------------------
+
+def drive(tx: Any, data: bytes, seconds: float, dev_pid: int, *, rx: Any = None,
+          burst: int = 256, warmup: float = 0.2,
+          extra: Callable[[], dict[str, int]] | None = None) -> dict[str, Any]:
+    """Sends copies of data on driver ring tx as fast as the device takes them (and drains
+    rx, if given) for warmup + seconds; returns the window's counts, wall time, and the
+    CPU seconds of the device process and of this one."""
+    def spin(until: float) -> tuple[int, int]:
+        sent = got = 0
+        while time.perf_counter() < until:
+            sent += tx.send_burst(data, burst)
+            if rx is not None:
+                got += rx.recv_count(1024)
+        return sent, got
+
+    spin(time.perf_counter() + warmup)
+    x0 = extra() if extra else {}
+    rx_oct0 = rx.octets if rx is not None else 0
+    c0, me0, t0 = cpu_seconds(dev_pid), time.process_time(), time.perf_counter()
+    sent, got = spin(t0 + seconds)
+    t1 = time.perf_counter()
+    c1, me1 = cpu_seconds(dev_pid), time.process_time()
+    out: dict[str, Any] = {"sent": sent, "wall": t1 - t0, "dev_cpu": c1 - c0,
+                           "fe_cpu": me1 - me0}
+    if rx is not None:
+        out["received"] = got
+        out["rx_octets"] = rx.octets - rx_oct0 - HDR * got
+    if extra:
+        x1 = extra()
+        out.update({k: x1[k] - x0.get(k, 0) for k in x1})
+    return out
+
+
+def figures(frames: int, frame_bytes: int, r: dict[str, Any]) -> dict[str, float]:
+    """frames/s and Gbit/s, wall and per core of the device process."""
+    wall, cpu = r["wall"], max(r["dev_cpu"], 1.0 / CLK_TCK)
+    return {"fps": round(frames / wall), "gbps": round(frames * frame_bytes * 8 / wall / 1e9, 3),
+            "fps_per_core": round(frames / cpu),
+            "gbps_per_core": round(frames * frame_bytes * 8 / cpu / 1e9, 3),
+            "dev_cores": round(r["dev_cpu"] / wall, 2), "fe_cores": round(r["fe_cpu"] / wall, 2)}
+
+
+# ---- the ceiling: the same frontend against a sink device --------------------------------------
+
+def _serve_sink(path: str, ready: Any, done: Any) -> None:
+    srv = VhostUserServer(path, LoopbackDevice(mode="sink", batch=256, cap=RX_BUF)).start()
+    ready.set()
+    done.wait()
+    srv.stop()
+
+
+def ceiling(frames: dict[str, bytes], seconds: float, num: int) -> dict[str, dict[str, Any]]:
+    ctx = mp.get_context("spawn")
+    out: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "sink.sock")
+        ready, done = ctx.Event(), ctx.Event()
+        child = ctx.Process(target=_serve_sink, args=(path, ready, done), daemon=True)
+        child.start()
+        try:
+            if not ready.wait(60):
+                raise RuntimeError("sink device did not start")
+            assert child.pid is not None
+            with VhostUserFrontend(path, mem_size=8 << 20) as fe:
+                fe.start(num=num, buf_size=2048)
+                for kind, data in frames.items():
+                    r = drive(fe.ring(1), data, seconds, child.pid)
+                    out[kind] = {**figures(r["sent"], len(data) - HDR, r), "frames": r["sent"]}
+        finally:
+            done.set()
+            child.join(10)
+            if child.is_alive():
+                child.kill()
+    return out
+
+
+# ---- softnic in a namespace ------------------------------------------------------------------
+
+def _config(tmp: str, mtu: int) -> str:
+    vfs = ""
+    for name, vni, extra in (("a", 100, ""), ("b", 100, ""), ("c", 200, 'ipsec = "enforce"\n')):
+        vfs += (f'[[vf]]\nname = "vf{name}"\nkind = "vhost-user"\n'
+                f'socket = "{tmp}/{name}.sock"\nmac = "{MAC[name]}"\nvni = {vni}\n{extra}\n')
+    return f"""[daemon]
+admin_socket = "{tmp}/admin.sock"
+
+[uplink]
+local = "{UL[0]}"
+mtu = {mtu}
+
+{vfs}
+[[sa]]
+scope = "vfc"
+dir = "out"
+src = "{IP_C[0]}"
+dst = "{IP_C[1]}"
+spi = {SPI}
+reqid = 1
+mode = "tunnel"
+alg = "aes-gcm"
+key = "0x{KEY}"
+icv_bits = 128
+
+[[policy]]
+scope = "vfc"
+dir = "out"
+src = "{IP_C[0]}/32"
+dst = "{IP_C[1]}/32"
+action = "protect"
+reqid = 1
+
+[[fdb]]
+vni = 200
+mac = "{MAC['peer']}"
+remote = "{UL[1]}"
+"""
+
+
+@contextlib.contextmanager
+def softnic_host(mtu: int) -> Iterator[dict[str, Any]]:
+    """Namespace H runs `softnic run` with VFs a, b (VNI 100) and c (VNI 200, ESP); a veth
+    joins H to namespace P, where a UDP socket on the VXLAN port is the sink."""
+    from softnic.client import Client
+    from softnic.topo import Netns, veth, wait_until
+
+    with tempfile.TemporaryDirectory() as tmp, Netns(prefix="snbh") as h, \
+            Netns(prefix="snbp") as p:
+        veth(h, "ul0", p, "ul0", mtu=mtu)
+        h.addr_add("ul0", UL[0] + "/24")
+        p.addr_add("ul0", UL[1] + "/24")
+        cfg = os.path.join(tmp, "softnic.toml")
+        with open(cfg, "w") as f:
+            f.write(_config(tmp, mtu))
+        os.chmod(cfg, 0o600)
+
+        def sink() -> socket.socket:
+            s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.bind((UL[1], 4789))
+            return s
+
+        udp = p.call(sink)
+        log = open(os.path.join(tmp, "daemon.log"), "w+")
+        env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        proc = h.popen([sys.executable, "-m", "softnic.daemon", "run", "-c", cfg],
+                       stdout=log, stderr=subprocess.STDOUT, env=env)
+        sock = os.path.join(tmp, "admin.sock")
+
+        def up() -> bool:
+            if proc.poll() is not None:
+                log.seek(0)
+                raise RuntimeError("softnic exited: " + log.read()[-2000:])
+            try:
+                with Client(sock, timeout=1) as c:
+                    c.version()
+                return all(os.path.exists(f"{tmp}/{n}.sock") for n in "abc")
+            except Exception:
+                return False
+
+        try:
+            wait_until(up, timeout=60, step=0.1)
+            yield {"tmp": tmp, "pid": _softnic_pid(proc.pid), "admin": sock, "peer": p,
+                   "log": log}
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+            udp.close()
+            log.close()
+
+
+def peer_counters(p: Any) -> dict[str, int]:
+    """What reached the peer VTEP: UDP datagrams (delivered + dropped at the full socket:
+    the kernel has split any GSO packet by then) and IP bytes on its veth."""
+    def read() -> dict[str, int]:
+        with open("/proc/thread-self/net/snmp") as f:
+            udp = [ln.split() for ln in f if ln.startswith("Udp:")]
+        u = dict(zip(udp[0][1:], map(int, udp[1][1:]), strict=True))
+        with open("/proc/thread-self/net/dev") as f:
+            dev = next(ln.split(":", 1)[1].split() for ln in f if ln.strip().startswith("ul0:"))
+        return {"peer_datagrams": u["InDatagrams"] + u["InErrors"],
+                "peer_octets": int(dev[0]) - 14 * int(dev[1])}
+    return p.call(read)  # type: ignore[no-any-return]
+
+
+def softnic_counters(admin: str, vf: str) -> dict[str, int]:
+    from softnic.client import Client
+
+    with Client(admin, timeout=5) as c:
+        st = c.stats()
+    return {f"vf_{k}": v for k, v in st["vf"][vf].items() if isinstance(v, int)} | \
+        {f"ul_{k}": v for k, v in st["uplink"].items() if isinstance(v, int)}
+
+
+def run_softnic(frames_ab: dict[str, bytes], frames_c: dict[str, bytes], seconds: float,
+                num: int, mtu: int) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    vf2vf: dict[str, Any] = {}
+    under: dict[str, Any] = {}
+    raw: dict[str, Any] = {}
+    with softnic_host(mtu) as sn:
+        tmp, pid = sn["tmp"], sn["pid"]
+        with VhostUserFrontend(f"{tmp}/a.sock", mem_size=8 << 20) as fa, \
+                VhostUserFrontend(f"{tmp}/b.sock", mem_size=num * RX_BUF + (8 << 20)) as fb, \
+                VhostUserFrontend(f"{tmp}/c.sock", mem_size=8 << 20) as fc:
+            fa.start(num=num, buf_size=2048)
+            fb.negotiate()
+            fb.set_mem_table()
+            fb.setup_ring(0, num=num, buf_size=RX_BUF)
+            fb.setup_ring(1, num=num, buf_size=2048)
+            fc.start(num=num, buf_size=2048)
+            time.sleep(0.3)  # the VFs' links come up
+            for kind, data in frames_ab.items():
+                r = drive(fa.ring(1), data, seconds, pid, rx=fb.ring(0),
+                          extra=lambda: softnic_counters(sn["admin"], "vfa"))
+                fl = len(data) - HDR
+                vf2vf[kind] = {**figures(r["received"] if kind != "tso64k" else
+                                         r["rx_octets"] // fl, fl, r),
+                               "frames_sent": r["sent"], "frames_received": r["received"],
+                               "rx_gbps": round(r["rx_octets"] * 8 / r["wall"] / 1e9, 3)}
+                raw[f"vf2vf_{kind}"] = r
+            for kind, data in frames_c.items():
+                def counters() -> dict[str, int]:
+                    return softnic_counters(sn["admin"], "vfc") | peer_counters(sn["peer"])
+                r = drive(fc.ring(1), data, seconds, pid, extra=counters)
+                fl = len(data) - HDR
+                under[kind] = {**figures(r["sent"], fl, r), "frames_sent": r["sent"],
+                               "peer_dgram_per_s": round(r["peer_datagrams"] / r["wall"]),
+                               "peer_gbps": round(r["peer_octets"] * 8 / r["wall"] / 1e9, 3)}
+                raw[f"underlay_{kind}"] = r
+    return vf2vf, under, raw
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=1.5, help="window per figure")
+    ap.add_argument("--num", type=int, default=256, help="ring size (descriptors)")
+    ap.add_argument("--underlay-mtu", type=int, default=9000)
+    ap.add_argument("--quick", action="store_true", help="tiny windows (smoke test)")
+    ap.add_argument("--verbose", action="store_true", help="raw counters per window")
+    a = ap.parse_args(argv)
+    from softnic.topo import can_netns
+
+    why = can_netns()
+    if why:
+        print(f"benchmarks/vhost.py: {why}", file=sys.stderr)
+        return 2
+    seconds = 0.2 if a.quick else a.seconds
+    ab = {k: frame(k, MAC["a"], MAC["b"], *IP_AB) for k in KINDS}
+    c = {k: frame(k, MAC["c"], MAC["peer"], *IP_C) for k in KINDS}
+    t0 = time.monotonic()
+    ceil = ceiling(ab, seconds, a.num)
+    vf2vf, under, raw = run_softnic(ab, c, seconds, a.num, a.underlay_mtu)
+
+    print(f"softnic vhost-user VFs, frontend in this process, {os.cpu_count()} cpus, "
+          f"load average {os.getloadavg()[0]:.1f}, window {seconds} s, ring {a.num}, "
+          f"underlay MTU {a.underlay_mtu}")
+    print("  per core = frames / CPU seconds of the device process (softnic or the sink)")
+    print(f"  {'case':22s} {'Mframes/s':>9s} {'Gbit/s':>8s} {'Mfps/core':>9s} "
+          f"{'Gbit/s/core':>11s} {'dev cores':>9s} {'ceiling Mfps':>12s} {'ceil Gbit/s':>11s}")
+    for name, table in (("vf2vf", vf2vf), ("underlay", under)):
+        for kind in KINDS:
+            f, cl = table[kind], ceil[kind]
+            print(f"  {name + ' ' + kind:22s} {f['fps'] / 1e6:9.3f} {f['gbps']:8.2f} "
+                  f"{f['fps_per_core'] / 1e6:9.3f} {f['gbps_per_core']:11.2f} "
+                  f"{f['dev_cores']:9.2f} {cl['fps'] / 1e6:12.3f} {cl['gbps']:11.2f}")
+    for kind in KINDS:
+        r = vf2vf[kind]
+        print(f"  vf2vf {kind}: {r['frames_sent']} sent, {r['frames_received']} received "
+              f"({r['rx_gbps']} Gbit/s delivered)")
+    for kind in KINDS:
+        r = under[kind]
+        print(f"  underlay {kind}: peer got {r['peer_dgram_per_s']} datagrams/s, "
+              f"{r['peer_gbps']} Gbit/s of IP")
+    if a.verbose:
+        for k, r in raw.items():
+            nz = {kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in r.items() if v}
+            print(f"  {k}: {nz}")
+    print(f"  total {time.monotonic() - t0:.1f} s")
+    print(json.dumps({"window_s": seconds, "cpus": os.cpu_count(),
+                      "loadavg": round(os.getloadavg()[0], 2), "underlay_mtu": a.underlay_mtu,
+                      "ceiling": ceil, "vf2vf": vf2vf, "underlay": under}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
