@@ -318,7 +318,7 @@ def peer_rx_threaded(h: Any, p: Any) -> bool:
 
 
 @contextlib.contextmanager
-def softnic_host(mtu: int) -> Iterator[dict[str, Any]]:
+def softnic_host(mtu: int, threaded: bool = True) -> Iterator[dict[str, Any]]:
     """Namespace H runs `softnic run` with VFs a, b (VNI 100) and c (VNI 200, ESP); a veth
     joins H to namespace P, where a UDP socket on the VXLAN port is the sink."""
     from softnic.client import Client
@@ -329,7 +329,7 @@ def softnic_host(mtu: int) -> Iterator[dict[str, Any]]:
         veth(h, "ul0", p, "ul0", mtu=mtu)
         h.addr_add("ul0", UL[0] + "/24")
         p.addr_add("ul0", UL[1] + "/24")
-        threaded = peer_rx_threaded(h, p)
+        threaded = threaded and peer_rx_threaded(h, p)
         cfg = os.path.join(tmp, "softnic.toml")
         with open(cfg, "w") as f:
             f.write(_config(tmp, mtu))
@@ -439,11 +439,12 @@ def perf_record(pid: int, out: str | None) -> Iterator[None]:
 
 
 def run_all(frames_ab: dict[str, bytes], frames_c: dict[str, bytes], seconds: float,
-            num: int, mtu: int, perf: str | None = None) -> dict[str, Any]:
+            num: int, mtu: int, perf: str | None = None,
+            peer_threaded: bool = True) -> dict[str, Any]:
     """For each frame kind, back to back (so the three see the same machine load): the
     ceiling, VF to VF, VF to underlay. Returns {case: {kind: figures}} and raw counts."""
     res: dict[str, Any] = {"ceiling": {}, "vf2vf": {}, "underlay": {}, "raw": {}}
-    with sink_device() as (sink_path, sink_pid), softnic_host(mtu) as sn, \
+    with sink_device() as (sink_path, sink_pid), softnic_host(mtu, peer_threaded) as sn, \
             VhostUserFrontend(sink_path, mem_size=8 << 20) as fs, \
             VhostUserFrontend(f"{sn['tmp']}/a.sock", mem_size=8 << 20) as fa, \
             VhostUserFrontend(f"{sn['tmp']}/b.sock", mem_size=num * RX_BUF + (8 << 20)) as fb, \
@@ -517,6 +518,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--underlay-mtu", type=int, default=9000)
     ap.add_argument("--quick", action="store_true", help="tiny windows (smoke test)")
     ap.add_argument("--verbose", action="store_true", help="raw counters per window")
+    ap.add_argument("--peer-inline", action="store_true",
+                    help="leave the peer's receive in softirq inside softnic's sends (its CPU "
+                         "then counts as softnic's; nothing is dropped between them)")
     ap.add_argument("--perf", metavar="PREFIX",
                     help="perf record softnic in its windows to PREFIX.CASE-KIND and print "
                          "the hottest symbols (stderr)")
@@ -531,7 +535,7 @@ def main(argv: list[str] | None = None) -> int:
     ab = {k: frame(k, MAC["a"], MAC["b"], *IP_AB) for k in KINDS}
     c = {k: frame(k, MAC["c"], MAC["peer"], *IP_C) for k in KINDS}
     t0 = time.monotonic()
-    res = run_all(ab, c, seconds, a.num, a.underlay_mtu, a.perf)
+    res = run_all(ab, c, seconds, a.num, a.underlay_mtu, a.perf, not a.peer_inline)
     ceil, vf2vf, under, raw = res["ceiling"], res["vf2vf"], res["underlay"], res["raw"]
 
     print(f"softnic vhost-user VFs, frontend in this process, {os.cpu_count()} cpus, "
