@@ -80,10 +80,6 @@ KINDS = ("64", "1500", "tso64k")
 
 # ---- frames ----------------------------------------------------------------------------
 
-def _mac(s: str) -> bytes:
-    return bytes.fromhex(s.replace(":", ""))
-
-
 def frame(kind: str, src_mac: str, dst_mac: str, src: str, dst: str) -> bytes:
     """One frame with its virtio-net header, built with scapy (checksums by scapy)."""
     from scapy.layers.inet import IP, TCP, UDP
