@@ -559,7 +559,8 @@ def main(argv: list[str] | None = None) -> int:
         r = under[kind]
         print(f"  underlay {kind}: {r['fps_out'] / 1e6:.3f} Mframes/s ({r['gbps_out']} Gbit/s) "
               f"left softnic, {r['softnic_drops']} packets dropped by softnic; peer got "
-              f"{r['peer_dgram_per_s']} datagrams/s, {r['peer_gbps']} Gbit/s of IP")
+              f"{r['peer_dgram_per_s']} datagrams/s, {r['peer_gbps']} Gbit/s of IP "
+              f"(veth dropped {r['veth_dropped_skbs']} GSO packets)")
     if a.verbose:
         for k, r in raw.items():
             nz = {kk: (round(v, 3) if isinstance(v, float) else v) for kk, v in r.items()
