@@ -44,6 +44,7 @@ ctypedef struct sn_sa:
     # --- outbound sequence number (RFC 4303 §3.3.3) ---
     uint64_t seq             # last sequence number sent; 0 = none yet
     uint64_t seq_near        # raise SEQ_NEAR_END once seq reaches this
+    uint64_t iv_mask         # AEAD: IV = seq XOR iv_mask, random per SA instance
     # --- inbound anti-replay (RFC 4303 §3.4.3, RFC 6479) ---
     uint64_t replay_top      # highest authenticated sequence number (64-bit with ESN)
     uint32_t window          # window size in packets, 32..SN_ESP_MAX_WINDOW

@@ -7,8 +7,10 @@ Appendix A), anti-replay (§3.4.3) as an RFC 6479 ring of 64-bit words, UDP enca
 The cipher itself lives behind softnic._crypto (sn_crypto.h): AES-GCM (RFC 4106),
 ChaCha20-Poly1305 (RFC 7634), AES-CBC + HMAC-SHA-256-128 (RFC 3602, RFC 4868).
 
-IVs. AEAD: the explicit IV is the 64-bit sequence number, unique per key as RFC 4106 §3.1
-and RFC 7634 §2 require. CBC needs an IV the sender's peers cannot predict (RFC 3602 §3):
+IVs. AEAD: the explicit IV is the 64-bit sequence number XOR a random 64-bit mask drawn
+when the SA is made (as Linux's seqiv): unique per key within the SA as RFC 4106 §3.1 and
+RFC 7634 §2 require, and not repeated when a daemon restart brings back a static key with
+its sequence numbers starting again at 1. CBC needs an IV the sender's peers cannot predict (RFC 3602 §3):
 it is E_K'(seq) -- one block of AES-GCM keystream, under a random per-SA key K' that never
 leaves the SA, for nonce = seq. That is the "encrypt a nonce under a secret key"
 construction of NIST SP 800-38A Appendix C, with a key independent of the data key.
@@ -414,7 +416,8 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
         if xform_seal(sa.ivgen, esp, 0, 0, nonce, ivbuf, 16, scratch) != 0:
             return SN_DROP_CRYPTO
     else:
-        memcpy(ivbuf, nonce, 8)
+        _wr32(ivbuf, <uint32_t>((seq ^ sa.iv_mask) >> 32))
+        _wr32(ivbuf + 4, <uint32_t>(seq ^ sa.iv_mask))
     memcpy(esp + SN_ESP_HDR_LEN, ivbuf, sa.iv_len)
     # Trailer (§2.4): monotonic pad 1, 2, 3, ..., pad length, next header.
     t = pay + pl
@@ -790,6 +793,7 @@ cdef class SecurityAssociation:
             if sa.ivgen == NULL:
                 raise ValueError("cannot create the IV generator: "
                                  + err.decode("utf-8", "replace"))
+        sa.iv_mask = int.from_bytes(os.urandom(8), "little")
         sa.iv_len = xform_iv_len(sa.xform)
         sa.icv_len = xform_icv_len(sa.xform)
         sa.block = xform_block(sa.xform)

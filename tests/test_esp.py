@@ -351,11 +351,19 @@ def test_cbc_iv_unpredictable_and_unique():
     assert other.protect(bytes(inner_packet(4, 10)))[28:44] not in ivs
 
 
-def test_gcm_iv_is_the_sequence_number():
-    ours = SecurityAssociation(5, "tunnel", *V4, "aes-gcm", os.urandom(20), esn=True,
-                               seq=(3 << 32) + 9)
-    out = ours.protect(bytes(inner_packet(4, 10)))
-    assert out[28:36] == struct.pack(">Q", (3 << 32) + 10)
+def test_gcm_iv_is_the_sequence_number_under_a_per_sa_mask():
+    """IV = seq XOR a random per-SA mask (Linux's seqiv): unique per packet within an SA,
+    and a second SA with the same key and the same sequence numbers (a restart with a
+    static key) does not repeat a single (key, IV) pair."""
+    key = os.urandom(20)
+    ivs = []
+    for _ in range(2):
+        sa = SecurityAssociation(5, "tunnel", *V4, "aes-gcm", key, esn=True, seq=(3 << 32) + 9)
+        a = struct.unpack(">Q", sa.protect(bytes(inner_packet(4, 10)))[28:36])[0]
+        b = struct.unpack(">Q", sa.protect(bytes(inner_packet(4, 10)))[28:36])[0]
+        assert a ^ b == ((3 << 32) + 10) ^ ((3 << 32) + 11)
+        ivs.append(a)
+    assert ivs[0] != ivs[1]
 
 
 def test_repr_and_errors_never_show_keys():
