@@ -16,7 +16,6 @@ boots as few guests as it can; TCG makes a guest's own TCP slow, so the transfer
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
