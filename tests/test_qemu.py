@@ -278,31 +278,63 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
           f"features {f:#x}, guest vf stats {json.dumps(st)}")
 
 
+# Streams to whoever connects until the peer goes away (bounded to 60 s).
+STREAM = r"""
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(1); s.settimeout(120)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(10)
+block, end = bytes(range(256)) * 256, time.monotonic() + 60
+try:
+    while time.monotonic() < end:
+        c.sendall(block)
+except OSError:
+    pass
+"""
+
+
 def test_qemu_killed_and_restarted_vf_recovers_without_leaks(
         img: G.GuestImage, onehost: Any) -> None:
-    d = onehost["d"]
+    """QEMU is SIGKILLed while softnic is writing a TCP stream into its RX ring (no
+    GET_VRING_BASE, no orderly reset): the daemon drops the guest's memory and fds, and
+    the next QEMU on the same socket works."""
+    d, vm = onehost["d"], onehost["vm"]
     # Baseline once no guest is attached (the previous test's QEMU has exited).
     time.sleep(0.5)
     base = d.counts()
+    stream = vm.popen([sys.executable, "-c", STREAM, VM_IP, "5557"],
+                      stdout=subprocess.PIPE, text=True)
     hold = f"""
 ip addr add {GUEST_IP}/24 dev $SN_IF
 ping -c 2 -W 5 {VM_IP} || exit 10
+nc {VM_IP} 5557 > /dev/null &
 echo UP-AND-WAITING
 sleep 600
 """
-    with G.Guest(vhost_netdev(onehost["vsock"]), GUEST_MAC, hold, timeout=150, img=img) as g:
-        g.wait_for("UP-AND-WAITING", 150)
-        attached = d.counts()
-        t0 = time.monotonic()
-        g.kill()    # SIGKILL: no GET_VRING_BASE, no orderly reset
-    assert "2 packets received" in g.script_output, g.script_output
-    # The mappings and fds of the dead guest go away.
     try:
-        wait_until(lambda: d.counts() == base, timeout=10, step=0.1)
-    except Exception:
-        pytest.fail(f"after SIGKILL of QEMU: {d.counts()} != baseline {base} "
-                    f"(with guest: {attached})\n{d.tail()}")
-    cleanup = time.monotonic() - t0
+        assert stream.stdout is not None and stream.stdout.readline().strip() == "ready"
+        with G.Guest(vhost_netdev(onehost["vsock"]), GUEST_MAC, hold, timeout=150,
+                     img=img) as g:
+            g.wait_for("UP-AND-WAITING", 150)
+            attached = d.counts()
+            rx0 = d.stats()["vf"]["vm"]["tx_local"]
+            # The stream is flowing into the guest when QEMU dies.
+            wait_until(lambda: d.stats()["vf"]["vm"]["tx_local"] > rx0 + 200, timeout=20)
+            t0 = time.monotonic()
+            g.kill()
+        assert "2 packets received" in g.script_output, g.script_output
+        # The mappings and fds of the dead guest go away; the daemon lives on.
+        try:
+            wait_until(lambda: d.counts() == base, timeout=10, step=0.1)
+        except Exception:
+            pytest.fail(f"after SIGKILL of QEMU: {d.counts()} != baseline {base} "
+                        f"(with guest: {attached})\n{d.tail()}")
+        cleanup = time.monotonic() - t0
+        assert d.proc is not None and d.proc.poll() is None
+    finally:
+        stream.kill()
+        stream.wait(10)
     again = f"""
 ip addr add {GUEST_IP}/24 dev $SN_IF
 ping -c 3 -W 5 {VM_IP} || exit 10
@@ -313,7 +345,8 @@ ping -c 3 -W 5 {VM_IP} || exit 10
     assert "3 packets received" in g2.script_output
     wait_until(lambda: d.counts() == base, timeout=10, step=0.1)
     print(f"\n[qemu-4] fds/memfd maps: idle {base}, with guest {attached}; "
-          f"released {cleanup:.2f} s after SIGKILL; second guest run {g2.run_seconds:.1f} s")
+          f"released {cleanup:.2f} s after SIGKILL under an RX stream; "
+          f"second guest run {g2.run_seconds:.1f} s")
 
 
 # ---------------------------------------------------------------- 2: two hosts, ESP + VXLAN
