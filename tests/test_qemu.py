@@ -122,6 +122,13 @@ class Daemon:
         except OSError:
             return ""
 
+    def assert_clean_log(self) -> None:
+        """No traceback, and no ring a real guest is said to have broken: a guest's coming
+        and going is routine."""
+        text = self.log.read_text()
+        bad = [ln for ln in text.splitlines() if "Traceback" in ln or "broke ring" in ln]
+        assert not bad, "\n".join(bad[:20]) + "\n" + text[-3000:]
+
     def counts(self) -> tuple[int, int]:
         """(open fds, memfd mappings) of the daemon process."""
         fds = len(os.listdir(f"/proc/{self.pid}/fd"))
@@ -344,6 +351,7 @@ ping -c 3 -W 5 {VM_IP} || exit 10
     assert rc == 0, out[-3000:] + "\n--- softnic:\n" + d.tail()
     assert "3 packets received" in g2.script_output
     wait_until(lambda: d.counts() == base, timeout=10, step=0.1)
+    d.assert_clean_log()
     print(f"\n[qemu-4] fds/memfd maps: idle {base}, with guest {attached}; "
           f"released {cleanup:.2f} s after SIGKILL under an RX stream; "
           f"second guest run {g2.run_seconds:.1f} s")
@@ -410,6 +418,9 @@ grep -E '^(Ip|Icmp):' /proc/net/snmp
 """
             send = f"""
 ip addr add {B_IP}/24 dev $SN_IF
+# The other guest boots at the same time, on a loaded host maybe later: wait for it.
+i=0; until ping -c 1 -W 1 {A_IP} >/dev/null; do i=$((i+1)); [ $i -ge 60 ] && exit 15; done
+echo "PEER-UP after $i"
 ping -c 3 -W 5 {A_IP} || exit 10
 # Too big for the tunnel (DF set): softnic answers ICMP fragmentation-needed, the guest's
 # kernel learns the path MTU and fragments the next echoes itself.
@@ -435,7 +446,9 @@ done
         finally:
             for d in daemons.values():
                 d.stop()
-    assert rcb == 0, outb[-3000:] + logs
+    assert rcb == 0, outb[-3000:] + "\n--- guest a:\n" + outa[-2000:] + logs
+    for d in daemons.values():
+        d.assert_clean_log()
     assert rca == 0, outa[-3000:] + logs
     sa_, sb = (after[s]["vf"]["g"] for s in "ab")
     ba, bb = (before[s]["vf"]["g"] for s in "ab")
@@ -555,5 +568,6 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
     res = json.loads(sout.strip().splitlines()[-1])
     assert (rx.group(1), int(rx.group(2))) == (res["sent"], n)
     assert (tx.group(1), int(tx.group(2))) == (res["recv"], res["recv_len"])
+    d.assert_clean_log()
     print(f"\n[qemu-3] restart {t_start - t_kill:.1f} s after SIGKILL; guest traffic back "
           f"{t_back - t_start:.1f} s after the new daemon answered; run {g.run_seconds:.1f} s")
