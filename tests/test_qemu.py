@@ -30,6 +30,7 @@ from typing import Any
 import pytest
 
 from softnic import guest as G
+from softnic.scenario import PLAINTEXT_MARK, Sniffer
 from softnic.topo import Netns, TwoHosts, can_netns, wait_until
 
 _why = can_netns() or (None if G.qemu_available() else "qemu-system-x86_64 not installed")
@@ -426,7 +427,9 @@ ping -c 3 -W 5 {A_IP} || exit 10
 # kernel learns the path MTU and fragments the next echoes itself.
 ping -c 4 -W 2 -s 1400 {A_IP}
 ip route get {A_IP}
-dd if=/dev/urandom of=/tmp/tx bs=4096 count={n // 4096} 2>/dev/null
+# Half random, half a marker that must never be seen in clear on the underlay.
+{{ dd if=/dev/urandom bs=4096 count={n // 8192} 2>/dev/null
+   yes {PLAINTEXT_MARK.decode()} | head -c {n // 2}; }} > /tmp/tx
 echo "TX $(sha256sum < /tmp/tx | cut -d' ' -f1) $(wc -c < /tmp/tx)"
 i=0
 until nc {A_IP} 5000 < /tmp/tx; do
@@ -435,6 +438,7 @@ done
 """
             before = {s: d.stats() for s, d in daemons.items()}
             with (
+                Sniffer(topo.b.ns, "ul0") as wire,
                 G.Guest(vhost_netdev(socks["a"]), A_MAC, recv, timeout=150, img=img) as ga,
                 G.Guest(vhost_netdev(socks["b"]), B_MAC, send, timeout=150, img=img) as gb,
             ):
@@ -472,10 +476,17 @@ done
     assert sb["tx_segments"] > sb["tx_tso_frames"], sb
     assert sb["tx_esp"] > bb["tx_esp"] and sa_["tx_esp"] > ba["tx_esp"], (sa_, sb)
     assert sa_["rx_esp"] > ba["rx_esp"] and sb["rx_esp"] > bb["rx_esp"], (sa_, sb)
+    # On the underlay (host b's side of the veth, as the wire carries it): the marker never
+    # in clear, no packet over the MTU.
+    assert wire.count >= sb["tx_esp"] and wire.marks == 0, (wire.count, wire.marks)
+    assert 0 < wire.max_wire <= 1500, wire.max_wire
+    # The receiving guest negotiated GUEST_TSO4: softnic merged decrypted segments for it.
+    assert sa_["rx_coalesced"] > 0, sa_
     # Known gap: A's echo replies (1428 bytes, DF clear as Linux sends ICMP replies) are
     # too big for the tunnel and, DF being clear, get no ICMP: softnic drops them
     # (drop_too_big on A's VF) instead of fragmenting the inner packet.
-    print(f"\n[qemu-2] guests run {ga.run_seconds:.1f}/{gb.run_seconds:.1f} s; PMTU "
+    print(f"\n[qemu-2] guests run {ga.run_seconds:.1f}/{gb.run_seconds:.1f} s; "
+          f"underlay b->a: {wire.count} packets, largest {wire.max_wire} B; PMTU "
           f"{pmtu.group(1)}; 1400-byte echo replies received {big and big.group(1)}/4 "
           f"(receiver drop_too_big {sa_.get('drop_too_big', 0)})\n"
           f"sender vf {json.dumps(sb)}\nreceiver vf {json.dumps(sa_)}")
