@@ -394,6 +394,13 @@ class Ctl:
 # docs/system/devices/vhost-user.rst: the backend maps guest RAM, so it must be a shared fd).
 
 QEMU_MEM = "1024M"   # -m and the memfd backend size must be equal; change both together
+# Queue pairs the vhost-user back-end offers today (softnic/vhostport.py serves pair 0 and
+# answers GET_QUEUE_NUM with 1): asking QEMU for more makes it refuse to start.
+SERVED_QUEUE_PAIRS = 1
+
+
+def _queues(vf: dict[str, Any]) -> int:
+    return min(int(vf.get("queues") or 1), SERVED_QUEUE_PAIRS)
 
 
 def qemu_args(vf: dict[str, Any], mem: str = QEMU_MEM) -> list[str]:
@@ -403,7 +410,7 @@ def qemu_args(vf: dict[str, Any], mem: str = QEMU_MEM) -> list[str]:
     after a softnic restart), the netdev, and virtio-net-pci with the VF's MAC and the
     offloads softnic implements (virtio 1.x 5.1.3)."""
     name, sock = vf["name"], vf["socket"].replace(",", ",,")   # QEMU's escape for ','
-    queues = int(vf.get("queues") or 1)
+    queues = _queues(vf)
     chardev = f"socket,id=chr-{name},path={sock}"
     chardev += ",server=on,wait=off" if vf.get("vhost_mode") == "client" else ",reconnect=1"
     netdev = f"vhost-user,id=net-{name},chardev=chr-{name}"
@@ -423,7 +430,7 @@ def libvirt_interface(vf: dict[str, Any]) -> str:
     """A libvirt domain XML <interface type='vhostuser'> for the VF. libvirt's source mode
     is QEMU's side: 'client' when softnic listens (server mode), 'server' otherwise."""
     client = vf.get("vhost_mode") == "client"
-    queues = int(vf.get("queues") or 1)
+    queues = _queues(vf)
     mode = "server" if client else "client"
     reconnect = "" if client else "\n    <reconnect enabled='yes' timeout='1'/>\n  "
     src = (f"<source type='unix' path='{_xml_attr(vf['socket'])}' mode='{mode}'>"
@@ -464,6 +471,11 @@ def qemu_text(vf: dict[str, Any]) -> str:
         "# Guest RAM must be shared with softnic: memfd share=on, size equal to -m.",
         "# TCG hosts (no KVM): give -device vectors=0 (legacy INTx); QEMU 7.2",
         "# under TCG crashes when the guest starts a vhost-user NIC with MSI-X vectors.",
+    ]
+    if int(vf.get("queues") or 1) > _queues(vf):
+        lines.append(f"# The VF is configured with queues={vf['queues']}; softnic serves "
+                     f"{SERVED_QUEUE_PAIRS} queue pair(s) today, so QEMU gets that many.")
+    lines += [
         "",
         "# libvirt: guest RAM shared with softnic, in <domain>:",
         "#   <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>",
