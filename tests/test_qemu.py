@@ -527,13 +527,16 @@ C_MAC, CVM_MAC = "02:00:00:00:53:01", "02:00:00:00:53:02"
 C_IP, CVM_IP = "10.214.0.1", "10.214.0.2"
 
 
+@pytest.mark.parametrize("mode", ["client", "server"])
 def test_softnic_sigkilled_under_a_running_qemu_traffic_resumes(
-        img: G.GuestImage, tmp_path: Path) -> None:
-    """Client mode: QEMU owns the socket (server=on); softnic reconnects when it is back,
-    and the guest, which never rebooted, pings and transfers again."""
+        img: G.GuestImage, tmp_path: Path, mode: str) -> None:
+    """Client mode: QEMU owns the socket (server=on); softnic reconnects when it is back.
+    Server mode: QEMU started with the `softnicctl vf show --qemu` arguments (chardev
+    reconnect=1) finds the new daemon's socket. Either way the guest, which never
+    rebooted, pings and transfers again."""
     n = 256 * 1024
     host, vm = Netns(prefix="snqr"), Netns(prefix="snqw")
-    vsock = str(tmp_path / "qemu-server.sock")
+    vsock = str(tmp_path / "vf.sock")
     d = Daemon(host, f"""
 [uplink]
 local = "127.0.0.1"
@@ -541,7 +544,7 @@ local = "127.0.0.1"
 name = "guest"
 kind = "vhost-user"
 socket = "{vsock}"
-vhost_mode = "client"
+vhost_mode = "{mode}"
 mac = "{C_MAC}"
 vni = 530
 [[vf]]
@@ -571,10 +574,18 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
 """
     server = None
     try:
-        with G.Guest(vhost_netdev(vsock, server=True), C_MAC, script, timeout=150,
-                     img=img) as g:
-            wait_until(lambda: os.path.exists(vsock), timeout=20, step=0.05)
+        if mode == "client":
+            guest = G.Guest(vhost_netdev(vsock, server=True), C_MAC, script, timeout=150,
+                            img=img)
+        else:
             d.start()
+            qemu = softnicctl_qemu_args(d, "guest")
+            assert "reconnect=1" in qemu[qemu.index("-chardev") + 1]
+            guest = guest_from_softnicctl(qemu, script, img)
+        with guest as g:
+            if mode == "client":
+                wait_until(lambda: os.path.exists(vsock), timeout=20, step=0.05)
+                d.start()
             g.wait_for("PHASE-UP", 120)
             d.kill()
             t_kill = time.monotonic()
@@ -603,5 +614,5 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
     assert (rx.group(1), int(rx.group(2))) == (res["sent"], n)
     assert (tx.group(1), int(tx.group(2))) == (res["recv"], res["recv_len"])
     d.assert_clean_log()
-    print(f"\n[qemu-3] restart {t_start - t_kill:.1f} s after SIGKILL; guest traffic back "
+    print(f"\n[qemu-3 {mode}] restart {t_start - t_kill:.1f} s after SIGKILL; guest traffic back "
           f"{t_back - t_start:.1f} s after the new daemon answered; run {g.run_seconds:.1f} s")
