@@ -31,7 +31,7 @@ usage: softnicctl [-s SOCKET] [--json] COMMAND ...
   version
   vf add NAME kind tap|vhost-user mac MAC vni N [mtu N] [ipsec off|offload|enforce]
          [ifname IF] [netns NS] [addr A/LEN]... [socket PATH] [mode server|client] [queues N]
-  vf del NAME | vf list | vf show NAME
+  vf del NAME | vf list | vf show NAME [--qemu]
   sa add vf NAME|uplink dir in|out src A dst B proto esp spi SPI [reqid N]
          [mode tunnel|transport] aead 'rfc4106(gcm(aes))' 0xKEY 128
          (any KEY may be @FILE or - for a line of stdin: keeps keys out of argv)
@@ -54,7 +54,7 @@ usage: softnicctl [-s SOCKET] [--json] COMMAND ...
 """
 
 OPTS_WITH_VALUE = {"-s", "--socket", "--count", "--pcap", "--snaplen", "--interval"}
-FLAGS = {"--json", "--prometheus", "-h", "--help"}
+FLAGS = {"--json", "--prometheus", "--qemu", "-h", "--help"}
 
 
 class Usage(Exception):
@@ -180,6 +180,13 @@ class Ctl:
                     raise Usage(f"vf {verb} needs NAME")
                 if verb == "del":
                     self._changed(c.vf_del(args[0]))
+                elif self.opts.get("qemu"):
+                    r = c.vf_show(args[0])
+                    if r["vf"].get("kind") != "vhost-user":
+                        raise Usage(f"--qemu: VF {args[0][:32]} is not kind vhost-user")
+                    argv = qemu_args(r["vf"])
+                    self.show({"qemu": argv, "libvirt": libvirt_interface(r["vf"])},
+                              qemu_text(r["vf"]))
                 else:
                     r = c.vf_show(args[0])
                     self.show(r, self._vf_show_text(r))
@@ -381,6 +388,101 @@ class Ctl:
                   f"{n} packets written to {path}"
                   + (f" ({summary['dropped']} dropped: too slow)"
                      if summary.get("dropped") else ""))
+
+
+# ---- `vf show NAME --qemu`: how to attach a VM (QEMU docs/interop/vhost-user.rst, and
+# docs/system/devices/vhost-user.rst: the backend maps guest RAM, so it must be a shared fd).
+
+QEMU_MEM = "1024M"   # -m and the memfd backend size must be equal; change both together
+# Queue pairs the vhost-user back-end offers today (softnic/vhostport.py serves pair 0 and
+# answers GET_QUEUE_NUM with 1): asking QEMU for more makes it refuse to start.
+SERVED_QUEUE_PAIRS = 1
+
+
+def _queues(vf: dict[str, Any]) -> int:
+    return min(int(vf.get("queues") or 1), SERVED_QUEUE_PAIRS)
+
+
+def qemu_args(vf: dict[str, Any], mem: str = QEMU_MEM) -> list[str]:
+    """The QEMU arguments (argv items) that attach one VM NIC to vhost-user VF `vf` (a
+    `vf show` dict): shared memfd RAM as NUMA node 0, the chardev on the VF's socket
+    (QEMU listens when the VF is in client mode; otherwise it connects and reconnects
+    after a softnic restart), the netdev, and virtio-net-pci with the VF's MAC and the
+    offloads softnic implements (virtio 1.x 5.1.3)."""
+    name, sock = vf["name"], vf["socket"].replace(",", ",,")   # QEMU's escape for ','
+    queues = _queues(vf)
+    chardev = f"socket,id=chr-{name},path={sock}"
+    chardev += ",server=on,wait=off" if vf.get("vhost_mode") == "client" else ",reconnect=1"
+    netdev = f"vhost-user,id=net-{name},chardev=chr-{name}"
+    device = (f"virtio-net-pci,netdev=net-{name},mac={vf['mac']},mrg_rxbuf=on,"
+              "csum=on,guest_csum=on,host_tso4=on,host_tso6=on,guest_tso4=on,guest_tso6=on,"
+              f"event_idx=on,indirect_desc=on,host_mtu={int(vf.get('mtu') or 1500)}")
+    if queues > 1:
+        netdev += f",queues={queues}"
+        device += f",mq=on,vectors={2 * queues + 2}"
+    return ["-m", mem,
+            "-object", f"memory-backend-memfd,id=mem0,size={mem},share=on",
+            "-numa", "node,memdev=mem0",
+            "-chardev", chardev, "-netdev", netdev, "-device", device]
+
+
+def libvirt_interface(vf: dict[str, Any]) -> str:
+    """A libvirt domain XML <interface type='vhostuser'> for the VF. libvirt's source mode
+    is QEMU's side: 'client' when softnic listens (server mode), 'server' otherwise."""
+    client = vf.get("vhost_mode") == "client"
+    queues = _queues(vf)
+    mode = "server" if client else "client"
+    reconnect = "" if client else "\n    <reconnect enabled='yes' timeout='1'/>\n  "
+    src = (f"<source type='unix' path='{_xml_attr(vf['socket'])}' mode='{mode}'>"
+           f"{reconnect}</source>" if reconnect else
+           f"<source type='unix' path='{_xml_attr(vf['socket'])}' mode='{mode}'/>")
+    q = f" queues='{queues}'" if queues > 1 else ""
+    return (
+        "<interface type='vhostuser'>\n"
+        f"  <mac address='{vf['mac']}'/>\n"
+        f"  {src}\n"
+        "  <model type='virtio'/>\n"
+        f"  <mtu size='{int(vf.get('mtu') or 1500)}'/>\n"
+        f"  <driver{q}>\n"
+        "    <host csum='on' tso4='on' tso6='on' mrg_rxbuf='on'/>\n"
+        "    <guest csum='on' tso4='on' tso6='on'/>\n"
+        "  </driver>\n"
+        "</interface>"
+    )
+
+
+def _xml_attr(s: str) -> str:
+    return (s.replace("&", "&amp;").replace("'", "&apos;").replace("<", "&lt;")
+            .replace(">", "&gt;"))
+
+
+def qemu_text(vf: dict[str, Any]) -> str:
+    """`vf show NAME --qemu` for people: the arguments as shell lines, then notes."""
+    import shlex
+
+    argv = qemu_args(vf)
+    who = ("QEMU listens (server=on), softnic connects and reconnects"
+           if vf.get("vhost_mode") == "client" else
+           "softnic listens, QEMU connects (reconnect=1: survives a softnic restart)")
+    pairs = [" ".join(shlex.quote(a) for a in argv[i:i + 2]) for i in range(0, len(argv), 2)]
+    lines = [f"# QEMU arguments for VF {vf['name']} (vhost-user; {who})"]
+    lines += [p + " \\" for p in pairs[:-1]] + [pairs[-1]]
+    lines += [
+        "# Guest RAM must be shared with softnic: memfd share=on, size equal to -m.",
+        "# TCG hosts (no KVM): give -device vectors=0 (legacy INTx); QEMU 7.2",
+        "# under TCG crashes when the guest starts a vhost-user NIC with MSI-X vectors.",
+    ]
+    if int(vf.get("queues") or 1) > _queues(vf):
+        lines.append(f"# The VF is configured with queues={vf['queues']}; softnic serves "
+                     f"{SERVED_QUEUE_PAIRS} queue pair(s) today, so QEMU gets that many.")
+    lines += [
+        "",
+        "# libvirt: guest RAM shared with softnic, in <domain>:",
+        "#   <memoryBacking><source type='memfd'/><access mode='shared'/></memoryBacking>",
+        "# and in <devices>:",
+        libvirt_interface(vf),
+    ]
+    return "\n".join(lines)
 
 
 def _split_opts(argv: list[str]) -> tuple[dict[str, Any], list[str]]:

@@ -263,6 +263,7 @@ ERRORS = [  # (command, exit status, text that must be in stderr)
     ("capture vf vm1", 2, "needs --pcap"),
     ("monitor --count -1", 2, "must not be negative"),
     ("stats --prometheus extra", 2, "takes no words"),
+    ("vf show vm1 --qemu", 2, "VF vm1 is not kind vhost-user"),
 ]
 
 
@@ -288,3 +289,95 @@ def test_json_errors_and_unreachable_socket(env):
     r = subprocess.run([sys.executable, "-m", "softnic.cli", "version"], capture_output=True,
                        text=True, timeout=30, cwd=ROOT, env=env_var)
     assert r.returncode == 0 and "softnic" in r.stdout
+
+
+def _qemu_argv(text):
+    """The shell lines of `vf show --qemu` (comments and the XML left out) as argv."""
+    shell = []
+    for line in text.splitlines():
+        if line.startswith("-"):
+            shell.append(line.rstrip("\\").strip())
+    return shlex.split(" ".join(shell))
+
+
+def _opts(value):
+    """QEMU's KEY=VALUE,... (',,' is a literal comma) -> (type, dict)."""
+    parts = value.replace(",,", "\0").split(",")
+    kv = dict(p.split("=", 1) for p in parts[1:])
+    return parts[0], {k: v.replace("\0", ",") for k, v in kv.items()}
+
+
+def test_vf_show_qemu_server_mode(env):
+    import xml.etree.ElementTree as ET
+
+    out = ctl(env, "vf show vm2 --qemu").stdout
+    argv = _qemu_argv(out)
+    assert argv == js(env, "vf show vm2 --qemu")["qemu"]
+    opt = {argv[i]: argv[i + 1] for i in range(0, len(argv), 2)}
+    assert len(opt) * 2 == len(argv)
+    kind, mem = _opts(opt["-object"])
+    assert kind == "memory-backend-memfd" and mem["share"] == "on"
+    assert mem["size"] == opt["-m"]                 # the backend must cover all of RAM
+    assert _opts(opt["-numa"]) == ("node", {"memdev": mem["id"]})
+    kind, chardev = _opts(opt["-chardev"])
+    assert kind == "socket" and chardev["path"] == "/run/softnic/vm2.sock"
+    assert "server" not in chardev and chardev["reconnect"] == "1"   # softnic listens
+    kind, netdev = _opts(opt["-netdev"])
+    assert kind == "vhost-user" and netdev["chardev"] == chardev["id"] and "queues" not in netdev
+    kind, dev = _opts(opt["-device"])
+    assert kind == "virtio-net-pci" and dev["netdev"] == netdev["id"]
+    assert dev["mac"] == "02:00:00:00:00:02" and dev["host_mtu"] == "1500"
+    for prop in ("mrg_rxbuf", "csum", "guest_csum", "host_tso4", "guest_tso4"):
+        assert dev[prop] == "on", prop
+    assert "vectors=0" in out and "TCG" in out
+    assert "<access mode='shared'/>" in out and "memfd" in out
+    xml = out[out.index("<interface"):]
+    iface = ET.fromstring(xml)                      # a real XML parser as the oracle
+    assert iface.get("type") == "vhostuser"
+    assert iface.find("mac").get("address") == "02:00:00:00:00:02"
+    src = iface.find("source")
+    assert (src.get("type"), src.get("path"), src.get("mode")) == \
+        ("unix", "/run/softnic/vm2.sock", "client")
+    assert src.find("reconnect").get("enabled") == "yes"
+    assert iface.find("model").get("type") == "virtio"
+    assert iface.find("driver/host").get("mrg_rxbuf") == "on"
+    assert js(env, "vf show vm2 --qemu")["libvirt"] == xml.strip()
+
+
+def test_vf_show_qemu_client_mode_and_queues(env):
+    import xml.etree.ElementTree as ET
+
+    sock = "/run/softnic/odd, name&.sock"
+    ctl(env, f"vf add vm5 kind vhost-user mac 02:00:00:00:00:05 vni 100 mtu 9000 "
+             f"socket '{sock}' mode client queues 2")
+    r = js(env, "vf show vm5 --qemu")
+    argv, xml = r["qemu"], r["libvirt"]
+    opt = {argv[i]: argv[i + 1] for i in range(0, len(argv), 2)}
+    kind, chardev = _opts(opt["-chardev"])
+    assert chardev["path"] == sock                  # the comma survives QEMU's parser
+    assert chardev["server"] == "on" and chardev["wait"] == "off" and "reconnect" not in chardev
+    # softnic serves one queue pair: QEMU asking for two would refuse to start.
+    assert "queues" not in _opts(opt["-netdev"])[1]
+    dev = _opts(opt["-device"])[1]
+    assert "mq" not in dev and "vectors" not in dev and dev["host_mtu"] == "9000"
+    iface = ET.fromstring(xml)
+    src = iface.find("source")
+    assert src.get("path") == sock and src.get("mode") == "server" and src.find("reconnect") is None
+    assert iface.find("driver").get("queues") is None and iface.find("mtu").get("size") == "9000"
+    text = ctl(env, "vf show vm5 --qemu").stdout
+    assert _qemu_argv(text) == argv
+    assert "configured with queues=2; softnic serves 1 queue pair" in text
+
+
+def test_qemu_args_multiqueue_shape(monkeypatch):
+    """Once the back-end serves more queue pairs: netdev queues=N, mq=on, 2N+2 vectors."""
+    from softnic import cli
+
+    monkeypatch.setattr(cli, "SERVED_QUEUE_PAIRS", 8)
+    vf = {"name": "v", "kind": "vhost-user", "socket": "/s", "mac": "02:00:00:00:00:07",
+          "mtu": 1500, "queues": 4, "vhost_mode": "server"}
+    argv = cli.qemu_args(vf)
+    assert _opts(argv[argv.index("-netdev") + 1])[1]["queues"] == "4"
+    dev = _opts(argv[argv.index("-device") + 1])[1]
+    assert dev["mq"] == "on" and dev["vectors"] == "10"
+    assert "<driver queues='4'>" in cli.libvirt_interface(vf)
