@@ -823,7 +823,14 @@ cdef class Datapath:
                     return SN_DROP_NO_SA
                 sa = ref.sa
 
-        budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
+        if dst_count == 0:
+            # Only VFs on this host: no tunnel, so the VF's own MTU is the limit (as far
+            # as a local slot holds it).
+            budget = v.mtu
+            if budget > loc.slot_size - loc.headroom - SN_VNET_HDR_LEN - h.l2len:
+                budget = loc.slot_size - loc.headroom - SN_VNET_HDR_LEN - h.l2len
+        else:
+            budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
         nseg = 1
         if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE:
             if h.l3len_total == 0 or budget <= (h.l4off - h.l3off) + h.l4hdrlen:
@@ -872,7 +879,8 @@ cdef class Datapath:
                         v.c.tx_icmp_too_big += 1
                 return SN_DROP_TOO_BIG
             p = &out.pkts[k]
-            if flen > p.cap - out.headroom - 320:
+            # Room for ESP's trailer is needed only where the frame enters the tunnel.
+            if flen > p.cap - out.headroom - (320 if dst_count else 0):
                 return SN_DROP_TOO_BIG
             p.off = out.headroom
             p.len = flen
@@ -909,6 +917,8 @@ cdef class Datapath:
                     p.drop = 0
                     loc.count += 1
                     v.c.tx_local += 1
+                    self.vfs[i].c.rx_frames += 1
+                    self.vfs[i].c.rx_bytes += out.pkts[k + j].len
         if dst_count == 0:
             return SN_OK
 

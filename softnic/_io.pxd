@@ -31,6 +31,7 @@ cdef extern from "<sys/socket.h>" nogil:
 cdef enum:
     SN_IO_POOL_MAX = 1024          # most source-port sockets in one pool
     SN_IO_TX_MSGS = 256            # messages in one sendmmsg
+    SN_IO_TX_WAITS = 4             # 1 ms waits for a full socket before dropping
     SN_IO_TX_IOVS = 1024           # segments across those messages
     SN_IO_CMSG = 128               # control buffer per message (GRO + PKTINFO fit)
     SN_IO_RX_MSGS = 16             # super-buffers per recvmmsg

@@ -27,11 +27,21 @@ from libc.stdlib cimport calloc, free
 from libc.string cimport memcmp, memcpy, memset
 from posix.unistd cimport read, write
 
+
+cdef extern from "<poll.h>" nogil:
+    struct pollfd:
+        int fd
+        short events
+        short revents
+    int poll(pollfd *fds, unsigned long nfds, int timeout)
+    enum: POLLOUT
+
 from softnic._batch cimport Batch
 from softnic._pkt cimport (
     SN_DROP_BAD_VNET_HDR,
     SN_DROP_MALFORMED_L3,
     SN_DROP_NO_FDB,
+    SN_DROP_NO_ROUTE,
     SN_DROP_RING_FULL,
     SN_DROP_TOO_BIG,
     sn_pkt,
@@ -356,6 +366,8 @@ cdef int _ul_flush(const sn_ul *ul, sn_txq *q, int fd, int nm, sn_pkt *pkts) noe
     cdef int sent = 0
     cdef int done = 0
     cdef int r, k, j, e, too_big
+    cdef int waits = 0
+    cdef pollfd pfd
     cdef uint16_t reason
     cdef msghdr *m
     cdef cmsghdr *c
@@ -404,6 +416,16 @@ cdef int _ul_flush(const sn_ul *ul, sn_txq *q, int fd, int nm, sn_pkt *pkts) noe
             continue
         if e == EAGAIN or e == ENOBUFS:
             q.st.tx_eagain += 1
+            # Backpressure before loss: these packets are already encrypted (sequence
+            # numbers spent), so wait briefly for the socket to drain, as a NIC's full TX
+            # queue stalls its producer, and drop only if it does not.
+            if waits < SN_IO_TX_WAITS:
+                waits += 1
+                pfd.fd = fd
+                pfd.events = POLLOUT
+                pfd.revents = 0
+                poll(&pfd, 1, 1)
+                continue
             for k in range(sent, nm):
                 for j in range(<int>q.msgs[k].msg_hdr.msg_iovlen):
                     pkts[q.iov_pkt[q.msg_iov0[k] + j]].drop = SN_DROP_RING_FULL
@@ -412,7 +434,7 @@ cdef int _ul_flush(const sn_ul *ul, sn_txq *q, int fd, int nm, sn_pkt *pkts) noe
         # EMSGSIZE: larger than the path MTU with DF; EINVAL on a GSO message: its
         # segment (plus headers) exceeds the MTU, or too many segments.
         too_big = e == EMSGSIZE or (e == EINVAL and q.msgs[sent].msg_hdr.msg_iovlen > 1)
-        reason = SN_DROP_TOO_BIG if too_big else SN_DROP_RING_FULL
+        reason = SN_DROP_TOO_BIG if too_big else SN_DROP_NO_ROUTE
         for j in range(<int>q.msgs[sent].msg_hdr.msg_iovlen):
             pkts[q.iov_pkt[q.msg_iov0[sent] + j]].drop = reason
             if too_big:

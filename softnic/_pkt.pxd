@@ -83,4 +83,5 @@ cdef enum sn_drop:
     SN_DROP_RING_FULL = 17        # receiver (guest RX ring, TAP, socket) could not take it
     SN_DROP_MALFORMED_ESP = 18    # ESP shorter than header + IV + ICV, bad block alignment
     SN_DROP_CRYPTO = 19           # the crypto engine failed (not an authentication failure)
-    SN_DROP_MAX = 20
+    SN_DROP_NO_ROUTE = 20         # the underlay refused the packet (unreachable, link down)
+    SN_DROP_MAX = 21

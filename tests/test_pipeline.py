@@ -360,3 +360,16 @@ def test_device_terminated_sa_selection(select):
         assert used == {spis[0]}
     else:
         assert used == set(spis)
+
+
+def test_local_switching_carries_the_full_vf_mtu():
+    """No tunnel lies between two VFs of one host: a 1500-byte IP packet passes whole
+    (the tunnel's smaller MTU applies only towards the underlay)."""
+    a = Datapath(VTEP_A, UNDERLAY_MTU)
+    a.set_vf(0, MAC_A, 100)
+    a.set_vf(1, MAC_B, 100)
+    frame = tcp_frame(os.urandom(1460))
+    out, loc, inb = tx(a, [plain_input(frame)])
+    assert out == [] and inb.drop_reason(0) == "ok"
+    assert [f[12:] for f in loc] == [frame]
+    assert a.vf_counters(1)["rx_frames"] == 1

@@ -286,14 +286,10 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
           f"features {f:#x}, vf stats {json.dumps(st)}")
 
 
-@pytest.mark.xfail(strict=True, reason="softnic applies the VXLAN tunnel budget (1450 B "
-                   "here) to frames switched between two local VFs of MTU 1500, and drops a "
-                   "too-big DF-clear packet without ICMP (_fastpath.pyx TX path)")
 def test_full_mtu_packets_between_local_vfs(img: G.GuestImage, onehost: Any) -> None:
     """Two ports of MTU 1500 on one switch carry 1500-byte IP packets both ways: the
     guest's echo requests (DF set) and the VM kernel's replies (DF clear, as Linux sends
-    ICMP replies). Today the guest gets 'fragmentation needed, mtu 1450' from softnic,
-    and the fragmented echoes' full-size replies are dropped (drop_too_big on the VM's VF).
+    ICMP replies): no tunnel lies between them, so the tunnel's MTU must not apply.
     """
     d = onehost["d"]
     script = f"""
