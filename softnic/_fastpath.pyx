@@ -1306,7 +1306,7 @@ cdef class Datapath:
     def poll_tx(self, int vf):
         """Read a burst from a VF (TAP or guest ring), run it through TX, send it.
         Returns frames read."""
-        cdef int n, start, fd
+        cdef int n, start, fd, i
         cdef Batch inb = self.tx_in, out = self.tx_out, loc = self.tx_local
         if self.underlay is None:
             raise RuntimeError("no underlay attached")
@@ -1332,6 +1332,9 @@ cdef class Datapath:
                     if self.ul_mirror:
                         self._mirror_batch(self.tx_mirror, self.tx_mirror_ts, out)
                     self.txq.send_pkts(out.pkts, out.count)
+                    for i in range(out.count):      # what the underlay refused
+                        if out.pkts[i].drop:
+                            self.vfs[vf].c.drops[out.pkts[i].drop] += 1
                 if loc.count:
                     PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
                     self._deliver(loc, self.tx_mirror, self.tx_mirror_ts)
