@@ -161,6 +161,7 @@ ctypedef struct fp_counters:
     uint64_t tx_local           # frames switched to another VF on this host
     uint64_t tx_icmp_too_big    # ICMP too-big / packet-too-big replies sent to the VF
     uint64_t tx_mss_clamped     # SYNs whose MSS option was lowered
+    uint64_t tx_fragmented      # IPv4 packets (DF clear) fragmented to fit the tunnel
     uint64_t rx_frames          # frames delivered to the VF
     uint64_t rx_bytes
     uint64_t rx_esp             # of which decrypted with the VF's SA
@@ -268,6 +269,36 @@ cdef bint _is_neighbour_discovery(const uint8_t *f, const sn_hdrs *h,
     if h.ipver != 6 or h.l4proto != 58 or h.l4off >= len:
         return False
     return 133 <= f[h.l4off] <= 137
+
+
+cdef uint32_t _fragment4(const uint8_t *f, const sn_hdrs *h, uint32_t chunk, uint32_t n,
+                         sn_pkt *out, uint32_t headroom) noexcept nogil:
+    """Cut the IPv4 packet of frame f (20-byte header, DF clear) into n fragments of
+    `chunk` payload bytes (a multiple of 8) in out[0:n] (RFC 791 3.2): L2 and IP header
+    copied, total length, MF and offset (relative to the packet's own, so a fragment can
+    be fragmented again) and the header checksum set. The caller has checked the room."""
+    cdef const uint8_t *ip = f + h.l3off
+    cdef uint32_t paylen = h.l3len_total - 20, off = 0, take, j
+    cdef uint32_t fo0 = ((ip[6] & 0x1F) << 8) | ip[7]
+    cdef uint8_t mf0 = ip[6] & 0x20
+    cdef uint8_t *d
+    for j in range(n):
+        take = paylen - off if paylen - off < chunk else chunk
+        out[j].off = headroom
+        out[j].drop = 0
+        out[j].flags = 0
+        d = out[j].data + headroom
+        memcpy(d, f, h.l3off + 20)
+        memcpy(d + h.l3off + 20, ip + 20 + off, take)
+        sn_st16(d + h.l3off + 2, <uint16_t>(20 + take))
+        sn_st16(d + h.l3off + 6, <uint16_t>(((0x20 if (j + 1 < n or mf0) else 0) << 8)
+                                            | (fo0 + off // 8)))
+        d[h.l3off + 10] = 0
+        d[h.l3off + 11] = 0
+        sn_st16(d + h.l3off + 10, sn_csum_finish(sn_csum_partial(d + h.l3off, 20, 0)))
+        out[j].len = h.l3off + 20 + take
+        off += take
+    return n
 
 
 cdef class Datapath:
@@ -675,7 +706,8 @@ cdef class Datapath:
             "tx_frames": c.tx_frames, "tx_bytes": c.tx_bytes, "tx_tso_frames": c.tx_tso_frames,
             "tx_segments": c.tx_segments, "tx_esp": c.tx_esp, "tx_packets": c.tx_packets,
             "tx_local": c.tx_local, "tx_icmp_too_big": c.tx_icmp_too_big,
-            "tx_mss_clamped": c.tx_mss_clamped, "rx_frames": c.rx_frames,
+            "tx_mss_clamped": c.tx_mss_clamped, "tx_fragmented": c.tx_fragmented,
+            "rx_frames": c.rx_frames,
             "rx_bytes": c.rx_bytes, "rx_esp": c.rx_esp,
             "rx_esp_passthrough": c.rx_esp_passthrough, "rx_coalesced": c.rx_coalesced,
         }
@@ -769,6 +801,7 @@ cdef class Datapath:
         cdef uint32_t n_flood, vt
         cdef sn_vxlan_tx tx
         cdef uint64_t fhash
+        cdef uint32_t fchunk
         cdef uint32_t dests[FP_MAX_FLOOD + 1]
         cdef sn_pkt *p
         cdef bint bum
@@ -832,6 +865,15 @@ cdef class Datapath:
         else:
             budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
         nseg = 1
+        fchunk = 0
+        if vh.gso_type == VIRTIO_NET_HDR_GSO_NONE and h.ipver == 4 and \
+                h.l3len_total > budget and not (f[h.l3off + 6] & 0x40) and \
+                h.l4off - h.l3off == 20 and budget >= 28:
+            # Too big for the tunnel, and the sender allows fragmentation (DF clear): a
+            # tunnel ingress fragments the inner packet (RFC 4459 3.1, as Linux's ip_tunnel
+            # does) so that nothing is fragmented in the underlay.
+            fchunk = (budget - 20) & ~7u
+            nseg = (h.l3len_total - 20 + fchunk - 1) // fchunk
         if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE:
             if h.l3len_total == 0 or budget <= (h.l4off - h.l3off) + h.l4hdrlen:
                 return SN_DROP_TOO_BIG
@@ -864,7 +906,10 @@ cdef class Datapath:
                 r = sn_csum_complete(f, flen, vh)
                 if r != SN_OK:
                     return r
-            if h.ipver and h.l3len_total > budget:
+            if fchunk:
+                produced = _fragment4(f, &h, fchunk, nseg, &out.pkts[k], out.headroom)
+                v.c.tx_fragmented += 1
+            elif h.ipver and h.l3len_total > budget:
                 # A tunnel endpoint's answer (RFC 1191 / RFC 8201): tell the sender.
                 if loc.count < loc.size:
                     p = &loc.pkts[loc.count]
@@ -878,20 +923,21 @@ cdef class Datapath:
                         loc.count += 1
                         v.c.tx_icmp_too_big += 1
                 return SN_DROP_TOO_BIG
-            p = &out.pkts[k]
-            # Room for ESP's trailer is needed only where the frame enters the tunnel.
-            if flen > p.cap - out.headroom - (320 if dst_count else 0):
-                return SN_DROP_TOO_BIG
-            p.off = out.headroom
-            p.len = flen
-            p.drop = 0
-            p.flags = 0
-            memcpy(p.data + p.off, f, flen)
-            if h.l4proto == 6 and h.l4hdrlen and budget > (h.l4off - h.l3off) + 20:
-                if sn_tcp_mss_clamp(p.data + p.off, flen, &h,
-                                    <uint16_t>(budget - (h.l4off - h.l3off) - 20)) == 1:
-                    v.c.tx_mss_clamped += 1
-            produced = 1
+            else:
+                p = &out.pkts[k]
+                # Room for ESP's trailer is needed only where the frame enters the tunnel.
+                if flen > p.cap - out.headroom - (320 if dst_count else 0):
+                    return SN_DROP_TOO_BIG
+                p.off = out.headroom
+                p.len = flen
+                p.drop = 0
+                p.flags = 0
+                memcpy(p.data + p.off, f, flen)
+                if h.l4proto == 6 and h.l4hdrlen and budget > (h.l4off - h.l3off) + 20:
+                    if sn_tcp_mss_clamp(p.data + p.off, flen, &h,
+                                        <uint16_t>(budget - (h.l4off - h.l3off) - 20)) == 1:
+                        v.c.tx_mss_clamped += 1
+                produced = 1
 
         # Local VFs (same VNI) get the plain segments, with a virtio-net header.
         if local_vf >= 0 or bum:

@@ -82,9 +82,10 @@ cdef int _parse_l4(const uint8_t *f, uint32_t l4end, sn_hdrs *h) noexcept nogil:
     elif h.l4proto == SN_IPPROTO_UDP:
         if avail < SN_UDP_HLEN:
             return SN_DROP_MALFORMED_L4
-        # The UDP length must cover its header and stay inside the IP payload (RFC 768).
+        # The UDP length must cover its header and stay inside the IP payload (RFC 768);
+        # in a first fragment the datagram goes on in the later fragments.
         ulen = sn_ld16(f + h.l4off + SN_UDP_LEN)
-        if ulen < SN_UDP_HLEN or ulen > avail:
+        if ulen < SN_UDP_HLEN or (ulen > avail and not h.is_fragment):
             return SN_DROP_MALFORMED_L4
         h.l4hdrlen = SN_UDP_HLEN
     return 0

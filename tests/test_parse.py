@@ -100,7 +100,8 @@ def ref_parse(f: bytes):
         if end - l4 < 8:
             return "malformed_l4"
         (ulen,) = struct.unpack_from("!H", f, l4 + 4)
-        if ulen < 8 or ulen > end - l4:
+        # A first fragment holds only the start of its datagram (RFC 791 3.2).
+        if ulen < 8 or (ulen > end - l4 and not h.get("is_fragment")):
             return "malformed_l4"
         h["l4hdrlen"] = 8
     return h
@@ -227,3 +228,12 @@ def test_random_bytes_match_reference(tail, et):
         gb[14] = (0x45 if et == 0x0800 else 0x60) | (gb[14] & 0x0F if et == 0x0800 else 0)
         g = bytes(gb)
         assert run_parse(g) == ref_parse(g)
+
+
+def test_first_fragment_udp_length_covers_the_whole_datagram():
+    """A first fragment's UDP length counts the later fragments too: not malformed."""
+    from scapy.layers.inet import fragment
+
+    frags = fragment(IP(src="10.0.0.1", dst="10.0.0.2") / UDP() / (b"x" * 3000), fragsize=1000)
+    h = run_parse(bytes(eth() / frags[0]))
+    assert isinstance(h, dict) and h["is_fragment"] and h["l4hdrlen"] == 8

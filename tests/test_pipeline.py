@@ -373,3 +373,23 @@ def test_local_switching_carries_the_full_vf_mtu():
     assert out == [] and inb.drop_reason(0) == "ok"
     assert [f[12:] for f in loc] == [frame]
     assert a.vf_counters(1)["rx_frames"] == 1
+
+
+def test_too_big_without_df_is_fragmented_before_the_tunnel():
+    """An IPv4 packet too big for the tunnel with DF clear is fragmented before ESP and
+    VXLAN (RFC 4459 3.1), never in the underlay; the far VF gets fragments that the
+    oracle (scapy's defragment) puts back together."""
+    from scapy.layers.inet import defragment
+
+    a, b = hosts("enforce", "enforce")
+    payload = os.urandom(1472)
+    frame = bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=VM_A, dst=VM_B, flags=0, id=77)
+                  / UDP(sport=1234, dport=5678) / payload)
+    out, loc, inb = tx(a, [plain_input(frame)])
+    assert inb.drop_reason(0) == "ok" and loc == [] and len(out) == 2
+    assert all(len(p) <= UNDERLAY_MTU for p in out)
+    assert a.vf_counters(0)["tx_fragmented"] == 1
+    frames, reasons = rx(b, out)
+    assert reasons == ["ok", "ok"]
+    whole = defragment([Ether(f)[IP] for f in frames])
+    assert len(whole) == 1 and bytes(whole[0][UDP].payload) == payload
