@@ -10,10 +10,11 @@ ChaCha20-Poly1305 (RFC 7634), AES-CBC + HMAC-SHA-256-128 (RFC 3602, RFC 4868).
 IVs. AEAD: the explicit IV is the 64-bit sequence number XOR a random 64-bit mask drawn
 when the SA is made (as Linux's seqiv): unique per key within the SA as RFC 4106 §3.1 and
 RFC 7634 §2 require, and not repeated when a daemon restart brings back a static key with
-its sequence numbers starting again at 1. CBC needs an IV the sender's peers cannot predict (RFC 3602 §3):
-it is E_K'(seq) -- one block of AES-GCM keystream, under a random per-SA key K' that never
-leaves the SA, for nonce = seq. That is the "encrypt a nonce under a secret key"
-construction of NIST SP 800-38A Appendix C, with a key independent of the data key.
+its sequence numbers starting again at 1. CBC needs an IV the sender's peers cannot
+predict (RFC 3602 §3): it is E_K'(seq) -- one block of AES-GCM keystream, under a random
+per-SA key K' that never leaves the SA, for nonce = seq. That is the "encrypt a nonce
+under a secret key" construction of NIST SP 800-38A Appendix C, with a key independent
+of the data key.
 
 Inbound order (RFC 4303 §3.4, and DPDK's check-then-update): framing checks -> ESN
 inference -> replay check -> ICV verify + decrypt -> trailer check -> replay update ->
