@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 APT_PKGS := gcc python3-dev python3-venv libssl-dev libipsec-mb-dev iproute2 iperf3 \
             qemu-system-x86 busybox-static procps kmod iputils-ping
 
-.PHONY: all sysdeps venv build test lint unit demo bench clean
+.PHONY: all sysdeps venv build test lint demo demo-short bench fuzz clean
 
 all: build
 
@@ -39,8 +39,19 @@ test: build lint
 demo: build
 	$(PY) -m softnic.demo
 
+demo-short: build
+	$(PY) -m softnic.demo --short
+
+# Benchmarks print each figure beside a reference measured in the same run. The packet
+# core needs nothing; the end-to-end and vhost-user ones build namespaces (root).
 bench: build
 	$(PY) benchmarks/pipeline.py
+	@if [ "$$(id -u)" -eq 0 ]; then $(PY) benchmarks/e2e.py && $(PY) benchmarks/vhost.py; \
+	else echo "benchmarks/e2e.py and benchmarks/vhost.py need root: skipped"; fi
+
+# A sanitized (ASan + UBSan) fuzzing campaign over every compiled entry point.
+fuzz: venv
+	PYTHON=$(abspath $(PY)) bash scripts/fuzz.sh $(FUZZ_ARGS)
 
 clean:
 	rm -rf build $(VENV) softnic/*.so vhost/*.so softnic/*.c vhost/*.c .pytest_cache .mypy_cache
