@@ -36,9 +36,10 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-for _p in (ROOT, HERE):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+if HERE not in sys.path:
+    sys.path.append(HERE)       # for rawcrypto; last, so benchmarks/vhost.py shadows nothing
 
 import rawcrypto  # noqa: E402
 
