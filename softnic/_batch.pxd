@@ -9,5 +9,5 @@ cdef class Batch:
     cdef readonly int size
     cdef readonly int slot_size
     cdef readonly int headroom
-    cdef public int count
+    cdef int count
     cpdef clear(self)

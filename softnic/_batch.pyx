@@ -92,5 +92,17 @@ cdef class Batch:
             raise IndexError(i)
         return self.pkts[i].port
 
+    @property
+    def count(self):
+        """Packets in use. Settable from Python (e.g. 0 to reuse the batch), never past
+        size: the data plane trusts it."""
+        return self.count
+
+    @count.setter
+    def count(self, int n):
+        if n < 0 or n > self.size:
+            raise ValueError(f"count must be 0..{self.size}")
+        self.count = n
+
     def __len__(self):
         return self.count

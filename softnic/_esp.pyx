@@ -43,6 +43,13 @@ from softnic._crypto cimport (
     xform_open,
     xform_seal,
 )
+from softnic._csum cimport (
+    sn_csum,
+    sn_csum_add16,
+    sn_csum_finish,
+    sn_csum_partial,
+    sn_csum_pseudo6,
+)
 from softnic._pkt cimport (
     SN_DROP_BAD_TRAILER,
     SN_DROP_CRYPTO,
@@ -63,6 +70,7 @@ from softnic._pkt cimport (
     SN_TAILROOM,
     sn_pkt,
 )
+from softnic._proto cimport sn_ld16, sn_ld32, sn_st16, sn_st32
 
 import ipaddress
 import os
@@ -103,61 +111,22 @@ EVENTS = ("soft_expired", "hard_expired", "seq_near_end", "seq_exhausted")
 
 
 # ---------------------------------------------------------------------------------------
-# Small helpers: network-order access, the Internet checksum (RFC 1071).
-
-cdef inline uint32_t _rd16(const uint8_t *b) noexcept nogil:
-    return (<uint32_t>b[0] << 8) | b[1]
-
-
-cdef inline uint32_t _rd32(const uint8_t *b) noexcept nogil:
-    return (<uint32_t>b[0] << 24) | (<uint32_t>b[1] << 16) | (<uint32_t>b[2] << 8) | b[3]
-
-
-cdef inline void _wr16(uint8_t *b, uint32_t v) noexcept nogil:
-    b[0] = <uint8_t>(v >> 8)
-    b[1] = <uint8_t>v
-
-
-cdef inline void _wr32(uint8_t *b, uint32_t v) noexcept nogil:
-    b[0] = <uint8_t>(v >> 24)
-    b[1] = <uint8_t>(v >> 16)
-    b[2] = <uint8_t>(v >> 8)
-    b[3] = <uint8_t>v
-
-
-cdef inline uint64_t _sum16(const uint8_t *b, uint32_t n, uint64_t acc) noexcept nogil:
-    cdef uint32_t i = 0
-    while i + 1 < n:
-        acc += (<uint32_t>b[i] << 8) | b[i + 1]
-        i += 2
-    if n & 1:
-        acc += <uint32_t>b[n - 1] << 8
-    return acc
-
-
-cdef inline uint16_t _fold(uint64_t acc) noexcept nogil:
-    while acc >> 16:
-        acc = (acc & 0xFFFF) + (acc >> 16)
-    return <uint16_t>(~acc & 0xFFFF)
-
+# Checksums (RFC 1071) over softnic._csum; network-order access is softnic._proto's.
 
 cdef inline void _ipv4_csum(uint8_t *h, uint32_t ihl) noexcept nogil:
     h[10] = 0
     h[11] = 0
-    _wr16(h + 10, _fold(_sum16(h, ihl, 0)))
+    sn_st16(h + 10, sn_csum(h, ihl))
 
 
 cdef inline void _udp6_csum(uint8_t *udp, uint32_t ulen, const uint8_t *src,
                             const uint8_t *dst) noexcept nogil:
     # RFC 8200 §8.1: UDP over IPv6 needs a real checksum (zero is not allowed).
-    cdef uint64_t acc = _sum16(src, 16, 0)
     cdef uint16_t c
-    acc = _sum16(dst, 16, acc)
-    acc += ulen + IPPROTO_UDP
     udp[6] = 0
     udp[7] = 0
-    c = _fold(_sum16(udp, ulen, acc))
-    _wr16(udp + 6, c if c else 0xFFFF)
+    c = sn_csum_finish(sn_csum_partial(udp, ulen, sn_csum_pseudo6(src, dst, IPPROTO_UDP, ulen)))
+    sn_st16(udp + 6, c if c else 0xFFFF)
 
 
 cdef int _v6_ext_walk(const uint8_t *ip, uint32_t iplen, uint32_t stop,
@@ -284,7 +253,7 @@ cdef uint32_t sn_esp_read_spi(const sn_pkt *p, uint32_t esp_off) noexcept nogil:
     """The SPI (host order) of the ESP header at esp_off, or 0 if the packet is short."""
     if esp_off > p.len or p.len - esp_off < SN_ESP_HDR_LEN:
         return 0
-    return _rd32(p.data + p.off + esp_off)
+    return sn_ld32(p.data + p.off + esp_off)
 
 
 cdef uint32_t sn_esp_overhead(const sn_sa *sa, uint32_t ip_len, uint32_t hdr_len) noexcept nogil:
@@ -342,17 +311,17 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     ver = ip[0] >> 4
     if ver == 4:
         ihl = (ip[0] & 0xF) * 4
-        tot = _rd16(ip + 2)
+        tot = sn_ld16(ip + 2)
         if ihl < 20 or tot < ihl or tot > avail:
             return SN_DROP_MALFORMED_L3
         hdr_len = ihl
         nh_off = 9
         tos = ip[1]
-        df = _rd16(ip + 6) & 0x4000
+        df = sn_ld16(ip + 6) & 0x4000
     elif ver == 6:
         if avail < 40:
             return SN_DROP_MALFORMED_L3
-        tot = 40 + _rd16(ip + 4)
+        tot = 40 + sn_ld16(ip + 4)
         if tot > avail:
             return SN_DROP_MALFORMED_L3
         tos = ((ip[0] & 0xF) << 4) | (ip[1] >> 4)
@@ -366,7 +335,8 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     # Transport mode protects whole datagrams only (§3.1.1): no IPv4 fragment, and no
     # IPv6 fragment header where ESP would go.
     if sa.mode == SN_ESP_TRANSPORT and (
-            (ver == 4 and _rd16(ip + 6) & 0x3FFF) or (ver == 6 and ip[nh_off] == IPPROTO_FRAGMENT)):
+            (ver == 4 and sn_ld16(ip + 6) & 0x3FFF)
+            or (ver == 6 and ip[nh_off] == IPPROTO_FRAGMENT)):
         return SN_DROP_MALFORMED_L3
     if sa.mode == SN_ESP_TUNNEL:
         pl = tot
@@ -407,18 +377,18 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     cur = h + outer_len
     esp = cur + udp
     pay = esp + SN_ESP_HDR_LEN + sa.iv_len       # == base + l2len (+ hdr_len): unmoved
-    _wr32(esp, sa.spi)
-    _wr32(esp + 4, <uint32_t>seq)
-    _wr32(nonce, <uint32_t>(seq >> 32))
-    _wr32(nonce + 4, <uint32_t>seq)
+    sn_st32(esp, sa.spi)
+    sn_st32(esp + 4, <uint32_t>seq)
+    sn_st32(nonce, <uint32_t>(seq >> 32))
+    sn_st32(nonce + 4, <uint32_t>seq)
     if sa.ivgen != NULL:
         # CBC: IV = one block of keystream under the SA's secret IV key, nonce = seq.
         memset(ivbuf, 0, 16)
         if xform_seal(sa.ivgen, esp, 0, 0, nonce, ivbuf, 16, scratch) != 0:
             return SN_DROP_CRYPTO
     else:
-        _wr32(ivbuf, <uint32_t>((seq ^ sa.iv_mask) >> 32))
-        _wr32(ivbuf + 4, <uint32_t>(seq ^ sa.iv_mask))
+        sn_st32(ivbuf, <uint32_t>((seq ^ sa.iv_mask) >> 32))
+        sn_st32(ivbuf + 4, <uint32_t>(seq ^ sa.iv_mask))
     memcpy(esp + SN_ESP_HDR_LEN, ivbuf, sa.iv_len)
     # Trailer (§2.4): monotonic pad 1, 2, 3, ..., pad length, next header.
     t = pay + pl
@@ -434,43 +404,46 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
         if sa.family == 4:
             h[0] = 0x45
             h[1] = <uint8_t>tos           # DSCP and ECN copied (RFC 4301 §5.1.2, RFC 6040)
-            _wr16(h + 2, 20 + udp + esp_total)
-            _wr16(h + 4, <uint32_t>seq & 0xFFFF)
-            _wr16(h + 6, df)
+            sn_st16(h + 2, 20 + udp + esp_total)
+            sn_st16(h + 4, <uint32_t>seq & 0xFFFF)
+            sn_st16(h + 6, df)
             h[8] = 64
             h[9] = IPPROTO_UDP if udp else IPPROTO_ESP
             memcpy(h + 12, sa.src, 4)
             memcpy(h + 16, sa.dst, 4)
             # From the values, not by reading back the header just written (a load of
             # fresh narrow stores stalls store forwarding).
-            acc = _sum16(sa.src, 4, 0)
-            acc = _sum16(sa.dst, 4, acc)
-            acc += (0x4500 | (tos & 0xFF)) + 20 + udp + esp_total + (<uint32_t>seq & 0xFFFF)
-            acc += df + ((64 << 8) | (IPPROTO_UDP if udp else IPPROTO_ESP))
-            _wr16(h + 10, _fold(acc))
+            acc = sn_csum_partial(sa.src, 4, 0)
+            acc = sn_csum_partial(sa.dst, 4, acc)
+            acc = sn_csum_add16(acc, 0x4500 | (tos & 0xFF))
+            acc = sn_csum_add16(acc, <uint16_t>(20 + udp + esp_total))
+            acc = sn_csum_add16(acc, <uint16_t>(seq & 0xFFFF))
+            acc = sn_csum_add16(acc, <uint16_t>df)
+            acc = sn_csum_add16(acc, (64 << 8) | (IPPROTO_UDP if udp else IPPROTO_ESP))
+            sn_st16(h + 10, sn_csum_finish(acc))
         else:
             h[0] = <uint8_t>(0x60 | (tos >> 4))
             # The flow label carries the inner flow hash when known (RFC 6438).
             h[1] = <uint8_t>(((tos & 0xF) << 4) | ((p.hash >> 16) & 0xF))
-            _wr16(h + 2, p.hash & 0xFFFF)
-            _wr16(h + 4, udp + esp_total)
+            sn_st16(h + 2, p.hash & 0xFFFF)
+            sn_st16(h + 4, udp + esp_total)
             h[6] = IPPROTO_UDP if udp else IPPROTO_ESP
             h[7] = 64
             memcpy(h + 8, sa.src, 16)
             memcpy(h + 24, sa.dst, 16)
         if l2len >= 14:
-            _wr16(h - 2, 0x0800 if sa.family == 4 else 0x86DD)
+            sn_st16(h - 2, 0x0800 if sa.family == 4 else 0x86DD)
     else:
         h[nh_off] = IPPROTO_UDP if udp else IPPROTO_ESP
         if ver == 4:
-            _wr16(h + 2, hdr_len + udp + esp_total)
+            sn_st16(h + 2, hdr_len + udp + esp_total)
             _ipv4_csum(h, ihl)
         else:
-            _wr16(h + 4, hdr_len - 40 + udp + esp_total)
+            sn_st16(h + 4, hdr_len - 40 + udp + esp_total)
     if udp:
-        _wr16(cur, sa.sport)
-        _wr16(cur + 2, sa.dport)
-        _wr16(cur + 4, udp + esp_total)
+        sn_st16(cur, sa.sport)
+        sn_st16(cur + 2, sa.dport)
+        sn_st16(cur + 4, udp + esp_total)
         cur[6] = 0                      # RFC 3948 §2.1: zero over IPv4
         cur[7] = 0
         if (sa.family if sa.mode == SN_ESP_TUNNEL else ver) == 6:
@@ -534,10 +507,10 @@ cdef int _decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
         ver = ip[0] >> 4
         if ver == 4:
             ihl = (ip[0] & 0xF) * 4
-            tot = _rd16(ip + 2)
+            tot = sn_ld16(ip + 2)
             if hl < 20 or ihl < 20 or ihl > hl or tot < hl + udp or tot > p.len - l2len:
                 return SN_DROP_MALFORMED_L3
-            if _rd16(ip + 6) & 0x3FFF:      # a fragment: ESP is processed reassembled
+            if sn_ld16(ip + 6) & 0x3FFF:      # a fragment: ESP is processed reassembled
                 return SN_DROP_MALFORMED_L3
             if sa.mode == SN_ESP_TRANSPORT and ihl != hl:
                 return SN_DROP_MALFORMED_L3
@@ -546,7 +519,7 @@ cdef int _decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
         elif ver == 6:
             if hl < 40:
                 return SN_DROP_MALFORMED_L3
-            tot = 40 + _rd16(ip + 4)
+            tot = 40 + sn_ld16(ip + 4)
             if tot < hl + udp or tot > p.len - l2len:
                 return SN_DROP_MALFORMED_L3
             if sa.mode == SN_ESP_TRANSPORT:
@@ -564,9 +537,9 @@ cdef int _decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
     if ct_len & (sa.block - 1):
         return SN_DROP_MALFORMED_ESP
     esp = base + esp_off
-    if _rd32(esp) != sa.spi:
+    if sn_ld32(esp) != sa.spi:
         return SN_DROP_NO_SA
-    seq = sn_esp_infer_seq(sa, _rd32(esp + 4))
+    seq = sn_esp_infer_seq(sa, sn_ld32(esp + 4))
     if sn_replay_check(sa, seq) != SN_OK:
         return SN_DROP_REPLAY
     ct = esp + SN_ESP_HDR_LEN + sa.iv_len
@@ -592,13 +565,13 @@ cdef int _decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
         if nh == IPPROTO_IPIP:
             if pl < 20 or ct[0] >> 4 != 4 or (ct[0] & 0xF) < 5:
                 return SN_DROP_BAD_TRAILER
-            inner_len = _rd16(ct + 2)
+            inner_len = sn_ld16(ct + 2)
             if inner_len < (ct[0] & 0xFu) * 4 or inner_len > pl:
                 return SN_DROP_BAD_TRAILER
         elif nh == IPPROTO_IPV6:
             if pl < 40 or ct[0] >> 4 != 6:
                 return SN_DROP_BAD_TRAILER
-            inner_len = 40 + _rd16(ct + 4)
+            inner_len = 40 + sn_ld16(ct + 4)
             if inner_len > pl:
                 return SN_DROP_BAD_TRAILER
         else:
@@ -612,7 +585,7 @@ cdef int _decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
         new_off = p.off + <uint32_t>(ct - base) - l2len
         memmove(p.data + new_off, base, l2len)
         if sa.mode == SN_ESP_TUNNEL and l2len >= 14:
-            _wr16(p.data + new_off + l2len - 2, 0x0800 if nh == IPPROTO_IPIP else 0x86DD)
+            sn_st16(p.data + new_off + l2len - 2, 0x0800 if nh == IPPROTO_IPIP else 0x86DD)
         p.len = l2len + inner_len
     else:
         new_off = p.off + <uint32_t>(ct - base) - l2len - hl
@@ -620,10 +593,10 @@ cdef int _decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
         h = p.data + new_off + l2len
         h[nh_off] = nh
         if ver == 4:
-            _wr16(h + 2, hl + pl)
+            sn_st16(h + 2, hl + pl)
             _ipv4_csum(h, hl)
         else:
-            _wr16(h + 4, hl - 40 + pl)
+            sn_st16(h + 4, hl - 40 + pl)
         p.len = l2len + hl + pl
     p.off = new_off
     p.flags |= SN_PKT_ESP

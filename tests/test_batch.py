@@ -19,3 +19,14 @@ def test_batch_limits():
     with pytest.raises(IndexError):
         b.push(b"x")
     assert DROP_REASONS[0] == "ok"
+
+
+def test_count_cannot_exceed_the_slots():
+    """Every stage trusts count: Python may reset it, never push it past size."""
+    b = Batch(2)
+    b.count = 2
+    with pytest.raises(ValueError):
+        b.count = 3
+    with pytest.raises(ValueError):
+        b.count = -1
+    assert b.count == 2
