@@ -184,3 +184,43 @@ def test_capture_of_the_underlay_is_a_pcap_of_esp(overlay, tmp_path):
         assert struct.unpack("!I", vx[4:8])[0] >> 8 in (100, 200)   # VNI
         inner = dpkt.ethernet.Ethernet(vx[8:])
         assert isinstance(inner.data, dpkt.ip.IP) and inner.data.p == 50   # ESP inside
+
+
+def test_reload_adds_a_vf_without_touching_the_others(overlay):
+    """SIGHUP after the config file gains a VF: the new TAP appears, the existing VFs
+    keep their TAP devices (same ifindex in their namespaces) and keep forwarding, and
+    SAs added live through the admin socket survive the reload."""
+    import signal
+
+    from softnic.topo import Netns
+
+    ov = overlay
+    vm = ov.vm["a1"]
+    dev = ov.vm_dev["a1"]
+    ifindex = vm.run(["cat", f"/sys/class/net/{dev}/ifindex"]).strip()
+    with ov.client("a") as c:
+        sas_before = {(s["scope"], s["dir"], s["spi"]) for s in c.sa_list()}
+    extra = Netns(prefix="snrl")
+    try:
+        cfg = os.path.join(ov.tmp, "a.toml")
+        with open(cfg, "a") as f:
+            f.write(f'\n[[vf]]\nname = "vm9"\nkind = "tap"\nifname = "snrl{os.getpid() % 1000}"\n'
+                    f'netns = "{extra.name}"\nmac = "02:00:00:00:0a:09"\nvni = 300\n'
+                    'addresses = ["10.230.0.1/24"]\n')
+        ov.daemons["a"].send_signal(signal.SIGHUP)
+
+        def has_vm9():
+            with ov.client("a") as c:
+                return any(v["name"] == "vm9" for v in c.vf_list())
+
+        deadline = time.monotonic() + 10
+        while not has_vm9():
+            assert time.monotonic() < deadline, ov.log("a")
+            time.sleep(0.1)
+        assert extra.run(["ip", "-o", "addr", "show"]).count("10.230.0.1") == 1
+        assert vm.run(["cat", f"/sys/class/net/{dev}/ifindex"]).strip() == ifindex
+        ov.ping("a1", "b1", 2)
+        with ov.client("a") as c:
+            assert {(s["scope"], s["dir"], s["spi"]) for s in c.sa_list()} == sas_before
+    finally:
+        extra.close()
