@@ -109,7 +109,7 @@ def check_ip(pkt: bytes, *, l4: bool = False) -> dpkt.Packet | None:
         return None
     if l4:
         seg = ip.data
-        proto = ip.p if ver == 4 else ip.nxt
+        proto = ip.p                     # dpkt: past IPv6 extension headers too
         if isinstance(seg, (dpkt.tcp.TCP, dpkt.udp.UDP)):
             raw = bytes(seg)
             expect(inet_sum(raw, pseudo_sum(pkt, proto, len(raw))) == 0xFFFF,
