@@ -3,10 +3,12 @@ an Internet checksum written here (not softnic's), and checks of packets by dpkt
 
 from __future__ import annotations
 
+import random
 import struct
+import time
+from collections.abc import Callable
 
 import dpkt
-
 from softnic._batch import DROP_REASONS
 
 REASONS = frozenset(DROP_REASONS[1:])
@@ -122,3 +124,53 @@ def check_reason(err: Exception) -> str:
     reason = getattr(err, "reason", None) or (err.args[0] if err.args else "")
     expect(reason in REASONS, f"refusal with an unknown reason: {err!r}")
     return str(reason)
+
+
+def mutate(rng: random.Random, data: bytes, pool: list[bytes]) -> bytes:
+    b = bytearray(data)
+    for _ in range(1 + rng.randrange(4)):
+        k = rng.randrange(7)
+        if k == 0 and b:
+            i = rng.randrange(len(b))
+            b[i] ^= 1 << rng.randrange(8)
+        elif k == 1 and b:
+            b[rng.randrange(len(b))] = rng.choice((0, 1, 0x7F, 0x80, 0xFF, rng.randrange(256)))
+        elif k == 2:
+            i = rng.randrange(len(b) + 1)
+            b[i:i] = bytes(rng.randrange(256) for _ in range(1 + rng.randrange(8)))
+        elif k == 3 and b:
+            i = rng.randrange(len(b))
+            del b[i:i + 1 + rng.randrange(8)]
+        elif k == 4 and pool:
+            o = rng.choice(pool)
+            i = rng.randrange(len(b) + 1)
+            j = rng.randrange(len(o) + 1)
+            b = b[:i] + o[j:]
+        elif k == 5 and b:
+            del b[rng.randrange(len(b)):]
+        else:
+            b += bytes(rng.randrange(256) for _ in range(rng.randrange(32)))
+    return bytes(b[:4096])
+
+
+def run_for(one: Callable[[bytes], str], seeds: list[bytes], seconds: float,
+            seed: int = 0) -> dict[str, int]:
+    """A bounded mutation run (for pytest): seeds first, then mutants of the seeds and
+    of every input that reached a new outcome label, until `seconds` pass. Returns the
+    label counts; a finding raises with the input's hex, so it can be replayed."""
+    rng = random.Random(seed)
+    pool = list(seeds)
+    labels: dict[str, int] = {}
+    t_end = time.monotonic() + seconds
+    i = 0
+    while i < len(seeds) or time.monotonic() < t_end:
+        data = seeds[i] if i < len(seeds) else mutate(rng, rng.choice(pool), pool)
+        i += 1
+        try:
+            label = one(data)
+        except Exception as e:
+            raise AssertionError(f"{e!r} on input {data.hex()}") from e
+        if label not in labels:
+            pool.append(data)
+        labels[label] = labels.get(label, 0) + 1
+    return labels

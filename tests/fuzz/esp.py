@@ -20,11 +20,11 @@ import struct
 
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
-
 from softnic._batch import Batch
 from softnic._esp import EspError, SecurityAssociation
 
-from .common import Reader, check_ip, check_reason, expect
+from .common import Reader, check_ip, check_reason, expect, inet_sum
+
 
 # Fixed test keys (derived, never printed): a crashing input replays exactly.
 def _key(label: str, n: int) -> bytes:
@@ -52,7 +52,8 @@ class Model:
     """RFC 4303 receiver model: Appendix A.2.1 seq_hi inference, §3.4.3 window."""
 
     def __init__(self, window: int, esn: bool, top: int) -> None:
-        self.w, self.esn, self.top, self.seen = window, esn, top, set()
+        self.w, self.esn, self.top = window, esn, top
+        self.seen: set[int] = set()
 
     def infer(self, lo: int) -> int:
         if not self.esn:
@@ -133,7 +134,6 @@ def _inner(r: Reader, v6: bool) -> bytes:
         return struct.pack("!IHBB", 0x60000000, len(udp), PROTO_UDP, 64) + V6[1] + V6[0] + udp
     hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), r.uint(2), 0, 64,
                                 PROTO_UDP, 0, V4[1], V4[0]))
-    from .common import inet_sum
     struct.pack_into("!H", hdr, 10, 0xFFFF - inet_sum(bytes(hdr)))
     return bytes(hdr) + udp
 
@@ -155,11 +155,10 @@ def _outer(sh: Shape, r: Reader, esp: bytes) -> tuple[bytes, int, int]:
         hdr = struct.pack("!IHBB", 0x60000000, len(ext) + len(udp) + len(esp), nh, 64)
         hdr += V6[0] + V6[1] + ext
         return hdr + udp + esp, len(hdr), 40 if ext else 6
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(esp), 7,
-                                0x4000 if r.flag() else 0, 64, proto, 0, V4[0], V4[1]))
-    from .common import inet_sum
-    struct.pack_into("!H", hdr, 10, 0xFFFF - inet_sum(bytes(hdr)))
-    return bytes(hdr) + udp + esp, 20, 9
+    h4 = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp) + len(esp), 7,
+                               0x4000 if r.flag() else 0, 64, proto, 0, V4[0], V4[1]))
+    struct.pack_into("!H", h4, 10, 0xFFFF - inet_sum(bytes(h4)))
+    return bytes(h4) + udp + esp, 20, 9
 
 
 def _pick_seq(r: Reader, m: Model, last: int) -> int:
@@ -299,7 +298,7 @@ def one(data: bytes) -> str:
                 got.append((None, check_reason(e)))
             if c[1] and got[-1][1] == "ok":       # damage the SA did not care about
                 m.accept(m.infer(c[3] & 0xFFFFFFFF))
-    for (pkt, _, _, _, _, pt, hl, nh_off), want, (out, reason) in zip(cases, wants, got):
+    for (pkt, _, _, _, _, pt, hl, nh_off), want, (out, reason) in zip(cases, wants, got, strict=True):
         if want is not None:
             expect(reason == want, f"verdict {reason!r}, RFC 4303 model says {want!r}")
         if reason == "ok":

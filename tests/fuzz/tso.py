@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import struct
 
-from softnic import _parse, _tso
+import softnic._parse as _parse
+import softnic._tso as _tso
 from softnic._batch import Batch
 
 from .common import REASONS, Reader, check_ip, check_reason, expect, inet_sum
@@ -70,11 +71,11 @@ class Frame:
             ow = r.u8() % 6
             opts = bytes([0x94, 4, 0, 0]) * ow      # router alert: harmless, no route
             self.l3hl = 20 + len(opts)
-            ip = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45 + ow, 0, self.l3hl + self.tcp_hl + n,
-                                       r.uint(2), 0x4000, 64, 6, 0, bytes([10, 0, 0, 1]),
-                                       bytes([10, 0, 0, 2]))) + opts
-            struct.pack_into("!H", ip, 10, 0xFFFF - inet_sum(bytes(ip)))
-            ip = bytes(ip)
+            ip4 = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45 + ow, 0, self.l3hl + self.tcp_hl + n,
+                                        r.uint(2), 0x4000, 64, 6, 0, bytes([10, 0, 0, 1]),
+                                        bytes([10, 0, 0, 2]))) + opts
+            struct.pack_into("!H", ip4, 10, 0xFFFF - inet_sum(bytes(ip4)))
+            ip = bytes(ip4)
         ipb = bytes(ip)
         ph = pseudo(ipb, self.tcp_hl + n)
         struct.pack_into("!H", tcp, 16, ph)        # Linux leaves the pseudo sum for NEEDS_CSUM
@@ -208,9 +209,9 @@ def one(data: bytes) -> str:
                    "csum_complete wrote outside its field")
             # virtio 5.1.6.2: the one's complement of the sum of frame[cs:] as the guest
             # left it (pseudo-header sum in the field), 0 sent as 0xFFFF.
-            want = 0xFFFF - inet_sum(frame[cs:]) or 0xFFFF
-            got = struct.unpack_from("!H", out, at)[0]
-            expect(got == want, f"checksum {got:#06x}, RFC 1071 says {want:#06x}")
+            want_c = 0xFFFF - inet_sum(frame[cs:]) or 0xFFFF
+            got_c = struct.unpack_from("!H", out, at)[0]
+            expect(got_c == want_c, f"checksum {got_c:#06x}, RFC 1071 says {want_c:#06x}")
         else:
             expect(out == frame, "frame changed without NEEDS_CSUM")
         return "csum:ok"
@@ -241,18 +242,18 @@ def one(data: bytes) -> str:
         expect(set(drops) <= REASONS, f"unknown drop reasons {drops}")
         expect(n_in(drops, n, inb, outb), "every input packet has a verdict")
         # The batch path must agree with the single-frame entry points, input by input.
-        want: list[bytes] = []
+        want_segs: list[bytes] = []
         for i in range(inb.count):
             if inb.drop_reason(i) == "ok":
                 f = inb.get(i)
                 if f[1] & 0x7F == 0:
-                    want.append(_tso.csum_complete(f[:12], f[12:]))
+                    want_segs.append(_tso.csum_complete(f[:12], f[12:]))
                 else:
                     segs = _tso.segment(f[:12], f[12:], cap)
                     check_segments(fr, segs, 65535, exact=False)
-                    want += segs
-        got = [outb.get(i) for i in range(outb.count)]
-        expect(got == want, "segment_batch disagrees with segment/csum_complete")
+                    want_segs += segs
+        got_segs = [outb.get(i) for i in range(outb.count)]
+        expect(got_segs == want_segs, "segment_batch disagrees with segment/csum_complete")
         return "batch:" + ",".join(sorted(drops)) if drops else "batch:ok"
     try:
         out = _tso.mss_clamp(frame, r.uint(2))

@@ -18,11 +18,10 @@ import ipaddress
 import struct
 
 import dpkt
+import softnic._vxlan as _vxlan
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.vxlan import VXLAN
-
-from softnic import _vxlan
 
 from .common import Reader, check_ip, check_reason, expect, inet_sum
 
@@ -63,10 +62,10 @@ def outer(r: Reader, frame: bytes, vni: int) -> tuple[bytes, bool, int]:
             nh = 0
         hdr = struct.pack("!IHBB", 0x60000000, len(ext) + udp_len, nh, 64) + V6[0] + V6[1] + ext
         return hdr + udp + vx + frame, True, len(hdr)
-    hdr = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, r.u8() & 0xFC, 20 + udp_len, 0, 0x4000,
-                                64, 17, 0, V4[0], V4[1]))
-    struct.pack_into("!H", hdr, 10, 0xFFFF - inet_sum(bytes(hdr)))
-    return bytes(hdr) + udp + vx + frame, False, 20
+    h4 = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, r.u8() & 0xFC, 20 + udp_len, 0, 0x4000,
+                               64, 17, 0, V4[0], V4[1]))
+    struct.pack_into("!H", h4, 10, 0xFFFF - inet_sum(bytes(h4)))
+    return bytes(h4) + udp + vx + frame, False, 20
 
 
 def udp_at(p: bytes) -> int | None:
@@ -112,7 +111,7 @@ def one(data: bytes) -> str:
         assert u is not None
         ulen = struct.unpack_from("!H", pkt, u + 4)[0]
         expect(inner == pkt[u + 16:u + ulen], "inner frame is not the UDP payload's tail")
-        expect(pkt[u + 8] & 0x08 != 0, "accepted with the I flag clear")
+        expect(bool(pkt[u + 8] & 0x08), "accepted with the I flag clear")
         expect(got_vni == int.from_bytes(pkt[u + 12:u + 15], "big"), "VNI not from the header")
         if not damaged:
             fam = V6 if v6 else V4
@@ -132,7 +131,7 @@ def one(data: bytes) -> str:
             return "encap:" + check_reason(e)
         check_ip(out)
         s = IPv6(out) if v6 else IP(out)
-        expect(s.haslayer(VXLAN), "scapy sees no VXLAN")
+        expect(bool(s.haslayer(VXLAN)), "scapy sees no VXLAN")
         u = s[UDP]
         expect(49152 <= u.sport <= 65535 and u.dport == 4789, f"UDP ports {u.sport}->{u.dport}")
         expect(s[VXLAN].vni == vni and bytes(s[VXLAN].payload) == f, "VXLAN payload")
@@ -143,14 +142,14 @@ def one(data: bytes) -> str:
             expect(inet_sum(raw, inet_sum(ph)) == 0xFFFF, "outer UDP checksum")
         return "encap:ok"
     k = r.u8() % 4
-    f = bytearray(frame)
-    if k == 3 and f:
-        f[r.below(len(f))] ^= 1 << (r.u8() % 8)
+    fb = bytearray(frame)
+    if k == 3 and fb:
+        fb[r.below(len(fb))] ^= 1 << (r.u8() % 8)
     elif k == 2:
-        f = f[:r.below(len(f) + 1)]
+        fb = fb[:r.below(len(fb) + 1)]
     mtu = r.choice((1280, 1400, 68, 576, 0, 1 << 16, r.uint(2)))
     try:
-        rep = _vxlan.icmp_too_big(bytes(f), mtu)
+        rep = _vxlan.icmp_too_big(bytes(fb), mtu)
     except ValueError as e:
         return "icmp:" + check_reason(e)
     if rep is None:
@@ -161,6 +160,7 @@ def one(data: bytes) -> str:
         l2 += 4
     ip = check_ip(rep[l2:])
     expect(ip is not None, "dpkt cannot parse the ICMP reply")
+    assert ip is not None
     icmp = ip.data
     expect(isinstance(icmp, (dpkt.icmp.ICMP, dpkt.icmp6.ICMP6)), "reply is not ICMP")
     l3 = rep[l2:]
@@ -173,7 +173,7 @@ def one(data: bytes) -> str:
         expect(icmp.type == 3 and icmp.code == 4 and inet_sum(raw) == 0xFFFF, "ICMPv4")
         expect(len(rep) - l2 <= 576, "ICMPv4 error beyond 576 bytes")
     quoted = raw[8:]
-    expect(bytes(f[l2:l2 + len(quoted)]) == quoted, "the quote is not the offending packet")
+    expect(bytes(fb[l2:l2 + len(quoted)]) == quoted, "the quote is not the offending packet")
     return "icmp:ok"
 
 
