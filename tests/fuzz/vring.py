@@ -38,7 +38,64 @@ def one(data: bytes) -> str:
     rx = r.flag()
     with RingHarness(num=num, buf_size=64, indirect=r.u8() % 4 != 3, event_idx=r.flag(),
                      mem_size=MEM) as h:
+        if r.u8() % 8 == 7:
+            return _rings_misplaced(r, h)
         return _run(r, h, num, rx)
+
+
+def _rings_misplaced(r: Reader, h: RingHarness) -> str:
+    """A second queue whose rings the guest placed badly: sizes that are not powers of
+    two or are huge, rings straddling the region end, overlapping each other or the
+    data, unmapped or wrapping addresses. start() must refuse (ring_addr) or the queue
+    must work within what it was given, writing nothing but its used ring and WRITE
+    buffers."""
+    from vhost._virtq import Virtq
+
+    uva = h.UVA - h.gpa_base                 # guest address -> our mapping's address
+    num = r.choice((8, 3, 12, 0, 1, 256, 32768, 65535, 1 << 20))
+    spots = (h.gpa_base + h.free_off, h.gpa_base, h.gpa_base + MEM - 8 - r.u8(),
+             h.gpa_base + h.driver.used_off, h.gpa_base + 1 + r.below(MEM), 0, 1 << 40,
+             (1 << 64) - 16)
+    desc, used, avail = (r.choice(spots) for _ in range(3))
+    h.ram.write(h.free_off, r.take(r.below(512)))      # whatever the rings then contain
+    vq = Virtq(2, h.mem)
+    try:
+        vq.set_num(num)
+        vq.set_addr((desc + uva) & (1 << 64) - 1, (used + uva) & (1 << 64) - 1,
+                    (avail + uva) & (1 << 64) - 1)
+        vq.set_base(r.uint(2))
+        before = h.ram.read(0, MEM)
+        if not vq.start(r.flag(), r.flag(), 12):
+            expect(vq.broken == "ring_addr", f"refused start broke with {vq.broken}")
+            expect(h.ram.read(0, MEM) == before, "a refused queue wrote guest memory")
+            return "rings:ring_addr"
+        if r.flag():
+            vq.pop(max_chains=8, cap=4096)
+        else:
+            vq.push([bytes(HDR) + r.take(r.u8())], r.flag())
+        after = h.ram.read(0, MEM)
+        # what the queue may write: its used ring, and WRITE buffers the (guest-written,
+        # possibly overwritten) descriptor table names, directly or through one table
+        lo_used = used - h.gpa_base
+        writable = [(used, 6 + 8 * num + 2)]
+        for img in (before, after):
+            for e in range(min(num, MEM // 16)):
+                off = desc - h.gpa_base + 16 * e
+                if not 0 <= off <= MEM - 16:
+                    break
+                a, ln, fl, _ = struct.unpack_from("<QIHH", img, off)
+                if fl & WRITE:
+                    writable.append((a, ln))
+                if fl & INDIRECT and 0 <= a - h.gpa_base <= MEM - ln and ln <= 4096:
+                    for t in range(ln // 16):
+                        ta, tl, tf, _ = struct.unpack_from("<QIHH", img, a - h.gpa_base + 16 * t)
+                        if tf & WRITE:
+                            writable.append((ta, tl))
+        del lo_used
+        _check_writes(h, before, after, writable, used_ring=False)
+        return "rings:" + (vq.broken or "ok")
+    finally:
+        vq.reset()
 
 
 def _run(r: Reader, h: RingHarness, num: int, rx: bool) -> str:
@@ -162,12 +219,12 @@ def _run(r: Reader, h: RingHarness, num: int, rx: bool) -> str:
 
 
 def _check_writes(h: RingHarness, before: bytes, after: bytes,
-                  writable: list[tuple[int, int]]) -> None:
+                  writable: list[tuple[int, int]], used_ring: bool = True) -> None:
     """Every changed byte of guest RAM lies in the used ring or a WRITE buffer."""
     if before == after:
         return
     d = h.driver
-    allowed = [(d.used_off, d.used_off + 6 + 8 * d.num + 2)]
+    allowed = [(d.used_off, d.used_off + 6 + 8 * d.num + 2)] if used_ring else []
     for a, n in writable:
         lo = a - h.gpa_base
         allowed.append((max(lo, 0), min(lo + n, MEM)))
