@@ -18,12 +18,13 @@ import hashlib
 import hmac
 import struct
 
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM, ChaCha20Poly1305
 from softnic._batch import Batch
 from softnic._esp import EspError, SecurityAssociation
 
-from .common import Reader, check_ip, check_reason, expect, inet_sum
+from .common import Finding, Reader, check_ip, check_reason, expect, inet_sum
 
 
 # Fixed test keys (derived, never printed): a crashing input replays exactly.
@@ -161,17 +162,18 @@ def _outer(sh: Shape, r: Reader, esp: bytes) -> tuple[bytes, int, int]:
     return bytes(h4) + udp + esp, 20, 9
 
 
-def _pick_seq(r: Reader, m: Model, last: int) -> int:
+def _pick_seq(r: Reader, top: int, w: int, last: int) -> int:
+    """The next sequence number to send, relative to the highest sent so far."""
     k = r.u8() % 8
     if k == 4:
         return last                          # replay the previous one
     if k == 5:
-        return max(m.top - m.w - r.u8() % 4, 0)   # at or just left of the window
+        return max(top - w - r.u8() % 4, 0)  # at or just left of the window
     if k == 6:
-        return m.top + (1 << (r.u8() % 40))      # far future (may cross a 2^32 boundary)
+        return top + (1 << (r.u8() % 40))    # far future (may cross a 2^32 boundary)
     if k == 7:
-        return max(m.top - r.below(m.w), 0)      # inside the window
-    return m.top + 1 + k
+        return max(top - r.below(w), 0)      # inside the window
+    return top + 1 + k
 
 
 def _plaintext(sh: Shape, r: Reader, payload: bytes, nh: int) -> tuple[bytes, str | None]:
@@ -217,18 +219,121 @@ def _trailer_ok(sh: Shape, pt: bytes) -> bool:
     return False
 
 
+def _open(sh: Shape, esp: bytes, seq: int) -> bytes:
+    """Verify and decrypt one ESP payload as a receiver built on `cryptography` would;
+    returns the plaintext (payload || padding || pad length || next header)."""
+    lo, hi = seq & 0xFFFFFFFF, seq >> 32
+    expect(len(esp) >= 8 + sh.ivlen + sh.icv, "ESP shorter than header + IV + ICV")
+    head, iv = esp[:8], esp[8:8 + sh.ivlen]
+    ct, icv = esp[8 + sh.ivlen:len(esp) - sh.icv], esp[len(esp) - sh.icv:]
+    expect(len(ct) % sh.block == 0 and len(ct) >= 2, "ciphertext not block aligned")
+    if sh.block == 16:
+        assert sh.auth is not None
+        mac_in = head + iv + ct + (struct.pack("!I", hi) if sh.esn else b"")
+        expect(hmac.compare_digest(hmac.new(sh.auth, mac_in, "sha256").digest()[:16], icv),
+               "HMAC-SHA-256-128 ICV does not verify")
+        dec = Cipher(algorithms.AES(sh.key), modes.CBC(iv)).decryptor()
+        return dec.update(ct) + dec.finalize()
+    aad = struct.pack("!III", struct.unpack("!I", head[:4])[0], hi, lo) if sh.esn else head
+    k, salt = sh.key[:-4], sh.key[-4:]
+    try:
+        if sh.alg == "aes-gcm":
+            d = Cipher(algorithms.AES(k), modes.GCM(salt + iv, icv, min_tag_length=8)).decryptor()
+            d.authenticate_additional_data(aad)
+            return d.update(ct) + d.finalize()
+        return ChaCha20Poly1305(k).decrypt(salt + iv, ct + icv, aad)
+    except InvalidTag:
+        raise Finding("AEAD ICV does not verify") from None
+
+
+def _encap_case(r: Reader) -> str:
+    """protect() of a guest's packet, well formed or not: a drop reason, or ESP that an
+    independent receiver opens to exactly the packet's bytes (RFC 4303 §3.1, §2.4)."""
+    sh = Shape(r)
+    src, dst = V6 if sh.v6 else V4
+    import ipaddress
+    sa = SecurityAssociation(
+        SPI, "tunnel" if sh.tunnel else "transport", ipaddress.ip_address(src),
+        ipaddress.ip_address(dst), sh.alg, sh.key, auth_key=sh.auth, icv_len=sh.icv,
+        esn=sh.esn, seq=sh.start, encap=(4500, 4500) if sh.encap else None)
+    inner_v6 = r.flag() if sh.tunnel else sh.v6
+    pkt = bytearray(_inner(r, inner_v6))
+    if not sh.tunnel and inner_v6 and sh.hbh:      # ESP goes after the hop-by-hop header
+        pkt[6:7] = b"\x00"
+        pkt[40:40] = bytes([PROTO_UDP, 0, 1, 4, 0, 0, 0, 0])
+        struct.pack_into("!H", pkt, 4, struct.unpack_from("!H", pkt, 4)[0] + 8)
+    pkt += r.take(r.u8() % 4) if r.u8() % 4 == 3 else b""     # Ethernet padding
+    damaged = False
+    k = r.u8() % 6
+    if k == 4:
+        pkt, damaged = pkt[:r.below(len(pkt))], True
+    elif k == 5:
+        i = r.below(min(len(pkt), 48))
+        pkt[i] ^= 1 << (r.u8() % 8)
+        damaged = True
+    seq = sh.start + 1
+    try:
+        out = sa.protect(bytes(pkt))
+    except EspError as e:
+        reason = check_reason(e)
+        expect(damaged or reason == "seq_exhausted", f"a well-formed packet refused: {reason}")
+        return "encap:" + reason
+    check_ip(out)
+    if out[0] >> 4 == 4:
+        off, nh = (out[0] & 15) * 4, out[9]
+    else:
+        nh, off = out[6], 40
+        while nh in (0, 43, 60) and off + 8 <= len(out):
+            nh, off = out[off], off + (out[off + 1] + 1) * 8
+    expect(nh == (PROTO_UDP if sh.encap else PROTO_ESP), f"outer next header {nh}")
+    if sh.encap:
+        sport, dport, ulen = struct.unpack_from("!HHH", out, off)
+        expect((sport, dport, ulen) == (4500, 4500, len(out) - off), "UDP encapsulation")
+        off += 8
+    esp = out[off:]
+    spi, lo = struct.unpack_from("!II", esp)
+    expect(spi == SPI and lo == seq & 0xFFFFFFFF, f"ESP header spi={spi:#x} seq={lo}")
+    pt = _open(sh, esp, seq)
+    padlen, nh_in = pt[-2], pt[-1]
+    expect(padlen + 2 <= len(pt) and pt[len(pt) - 2 - padlen:-2] == bytes(range(1, padlen + 1)),
+           "padding is not 1, 2, 3, ... (RFC 4303 §2.4)")
+    payload = pt[:len(pt) - 2 - padlen]
+    if sh.tunnel:
+        expect(nh_in == (41 if payload[0] >> 4 == 6 else 4), f"inner next header {nh_in}")
+        expect(payload == bytes(pkt[:len(payload)]), "tunnel payload is not the packet")
+        if not damaged:
+            expect(len(payload) == len(_strip_pad(pkt)), "tunnel payload length")
+    else:
+        hl = off - (8 if sh.encap else 0)
+        expect(payload == bytes(pkt[hl:hl + len(payload)]), "transport payload is not the packet's")
+        if not damaged:
+            expect(nh_in == PROTO_UDP and hl + len(payload) == len(_strip_pad(pkt)),
+                   "transport next header / payload length")
+    return "encap:ok"
+
+
+def _strip_pad(pkt: bytes | bytearray) -> bytes:
+    """The IP packet without bytes past its own length."""
+    if pkt[0] >> 4 == 4:
+        return bytes(pkt[:struct.unpack_from("!H", pkt, 2)[0]])
+    return bytes(pkt[:40 + struct.unpack_from("!H", pkt, 4)[0]])
+
+
 def one(data: bytes) -> str:
     r = Reader(data)
+    if r.u8() % 8 == 7:
+        return _encap_case(r)
     sh = Shape(r)
     sa = sh.sa()
     m = Model(sh.window, sh.esn, sh.start)
     use_batch = r.u8() % 4 == 3
     cases = []
-    last = m.top
+    last = top = m.top
     for _ in range(1 + r.u8() % 4):
-        seq = _pick_seq(r, m, last)
+        seq = _pick_seq(r, top, m.w, last)
         seq &= (1 << 64) - 1 if sh.esn else 0xFFFFFFFF
         last = seq
+        top = max(top, seq)
         if sh.tunnel:
             inner_v6 = r.flag()
             payload = _inner(r, inner_v6)
@@ -332,6 +437,10 @@ def _check_out(sh: Shape, pkt: bytes, pt: bytes, hl: int, nh_off: int, out: byte
 
 
 # Shapes: alg, tunnel, v6, esn, encap, hbh, window, start, batch, n packets; the rest 0.
-SEEDS = [bytes([a, t, v, e, c, 1, 1, s, b, 3]) + bytes(48)
+# Decap shapes: 0, alg, tunnel, v6, esn, encap, hbh, window, start, batch, n packets;
+# encap shapes: 7, alg, tunnel, v6, esn, encap, hbh, window, start, inner v6; the rest 0.
+SEEDS = [bytes([0, a, t, v, e, c, 1, 1, s, b, 3]) + bytes(48)
          for a in range(5) for t in (0, 1) for v in (0, 1) for e in (0, 1)
          for c, s, b in ((0, 0, 0), (3, 3, 3), (0, 4, 3))]
+SEEDS += [bytes([7, a, t, v, e, c, 1, 1, 2, v]) + bytes(48)
+          for a in range(5) for t in (0, 1) for v in (0, 1) for e in (0, 1) for c in (0, 3)]
