@@ -1,4 +1,4 @@
-"""Reproducers of what fuzzing found, one per finding, each run in a child process (an
+"""Reproducers of findings, one per finding, each run in a child process (an
 out-of-bounds access may crash it). Marked xfail(strict) until the owning module is
 fixed: the fix turns the test into an XPASS, which fails the run until the mark goes.
 

@@ -77,7 +77,6 @@ def _rings_misplaced(r: Reader, h: RingHarness) -> str:
         after = h.ram.read(0, MEM)
         # what the queue may write: its used ring, and WRITE buffers the (guest-written,
         # possibly overwritten) descriptor table names, directly or through one table
-        lo_used = used - h.gpa_base
         writable = [(used, 6 + 8 * num + 2)]
         for img in (before, after):
             for e in range(min(num, MEM // 16)):
@@ -92,7 +91,6 @@ def _rings_misplaced(r: Reader, h: RingHarness) -> str:
                         ta, tl, tf, _ = struct.unpack_from("<QIHH", img, a - h.gpa_base + 16 * t)
                         if tf & WRITE:
                             writable.append((ta, tl))
-        del lo_used
         _check_writes(h, before, after, writable, used_ring=False)
         return "rings:" + (vq.broken or "ok")
     finally:
@@ -171,12 +169,10 @@ def _run(r: Reader, h: RingHarness, num: int, rx: bool) -> str:
                 payload += h.ram.read(o, ln)
         heads.append(chain[0])
         frames_sent.append(payload)
-    posted = 0
     for hd in heads:
         if r.u8() % 10 == 9:
             hd, sane = r.choice((num, num + 3, 0xFFFF, r.uint(2))), False
         d.post(hd, kick=False)
-        posted += 1
     if r.u8() % 12 == 11:
         jump = r.choice((num + 1, 0xFFFF, r.uint(2)))
         d.set_avail_idx((d.avail_idx + jump) & 0xFFFF)
@@ -216,7 +212,6 @@ def _run(r: Reader, h: RingHarness, num: int, rx: bool) -> str:
     moved = (d.used_idx - used0) & 0xFFFF
     offered = (d.avail_idx - used0) & 0xFFFF      # what the guest published, jumps included
     expect(moved <= min(offered, d.num), f"used.idx moved {moved}; {offered} offered")
-    del posted
     broken = h.vq.broken
     counters = h.vq.counters()
     if broken is not None:
