@@ -77,7 +77,7 @@ fi
 #    sanitizer runtime, and an overflow (through an intercepted memmove) is reported.
 if [ -n "$SANITIZE" ]; then
     for so in "$DIR"/softnic/*.so "$DIR"/vhost/*.so; do
-        ldd "$so" | grep -q libasan || { echo "$so is not instrumented" >&2; exit 3; }
+        grep -q libasan <<<"$(ldd "$so")" || { echo "$so is not instrumented" >&2; exit 3; }
     done
     canary=$(cd "$DIR" && env "${ENV[@]}" "$PYTHON" -c 'import ctypes
 libc = ctypes.CDLL(None); libc.malloc.restype = ctypes.c_void_p
