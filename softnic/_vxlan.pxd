@@ -5,7 +5,7 @@
 # Packets at the underlay boundary are complete outer IP packets without L2 (see the I/O
 # layer): encap leaves [outer IP][UDP][VXLAN][inner Ethernet] at p.off; decap expects it.
 
-from libc.stdint cimport uint8_t, uint16_t, uint32_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
 from softnic._pkt cimport sn_pkt
 
@@ -51,6 +51,10 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil
 cdef uint32_t sn_flow_hash(const uint8_t *frame, uint32_t len) noexcept nogil
 cdef int sn_icmp_too_big(const uint8_t *frame, uint32_t len, uint32_t mtu,
                          sn_pkt *out) noexcept nogil
+# Bursts (DPDK style): run the per-packet function over pkts[0:n] that are still alive
+# (drop == SN_OK), set each refused packet's .drop to the reason, return how many passed.
+cdef int sn_vxlan_encap_burst(sn_pkt *pkts, int n, const sn_vxlan_tx *t) noexcept nogil
+cdef int sn_vxlan_decap_burst(sn_pkt *pkts, int n, sn_vxlan_rx *infos) noexcept nogil
 
 
 cdef inline uint16_t sn_flow_port(uint32_t hash) noexcept nogil:
@@ -64,3 +68,34 @@ cdef inline uint16_t sn_flow_port(uint32_t hash) noexcept nogil:
 cdef int sn_vxlan_tx_init(sn_vxlan_tx *t, object local, object remote, uint32_t vni,
                           uint16_t dport=*, uint8_t ttl=*, uint8_t tos=*, bint df=*,
                           bint udp_csum=*, bint ecn=*) except -1
+
+
+# ICMP error rate limit (RFC 4443 §2.4(f) MUST, RFC 1812 §4.3.2.8 SHOULD): a token bucket
+# per worker (or per VF), checked before sn_icmp_too_big. Not shared between threads.
+ctypedef struct sn_ratelimit:
+    uint64_t last_ns              # time of the last refill
+    uint64_t tokens_ns            # budget in "ns of credit": one message costs cost_ns
+    uint64_t cost_ns              # 1e9 / rate (messages per second)
+    uint64_t burst_ns             # cost_ns * burst
+
+
+cdef inline void sn_ratelimit_init(sn_ratelimit *r, uint32_t per_second,
+                                   uint32_t burst) noexcept nogil:
+    r.cost_ns = 1000000000 // (per_second if per_second else 1)
+    r.burst_ns = r.cost_ns * (burst if burst else 1)
+    r.tokens_ns = r.burst_ns
+    r.last_ns = 0
+
+
+cdef inline bint sn_ratelimit_take(sn_ratelimit *r, uint64_t now_ns) noexcept nogil:
+    """True (and one message charged) when the bucket allows a message at now_ns
+    (a monotonic clock); False: send nothing, count the suppression."""
+    if now_ns > r.last_ns:
+        r.tokens_ns += now_ns - r.last_ns
+        if r.tokens_ns > r.burst_ns:
+            r.tokens_ns = r.burst_ns
+        r.last_ns = now_ns
+    if r.tokens_ns < r.cost_ns:
+        return False
+    r.tokens_ns -= r.cost_ns
+    return True

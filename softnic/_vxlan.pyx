@@ -6,16 +6,27 @@ Outer headers: IPv4 per RFC 791 (DF set by default so the underlay never fragmen
 7348 §4.3), IPv6 per RFC 8200 with the flow label taken from the inner flow hash (RFC
 6438); UDP per RFC 768, checksum zero for IPv4 unless asked (RFC 7348 §5 "SHOULD be
 transmitted as zero"), always computed for IPv6 (RFC 8200 §8.1; the RFC 6935 zero-checksum
-exception is not used). ICMP replies: RFC 792 / RFC 1191 §4 and RFC 1812 §4.3.2 for IPv4,
-RFC 4443 §3.2 and §2.4 for IPv6.
+exception is not used). ECN: copied to the outer header on encapsulation and propagated
+back on decapsulation per RFC 6040 §4 (normal mode). ICMP replies: RFC 792 / RFC 1191 §4
+and RFC 1812 §4.3.2 for IPv4, RFC 4443 §3.2 and §2.4 for IPv6.
 """
 
 import ipaddress
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdlib cimport calloc, free
 from libc.string cimport memcpy, memset
 from posix.time cimport CLOCK_MONOTONIC, clock_gettime, timespec
 
+from softnic._batch cimport Batch
+from softnic._csum cimport (
+    sn_csum,
+    sn_csum_finish,
+    sn_csum_partial,
+    sn_csum_pseudo4,
+    sn_csum_pseudo6,
+    sn_csum_update16,
+)
 from softnic._pkt cimport (
     SN_DROP_BAD_VXLAN,
     SN_DROP_MALFORMED_L2,
@@ -27,35 +38,14 @@ from softnic._pkt cimport (
     SN_OK,
     sn_pkt,
 )
+from softnic._proto cimport sn_ld16, sn_ld32, sn_st16, sn_st32
 
 from softnic._batch import DROP_REASONS
 
 
 cdef extern from *:
     """
-    #include <string.h>
     #include <stdint.h>
-    #include <arpa/inet.h>
-    /* One's-complement sum of n bytes in memory order (RFC 1071): the folded result,
-       stored back to memory as a native 16-bit word, is the big-endian sum on any host. */
-    static inline uint64_t sn_vx_sum(const uint8_t *p, uint32_t n, uint64_t acc) {
-        uint32_t w; uint16_t h;
-        while (n >= 4) { memcpy(&w, p, 4); acc += w; p += 4; n -= 4; }
-        if (n >= 2) { memcpy(&h, p, 2); acc += h; p += 2; n -= 2; }
-        if (n) { h = 0; memcpy(&h, p, 1); acc += h; }
-        return acc;
-    }
-    /* Fold and complement; returns the checksum in memory order. */
-    static inline uint16_t sn_vx_fold(uint64_t acc) {
-        acc = (acc & 0xffffffffu) + (acc >> 32);
-        acc = (acc & 0xffffffffu) + (acc >> 32);
-        acc = (acc & 0xffffu) + (acc >> 16);
-        acc = (acc & 0xffffu) + (acc >> 16);
-        acc = (acc & 0xffffu) + (acc >> 16);
-        return (uint16_t)~acc;
-    }
-    static inline void sn_vx_put16m(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
-    static inline uint16_t sn_vx_htons(uint16_t v) { return htons(v); }
     /* IPv4 ID for datagrams sent without DF (RFC 6864 §4.1: must be unique per
        src/dst/proto within the MSL; a shared wrapping counter is what Linux does too). */
     static uint32_t sn_vx_ipid_ctr;
@@ -63,10 +53,6 @@ cdef extern from *:
         return (uint16_t)__atomic_fetch_add(&sn_vx_ipid_ctr, 1, __ATOMIC_RELAXED);
     }
     """
-    uint64_t sn_vx_sum(const uint8_t *p, uint32_t n, uint64_t acc) nogil
-    uint16_t sn_vx_fold(uint64_t acc) nogil
-    void sn_vx_put16m(uint8_t *p, uint16_t v) nogil
-    uint16_t sn_vx_htons(uint16_t v) nogil
     uint16_t sn_vx_next_ipid() nogil
 
 
@@ -76,6 +62,7 @@ cdef enum:
     ETH_P_IPV6 = 0x86DD
     ETH_P_8021Q = 0x8100
     ETH_P_8021AD = 0x88A8
+    ETH_P_QINQ_OLD = 0x9100
     IPPROTO_HOPOPTS = 0
     IPPROTO_ICMP = 1
     IPPROTO_TCP = 6
@@ -97,27 +84,9 @@ cdef enum:
     HASH_SEED = 0x9E3779B9
 
 
-# --- byte-order helpers (private; switch to softnic._proto once it lands) ---------------
-
-cdef inline uint16_t _ld16(const uint8_t *p) noexcept nogil:
-    return <uint16_t>((<uint16_t>p[0] << 8) | p[1])
-
-
-cdef inline uint32_t _ld32(const uint8_t *p) noexcept nogil:
-    return ((<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8)
-            | <uint32_t>p[3])
-
-
-cdef inline void _st16(uint8_t *p, uint16_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 8)
-    p[1] = <uint8_t>v
-
-
-cdef inline void _st32(uint8_t *p, uint32_t v) noexcept nogil:
-    p[0] = <uint8_t>(v >> 24)
-    p[1] = <uint8_t>(v >> 16)
-    p[2] = <uint8_t>(v >> 8)
-    p[3] = <uint8_t>v
+cdef inline bint _is_vlan(uint16_t et) noexcept nogil:
+    """802.1Q, 802.1ad, and the pre-standard QinQ TPID still seen in the field."""
+    return et == ETH_P_8021Q or et == ETH_P_8021AD or et == ETH_P_QINQ_OLD
 
 
 # --- flow hash ------------------------------------------------------------------------
@@ -154,7 +123,7 @@ cdef inline uint32_t _mix_l4(uint32_t h, const uint8_t *f, uint32_t l4, uint32_t
     A truncated transport header contributes nothing (addresses + protocol remain)."""
     if proto == IPPROTO_ESP:
         if l4 + 4 <= n:
-            h = _mix(h, _ld32(f + l4))
+            h = _mix(h, sn_ld32(f + l4))
         return h
     if (proto != IPPROTO_TCP and proto != IPPROTO_UDP and proto != IPPROTO_SCTP
             and proto != IPPROTO_UDPLITE and proto != IPPROTO_DCCP):
@@ -162,11 +131,11 @@ cdef inline uint32_t _mix_l4(uint32_t h, const uint8_t *f, uint32_t l4, uint32_t
     if l4 + 4 > n:
         return h
     if (proto == IPPROTO_UDP and l4 + 12 <= n
-            and (_ld16(f + l4) == NATT_PORT or _ld16(f + l4 + 2) == NATT_PORT)
-            and _ld32(f + l4 + 8) != 0):
+            and (sn_ld16(f + l4) == NATT_PORT or sn_ld16(f + l4 + 2) == NATT_PORT)
+            and sn_ld32(f + l4 + 8) != 0):
         # NAT-T ports are fixed (or NAT-chosen): the SPI is where the entropy is.
-        return _mix(h, _ld32(f + l4 + 8) ^ 0x45535055u)
-    return _mix(h, _ld32(f + l4))
+        return _mix(h, sn_ld32(f + l4 + 8) ^ 0x45535055u)
+    return _mix(h, sn_ld32(f + l4))
 
 
 cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
@@ -178,7 +147,7 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
     """
     cdef uint32_t h = HASH_SEED
     cdef uint32_t off = ETH_HLEN
-    cdef uint32_t hl, l4, i
+    cdef uint32_t hl, l4, i, _i
     cdef uint16_t et
     cdef uint8_t nh
     cdef bint frag = False
@@ -186,29 +155,29 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
         for i in range(n):
             h = _mix(h, f[i])
         return _fmix(h ^ n)
-    et = _ld16(f + 12)
-    for i in range(MAX_VLAN_TAGS):
-        if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
-            et = _ld16(f + off + 2)
+    et = sn_ld16(f + 12)
+    for _i in range(MAX_VLAN_TAGS):
+        if _is_vlan(et) and off + 4 <= n:
+            et = sn_ld16(f + off + 2)
             off += 4
         else:
             break
     if et == ETH_P_IP and off + 20 <= n and (f[off] >> 4) == 4:
         hl = (f[off] & 15) * 4
         if hl >= 20 and off + hl <= n:
-            h = _mix(h, _ld32(f + off + 12))
-            h = _mix(h, _ld32(f + off + 16))
+            h = _mix(h, sn_ld32(f + off + 12))
+            h = _mix(h, sn_ld32(f + off + 16))
             nh = f[off + 9]
             h = _mix(h, nh)
-            if (_ld16(f + off + 6) & 0x3FFF) == 0:      # neither MF nor an offset
+            if (sn_ld16(f + off + 6) & 0x3FFF) == 0:      # neither MF nor an offset
                 h = _mix_l4(h, f, off + hl, n, nh)
             return _fmix(h ^ 4)
     elif et == ETH_P_IPV6 and off + 40 <= n and (f[off] >> 4) == 6:
         for i in range(8):
-            h = _mix(h, _ld32(f + off + 8 + 4 * i))
+            h = _mix(h, sn_ld32(f + off + 8 + 4 * i))
         nh = f[off + 6]
         l4 = off + 40
-        for i in range(MAX_EXT_HDRS):
+        for _i in range(MAX_EXT_HDRS):
             if nh == IPPROTO_HOPOPTS or nh == IPPROTO_ROUTING or nh == IPPROTO_DSTOPTS:
                 if l4 + 8 > n:
                     break
@@ -231,29 +200,76 @@ cdef uint32_t sn_flow_hash(const uint8_t *f, uint32_t n) noexcept nogil:
         if not frag and l4 <= n:
             h = _mix_l4(h, f, l4, n, nh)
         return _fmix(h ^ 6)
-    h = _mix(h, _ld32(f))
-    h = _mix(h, _ld32(f + 4))
-    h = _mix(h, _ld32(f + 8))
+    h = _mix(h, sn_ld32(f))
+    h = _mix(h, sn_ld32(f + 4))
+    h = _mix(h, sn_ld32(f + 8))
     h = _mix(h, et)
     return _fmix(h ^ 2)
 
 
 # --- encapsulation --------------------------------------------------------------------
 
+cdef inline int _inner_ip(const uint8_t *f, uint32_t n, uint32_t *l3) noexcept nogil:
+    """IP version (4 or 6) of the frame's payload with *l3 its offset (20 resp. 40 bytes
+    present), or 0 when it carries no IP header."""
+    cdef uint32_t off = ETH_HLEN
+    cdef uint16_t et
+    cdef int _i
+    if n < ETH_HLEN:
+        return 0
+    et = sn_ld16(f + 12)
+    for _i in range(MAX_VLAN_TAGS):
+        if _is_vlan(et) and off + 4 <= n:
+            et = sn_ld16(f + off + 2)
+            off += 4
+    l3[0] = off
+    if et == ETH_P_IP and off + 20 <= n and (f[off] >> 4) == 4:
+        return 4
+    if et == ETH_P_IPV6 and off + 40 <= n and (f[off] >> 4) == 6:
+        return 6
+    return 0
+
+
 cdef inline uint8_t _inner_ecn(const uint8_t *f, uint32_t n) noexcept nogil:
     """ECN bits of the inner IP header, 0 (Not-ECT) when there is none."""
-    cdef uint32_t off = ETH_HLEN
-    cdef uint16_t et = _ld16(f + 12)
-    cdef int i
-    for i in range(MAX_VLAN_TAGS):
-        if (et == ETH_P_8021Q or et == ETH_P_8021AD) and off + 4 <= n:
-            et = _ld16(f + off + 2)
-            off += 4
-    if et == ETH_P_IP and off + 2 <= n and (f[off] >> 4) == 4:
+    cdef uint32_t off = 0
+    cdef int v = _inner_ip(f, n, &off)
+    if v == 4:
         return f[off + 1] & 3
-    if et == ETH_P_IPV6 and off + 2 <= n and (f[off] >> 4) == 6:
+    if v == 6:
         return (f[off + 1] >> 4) & 3
     return 0
+
+
+cdef inline void _ecn_decap(uint8_t *f, uint32_t n, uint8_t outer) noexcept nogil:
+    """RFC 6040 §4.2, normal mode: an outer CE marks an ECN-capable inner header CE, and
+    an outer ECT(1) turns an inner ECT(0) into ECT(1); the IPv4 header checksum follows
+    (RFC 1624). A Not-ECT inner is left alone (RFC 6040 would drop it under an outer CE;
+    there is no drop reason for that yet)."""
+    cdef uint32_t off = 0
+    cdef int v = _inner_ip(f, n, &off)
+    cdef uint8_t inner, new
+    cdef uint16_t old_w
+    outer &= 3
+    if v == 0 or outer == 0:
+        return
+    inner = (f[off + 1] & 3) if v == 4 else ((f[off + 1] >> 4) & 3)
+    if inner == 0:
+        return
+    if outer == 3:
+        new = 3
+    elif outer == 1 and inner == 2:
+        new = 1
+    else:
+        return
+    if new == inner:
+        return
+    if v == 4:
+        old_w = sn_ld16(f + off)
+        f[off + 1] = (f[off + 1] & 0xFC) | new
+        sn_st16(f + off + 10, sn_csum_update16(sn_ld16(f + off + 10), old_w, sn_ld16(f + off)))
+    else:
+        f[off + 1] = (f[off + 1] & 0xCF) | (new << 4)
 
 
 cdef int sn_vxlan_encap(sn_pkt *p, const sn_vxlan_tx *t) noexcept nogil:
@@ -299,41 +315,40 @@ cdef int sn_vxlan_encap(sn_pkt *p, const sn_vxlan_tx *t) noexcept nogil:
     if hl == 20:
         o[0] = 0x45
         o[1] = tos
-        _st16(o + 2, <uint16_t>(ulen + 20))
+        sn_st16(o + 2, <uint16_t>(ulen + 20))
         if t.flags & SN_VXLAN_F_DF:
-            _st32(o + 4, 0x00004000u)       # atomic datagram: ID 0 (RFC 6864 §4.1)
+            sn_st32(o + 4, 0x00004000u)       # atomic datagram: ID 0 (RFC 6864 §4.1)
         else:
-            _st16(o + 4, sn_vx_next_ipid())
-            _st16(o + 6, 0)
+            sn_st16(o + 4, sn_vx_next_ipid())
+            sn_st16(o + 6, 0)
         o[8] = t.ttl if t.ttl else 64
         o[9] = IPPROTO_UDP
         o[10] = 0
         o[11] = 0
         memcpy(o + 12, t.local, 4)
         memcpy(o + 16, t.remote, 4)
-        sn_vx_put16m(o + 10, sn_vx_fold(sn_vx_sum(o, 20, 0)))
+        sn_st16(o + 10, sn_csum(o, 20))
     else:
-        _st32(o, 0x60000000u | (<uint32_t>tos << 20) | (h & 0xFFFFFu))
-        _st16(o + 4, <uint16_t>ulen)
+        sn_st32(o, 0x60000000u | (<uint32_t>tos << 20) | (h & 0xFFFFFu))
+        sn_st16(o + 4, <uint16_t>ulen)
         o[6] = IPPROTO_UDP
         o[7] = t.ttl if t.ttl else 64
         memcpy(o + 8, t.local, 16)
         memcpy(o + 24, t.remote, 16)
-    _st16(u, sn_flow_port(h))
-    _st16(u + 2, t.dport if t.dport else SN_VXLAN_PORT)
-    _st16(u + 4, <uint16_t>ulen)
+    sn_st16(u, sn_flow_port(h))
+    sn_st16(u + 2, t.dport if t.dport else SN_VXLAN_PORT)
+    sn_st16(u + 4, <uint16_t>ulen)
     u[6] = 0
     u[7] = 0
-    _st32(v, 0x08000000u)                   # I flag; reserved bits zero (RFC 7348 §5)
-    _st32(v + 4, (t.vni & 0xFFFFFFu) << 8)
+    sn_st32(v, 0x08000000u)                   # I flag; reserved bits zero (RFC 7348 §5)
+    sn_st32(v + 4, (t.vni & 0xFFFFFFu) << 8)
     if hl == 40 or (t.flags & SN_VXLAN_F_UDP_CSUM):
         if hl == 20:
-            acc = sn_vx_sum(o + 12, 8, 0)
+            acc = sn_csum_pseudo4(o + 12, o + 16, IPPROTO_UDP, ulen)
         else:
-            acc = sn_vx_sum(o + 8, 32, 0)
-        acc += sn_vx_htons(IPPROTO_UDP) + sn_vx_htons(<uint16_t>ulen)
-        c = sn_vx_fold(sn_vx_sum(u, ulen, acc))
-        sn_vx_put16m(u + 6, c if c != 0 else 0xFFFF)   # 0 means "no checksum" in UDP
+            acc = sn_csum_pseudo6(o + 8, o + 24, IPPROTO_UDP, ulen)
+        c = sn_csum_finish(sn_csum_partial(u, ulen, acc))
+        sn_st16(u + 6, c if c != 0 else 0xFFFF)        # 0 means "no checksum" in UDP
     p.off -= ol
     p.len += ol
     return SN_OK
@@ -348,8 +363,9 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
     datagram reached the UDP socket, and the I/O layer rebuilt these headers. The UDP
     destination port is not checked either (the socket it arrived on decides that); it is
     reported in info. Fragments are refused (the kernel reassembles before the socket).
-    Ownership: reads p.data[p.off : p.off+p.len] only; on success moves p.off/p.len to
-    the inner frame and fills info; on failure neither p nor info is changed.
+    Ownership: reads p.data[p.off : p.off+p.len]; on success moves p.off/p.len to the
+    inner frame, fills info and applies RFC 6040 ECN decapsulation to the inner IP
+    header (outer CE -> inner CE); on failure neither p nor info is changed.
     Returns SN_OK; SN_DROP_MALFORMED_L3 (IP version, header/total length, fragment,
     not UDP); SN_DROP_MALFORMED_L4 (UDP header/length); SN_DROP_BAD_VXLAN (truncated
     VXLAN header, I flag clear; reserved bits are ignored per RFC 7348 §5);
@@ -358,7 +374,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
     cdef const uint8_t *b
     cdef const uint8_t *v
     cdef uint32_t n = p.len
-    cdef uint32_t hl, end, l4, ulen, i
+    cdef uint32_t hl, end, l4, ulen, _i
     cdef uint8_t nh
     cdef uint8_t ver
     if p.off > p.cap or n > p.cap - p.off or n < 1:
@@ -369,21 +385,21 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         if n < 20:
             return SN_DROP_MALFORMED_L3
         hl = (b[0] & 15) * 4
-        end = _ld16(b + 2)
+        end = sn_ld16(b + 2)
         if hl < 20 or end < hl or end > n:
             return SN_DROP_MALFORMED_L3
-        if (_ld16(b + 6) & 0x3FFF) != 0 or b[9] != IPPROTO_UDP:
+        if (sn_ld16(b + 6) & 0x3FFF) != 0 or b[9] != IPPROTO_UDP:
             return SN_DROP_MALFORMED_L3
         l4 = hl
     elif ver == 6:
         if n < 40:
             return SN_DROP_MALFORMED_L3
-        end = 40 + <uint32_t>_ld16(b + 4)
+        end = 40 + <uint32_t>sn_ld16(b + 4)
         if end > n:
             return SN_DROP_MALFORMED_L3
         nh = b[6]
         l4 = 40
-        for i in range(MAX_EXT_HDRS):
+        for _i in range(MAX_EXT_HDRS):
             if nh != IPPROTO_HOPOPTS and nh != IPPROTO_ROUTING and nh != IPPROTO_DSTOPTS:
                 break
             if l4 + 8 > end:
@@ -396,7 +412,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         return SN_DROP_MALFORMED_L3
     if end - l4 < 8:
         return SN_DROP_MALFORMED_L4
-    ulen = _ld16(b + l4 + 4)
+    ulen = sn_ld16(b + l4 + 4)
     if ulen < 8 or ulen > end - l4:
         return SN_DROP_MALFORMED_L4
     if ulen < 16:
@@ -406,7 +422,7 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         return SN_DROP_BAD_VXLAN
     if ulen - 16 < ETH_HLEN:
         return SN_DROP_MALFORMED_L2
-    info.vni = _ld32(v + 4) >> 8
+    info.vni = sn_ld32(v + 4) >> 8
     memset(info.src, 0, 16)
     memset(info.dst, 0, 16)
     if ver == 4:
@@ -418,9 +434,10 @@ cdef int sn_vxlan_decap(sn_pkt *p, sn_vxlan_rx *info) noexcept nogil:
         info.family = SN_AF_INET6
         memcpy(info.src, b + 8, 16)
         memcpy(info.dst, b + 24, 16)
-        info.tos = <uint8_t>(_ld16(b) >> 4)
-    info.sport = _ld16(b + l4)
-    info.dport = _ld16(b + l4 + 2)
+        info.tos = <uint8_t>(sn_ld16(b) >> 4)
+    info.sport = sn_ld16(b + l4)
+    info.dport = sn_ld16(b + l4 + 2)
+    _ecn_decap(p.data + p.off + l4 + 16, ulen - 16, info.tos)
     p.off += l4 + 16
     p.len = ulen - 16
     return SN_OK
@@ -453,15 +470,15 @@ cdef int _too_big4(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     if avail < 20 or (ip[0] >> 4) != 4:
         return SN_DROP_MALFORMED_L3
     hl = (ip[0] & 15) * 4
-    tot = _ld16(ip + 2)
+    tot = sn_ld16(ip + 2)
     if hl < 20 or tot < hl or tot > avail:
         return SN_DROP_MALFORMED_L3
-    fo = _ld16(ip + 6)
+    fo = sn_ld16(ip + 6)
     # DF clear: the sender allowed fragmentation, so this is no PMTU event (RFC 1191 §4).
     # A non-first fragment gets no ICMP error (RFC 1122 §3.2.2).
     if (fo & 0x4000) == 0 or (fo & 0x1FFF) != 0:
         return SN_DROP_TOO_BIG
-    if f[0] & 1 or _v4_bad_source(_ld32(ip + 12)) or (ip[16] >= 224):
+    if (f[0] | f[6]) & 1 or _v4_bad_source(sn_ld32(ip + 12)) or ip[16] >= 224:
         return SN_DROP_TOO_BIG        # link/IP broadcast or multicast, bad source
     if ip[9] == IPPROTO_ICMP:
         # Never an error about an error (RFC 1122 §3.2.2); unreadable type: assume error.
@@ -482,22 +499,22 @@ cdef int _too_big4(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     r += off
     r[0] = 0x45
     r[1] = 0xC0                       # precedence "internetwork control" (RFC 1812 §4.3.2.5)
-    _st16(r + 2, <uint16_t>(28 + q))
-    _st32(r + 4, 0x00004000u)         # ID 0, DF: an atomic datagram (RFC 6864)
+    sn_st16(r + 2, <uint16_t>(28 + q))
+    sn_st32(r + 4, 0x00004000u)         # ID 0, DF: an atomic datagram (RFC 6864)
     r[8] = 64
     r[9] = IPPROTO_ICMP
     r[10] = 0
     r[11] = 0
     memcpy(r + 12, ip + 16, 4)
     memcpy(r + 16, ip + 12, 4)
-    sn_vx_put16m(r + 10, sn_vx_fold(sn_vx_sum(r, 20, 0)))
+    sn_st16(r + 10, sn_csum(r, 20))
     c = r + 20
     c[0] = 3                          # destination unreachable
     c[1] = 4                          # fragmentation needed and DF set
-    _st32(c + 2, 0)                   # checksum + unused
-    _st16(c + 6, <uint16_t>mtu)       # next-hop MTU (RFC 1191 §4)
+    sn_st32(c + 2, 0)                   # checksum + unused
+    sn_st16(c + 6, <uint16_t>mtu)       # next-hop MTU (RFC 1191 §4)
     memcpy(c + 8, ip, q)
-    sn_vx_put16m(c + 2, sn_vx_fold(sn_vx_sum(c, 8 + q, 0)))
+    sn_st16(c + 2, sn_csum(c, 8 + q))
     out.len = off + 28 + q
     return SN_OK
 
@@ -506,14 +523,14 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
                    sn_pkt *out) noexcept nogil:
     cdef const uint8_t *ip = f + off
     cdef uint32_t avail = n - off
-    cdef uint32_t tot, l, q, i
+    cdef uint32_t tot, pos, q, i, _i
     cdef uint8_t nh
     cdef uint8_t *r
     cdef uint8_t *c
     cdef uint64_t acc
     if avail < 40 or (ip[0] >> 4) != 6:
         return SN_DROP_MALFORMED_L3
-    tot = 40 + <uint32_t>_ld16(ip + 4)
+    tot = 40 + <uint32_t>sn_ld16(ip + 4)
     if tot > avail:
         return SN_DROP_MALFORMED_L3
     # Source must be a unicast host (RFC 4443 §2.4(e.6)): not ::, not multicast.
@@ -527,30 +544,30 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     else:
         return SN_DROP_TOO_BIG
     nh = ip[6]
-    l = 40
-    for i in range(MAX_EXT_HDRS):
+    pos = 40
+    for _i in range(MAX_EXT_HDRS):
         if nh == IPPROTO_HOPOPTS or nh == IPPROTO_ROUTING or nh == IPPROTO_DSTOPTS:
-            if l + 8 > tot:
+            if pos + 8 > tot:
                 return SN_DROP_MALFORMED_L3
-            nh = ip[l]
-            l += (<uint32_t>ip[l + 1] + 1) * 8
+            nh = ip[pos]
+            pos += (<uint32_t>ip[pos + 1] + 1) * 8
         elif nh == IPPROTO_FRAGMENT:
-            if l + 8 > tot:
+            if pos + 8 > tot:
                 return SN_DROP_MALFORMED_L3
-            if (_ld16(ip + l + 2) & 0xFFF8) != 0:
+            if (sn_ld16(ip + pos + 2) & 0xFFF8) != 0:
                 return SN_DROP_TOO_BIG    # not the first fragment (RFC 4443 §2.4(e))
-            nh = ip[l]
-            l += 8
+            nh = ip[pos]
+            pos += 8
         elif nh == IPPROTO_AH:
-            if l + 8 > tot:
+            if pos + 8 > tot:
                 return SN_DROP_MALFORMED_L3
-            nh = ip[l]
-            l += (<uint32_t>ip[l + 1] + 2) * 4
+            nh = ip[pos]
+            pos += (<uint32_t>ip[pos + 1] + 2) * 4
         else:
             break
     if nh == IPPROTO_ICMPV6:
         # Errors are types 0..127 (RFC 4443 §2.1); an unreadable type counts as one.
-        if l + 1 > tot or ip[l] < 128:
+        if pos + 1 > tot or ip[pos] < 128:
             return SN_DROP_TOO_BIG
     if mtu < 1280:                    # RFC 8200 §5: no link below the IPv6 minimum
         return SN_DROP_TOO_BIG
@@ -562,8 +579,8 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     r = out.data + out.off
     _l2_reply(f, off, r)
     r += off
-    _st32(r, 0x60000000u)
-    _st16(r + 4, <uint16_t>(8 + q))
+    sn_st32(r, 0x60000000u)
+    sn_st16(r + 4, <uint16_t>(8 + q))
     r[6] = IPPROTO_ICMPV6
     r[7] = 64
     memcpy(r + 8, ip + 24, 16)
@@ -573,11 +590,10 @@ cdef int _too_big6(const uint8_t *f, uint32_t n, uint32_t off, uint32_t mtu,
     c[1] = 0
     c[2] = 0
     c[3] = 0
-    _st32(c + 4, mtu)
+    sn_st32(c + 4, mtu)
     memcpy(c + 8, ip, q)
-    acc = sn_vx_sum(r + 8, 32, 0)     # pseudo-header (RFC 8200 §8.1)
-    acc += sn_vx_htons(<uint16_t>(8 + q)) + sn_vx_htons(IPPROTO_ICMPV6)
-    sn_vx_put16m(c + 2, sn_vx_fold(sn_vx_sum(c, 8 + q, acc)))
+    acc = sn_csum_pseudo6(r + 8, r + 24, IPPROTO_ICMPV6, 8 + q)   # RFC 8200 §8.1
+    sn_st16(c + 2, sn_csum_finish(sn_csum_partial(c, 8 + q, acc)))
     out.len = off + 48 + q
     return SN_OK
 
@@ -598,21 +614,53 @@ cdef int sn_icmp_too_big(const uint8_t *f, uint32_t n, uint32_t mtu,
     """
     cdef uint32_t off = ETH_HLEN
     cdef uint16_t et
-    cdef int i
+    cdef int _i
     if n < ETH_HLEN:
         return SN_DROP_MALFORMED_L2
-    et = _ld16(f + 12)
-    for i in range(MAX_VLAN_TAGS):
-        if et == ETH_P_8021Q or et == ETH_P_8021AD:
+    et = sn_ld16(f + 12)
+    for _i in range(MAX_VLAN_TAGS):
+        if _is_vlan(et):
             if off + 4 > n:
                 return SN_DROP_MALFORMED_L2
-            et = _ld16(f + off + 2)
+            et = sn_ld16(f + off + 2)
             off += 4
     if et == ETH_P_IP:
         return _too_big4(f, n, off, mtu, out)
     if et == ETH_P_IPV6:
         return _too_big6(f, n, off, mtu, out)
     return SN_DROP_TOO_BIG
+
+
+# --- bursts -----------------------------------------------------------------------------
+
+cdef int sn_vxlan_encap_burst(sn_pkt *pkts, int n, const sn_vxlan_tx *t) noexcept nogil:
+    """sn_vxlan_encap over the live packets of pkts[0:n], one VTEP for all; refused
+    packets get .drop set (they stay in place). Returns the number encapsulated."""
+    cdef int i, r, ok = 0
+    for i in range(n):
+        if pkts[i].drop != SN_OK:
+            continue
+        r = sn_vxlan_encap(&pkts[i], t)
+        if r != SN_OK:
+            pkts[i].drop = <uint16_t>r
+        else:
+            ok += 1
+    return ok
+
+
+cdef int sn_vxlan_decap_burst(sn_pkt *pkts, int n, sn_vxlan_rx *infos) noexcept nogil:
+    """sn_vxlan_decap over the live packets of pkts[0:n]; infos[i] belongs to pkts[i]
+    (untouched for dropped ones). Returns the number decapsulated."""
+    cdef int i, r, ok = 0
+    for i in range(n):
+        if pkts[i].drop != SN_OK:
+            continue
+        r = sn_vxlan_decap(&pkts[i], &infos[i])
+        if r != SN_OK:
+            pkts[i].drop = <uint16_t>r
+        else:
+            ok += 1
+    return ok
 
 
 # --- control plane --------------------------------------------------------------------
@@ -671,7 +719,7 @@ cdef object _addr(const uint8_t *a, uint8_t family):
 
 def encap(frame, local, remote, uint32_t vni, *, uint16_t dport=SN_VXLAN_PORT,
           uint8_t ttl=64, uint8_t tos=0, bint df=True, udp_csum=None, bint ecn=True,
-          uint32_t flow_hash=0):
+          uint32_t flow_hash=0, uint32_t _headroom=256):
     """Encapsulate an Ethernet frame; returns the outer IP packet (bytes).
 
     udp_csum: IPv4 UDP checksum on/off (default off, RFC 7348 §5); IPv6 always computes.
@@ -679,7 +727,7 @@ def encap(frame, local, remote, uint32_t vni, *, uint16_t dport=SN_VXLAN_PORT,
     Raises ValueError with the drop-reason name on a refused frame.
     """
     cdef sn_vxlan_tx t
-    cdef _Slot s = _Slot(bytes(frame))
+    cdef _Slot s = _Slot(bytes(frame), _headroom)
     cdef int r
     sn_vxlan_tx_init(&t, local, remote, vni, dport, ttl, tos, df, bool(udp_csum), ecn)
     s.pkt.hash = flow_hash
@@ -745,6 +793,65 @@ def icmp_too_big(frame, uint32_t mtu):
     return bytes(buf[out.off:out.off + out.len])
 
 
+def encap_batch(Batch b not None, local, remote, uint32_t vni, *, bint udp_csum=False):
+    """Encapsulate every live packet of a Batch in place (GIL released); returns the
+    number encapsulated. Drop reasons are in b.drop_reason(i)."""
+    cdef sn_vxlan_tx t
+    cdef int ok
+    sn_vxlan_tx_init(&t, local, remote, vni, SN_VXLAN_PORT, 64, 0, True, udp_csum, True)
+    with nogil:
+        ok = sn_vxlan_encap_burst(b.pkts, b.count, &t)
+    return ok
+
+
+def decap_batch(Batch b not None):
+    """Decapsulate every live packet of a Batch in place; returns (n_ok, [vni or None])."""
+    cdef sn_vxlan_rx *infos = <sn_vxlan_rx *>calloc(max(b.count, 1), sizeof(sn_vxlan_rx))
+    cdef int ok, i
+    if infos == NULL:
+        raise MemoryError()
+    try:
+        with nogil:
+            ok = sn_vxlan_decap_burst(b.pkts, b.count, infos)
+        return ok, [infos[i].vni if b.pkts[i].drop == SN_OK else None for i in range(b.count)]
+    finally:
+        free(infos)
+
+
+def _ratelimit_trace(uint32_t per_second, uint32_t burst, times_ns):
+    """Which of the (monotonic, ns) times a fresh sn_ratelimit lets through (tests)."""
+    cdef sn_ratelimit r
+    sn_ratelimit_init(&r, per_second, burst)
+    return [bool(sn_ratelimit_take(&r, t)) for t in times_ns]
+
+
+def _bench_encap_batch(Batch b not None, local, remote, uint32_t vni, long rounds):
+    """ns per packet of sn_vxlan_encap_burst (hash included) over the batch, repeated."""
+    cdef sn_vxlan_tx t
+    cdef timespec a, c
+    cdef long _r
+    cdef int i, n = b.count
+    cdef uint32_t off0 = b.headroom
+    cdef uint32_t *lens = <uint32_t *>calloc(max(n, 1), sizeof(uint32_t))
+    if lens == NULL:
+        raise MemoryError()
+    sn_vxlan_tx_init(&t, local, remote, vni, SN_VXLAN_PORT, 64, 0, True, False, True)
+    for i in range(n):
+        lens[i] = b.pkts[i].len
+    with nogil:
+        clock_gettime(CLOCK_MONOTONIC, &a)
+        for _r in range(rounds):
+            for i in range(n):
+                b.pkts[i].off = off0
+                b.pkts[i].len = lens[i]
+                b.pkts[i].hash = 0
+                b.pkts[i].drop = 0
+            sn_vxlan_encap_burst(b.pkts, n, &t)
+        clock_gettime(CLOCK_MONOTONIC, &c)
+    free(lens)
+    return ((c.tv_sec - a.tv_sec) * 1e9 + (c.tv_nsec - a.tv_nsec)) / (rounds * max(n, 1))
+
+
 def _bench_encap(frame, local, remote, uint32_t vni, long n, bint udp_csum=False):
     """ns per (flow hash + encap) of one frame, over n iterations without the GIL."""
     cdef sn_vxlan_tx t
@@ -752,12 +859,12 @@ def _bench_encap(frame, local, remote, uint32_t vni, long n, bint udp_csum=False
     cdef uint32_t off0 = s.pkt.off
     cdef uint32_t len0 = s.pkt.len
     cdef timespec a, b
-    cdef long i
+    cdef long _i
     cdef uint64_t sink = 0
     sn_vxlan_tx_init(&t, local, remote, vni, SN_VXLAN_PORT, 64, 0, True, udp_csum, True)
     with nogil:
         clock_gettime(CLOCK_MONOTONIC, &a)
-        for i in range(n):
+        for _i in range(n):
             s.pkt.off = off0
             s.pkt.len = len0
             s.pkt.hash = 0
