@@ -9,6 +9,8 @@ import struct
 import time
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from vhost.backend import NET_FEATURES, PROTOCOL_FEATURES, VhostUserClient, wait_for
 from vhost.protocol import (
@@ -300,8 +302,16 @@ def test_reset_owner_unmaps_and_restarts(server, fe):
     fe.request(Req.RESET_OWNER, ack=False)
     fe.request(Req.GET_FEATURES)  # a round trip: RESET_OWNER has been handled
     b = srv.backend
-    assert b.mem.mapped == 0 and not b.running and not b.owner
+    assert b.mem.mapped == 0 and not b.running and b.features == 0
+    assert b.owner and b.protocol_features == PROTOCOL_FEATURES
     assert all(vq.call_fd == -1 and vq.kick_fd == -1 for vq in b.vqs)
+    # QEMU brings the device back without a new SET_OWNER
+    fe.request(Req.SET_FEATURES, U64.pack(fe.features))
+    fe.set_mem_table()
+    fe._next = [r.mmap_offset for r in fe.regions]
+    fe.setup_ring(0)
+    fe.setup_ring(1)
+    echo_ok(fe)
 
 
 def test_client_mode_reconnects_with_backoff(tmp_path):
@@ -328,3 +338,52 @@ def test_client_mode_reconnects_with_backoff(tmp_path):
     finally:
         client.stop()
     assert dev.events.count(("connected",)) >= 2
+
+
+def test_vhost_never_imports_softnic():
+    import subprocess
+    import sys
+
+    code = ("import sys, vhost.backend, vhost.testing, vhost.bench; "
+            "sys.exit(any(m.split('.')[0] == 'softnic' for m in sys.modules))")
+    assert subprocess.run([sys.executable, "-c", code], cwd=os.getcwd()).returncode == 0
+
+
+@settings(max_examples=200, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(request=st.one_of(st.sampled_from(list(Req)), st.integers(0, 2**32 - 1)),
+       flags=st.one_of(st.just(VERSION), st.just(VERSION | FLAG_NEED_REPLY),
+                       st.integers(0, 2**32 - 1)),
+       payload=st.binary(max_size=300), lie=st.integers(-8, 8),
+       nfds=st.integers(0, 3), negotiated=st.booleans())
+def test_random_messages_never_hurt_the_server(server, sock_path, request, flags, payload,
+                                               lie, nfds, negotiated):
+    srv, dev = server
+    with VhostUserFrontend(sock_path).connect() as f:
+        f.sock.settimeout(0.5)
+        if negotiated:
+            f.negotiate()
+            f.set_mem_table()
+        size = max(0, len(payload) + lie)
+        try:  # whatever comes back (a reply, a nack, EOF, a reset) is fine
+            _raw(f, HDR.pack(int(request), flags, size) + payload, [f.memfd] * nfds)
+            f.sock.recv(64)
+        except (TimeoutError, ConnectionError):
+            pass
+    # the server still serves a well-behaved frontend
+    assert wait_for(lambda: srv.backend is None)
+    with VhostUserFrontend(sock_path) as g:
+        g.start()
+        echo_ok(g)
+
+
+def test_server_socket_mode(tmp_path):
+    from vhost.backend import VhostUserServer
+
+    path = str(tmp_path / "m.sock")
+    srv = VhostUserServer(path, LoopbackDevice()).start(mode=0o600)
+    try:
+        assert os.stat(path).st_mode & 0o777 == 0o600
+    finally:
+        srv.stop()
+    assert not os.path.exists(path)

@@ -92,7 +92,7 @@ cdef class DriverRing:
     cdef public int call_fd
     cdef readonly uint64_t kicks
     cdef readonly uint64_t frames
-    cdef readonly uint64_t bytes
+    cdef readonly uint64_t octets
     cdef readonly uint64_t bad_used
     cdef readonly uint64_t desc_off
     cdef readonly uint64_t avail_off
@@ -300,7 +300,7 @@ cdef class DriverRing:
     cdef int _recv(self, int max_frames, bint mergeable, list out) except -1:
         # Collects up to max_frames frames; appends bytes to out unless it is None.
         cdef uint16_t used_idx = fe_load16_acquire(<uint16_t *>(self.used + 2))
-        cdef uint32_t id, n, nb, j
+        cdef uint32_t id, n, nb, _j
         cdef uint64_t total
         cdef uint16_t avail_n
         cdef int got = 0
@@ -325,7 +325,7 @@ cdef class DriverRing:
             self.free_ids[self.nfree] = <uint16_t>id
             self.nfree += 1
             self.last_used += 1
-            for j in range(1, nb):
+            for _j in range(1, nb):
                 if self._take(used_idx, &id, &n) < 0:
                     self.last_used += 1
                     continue
@@ -338,7 +338,7 @@ cdef class DriverRing:
             if out is not None:
                 out.append(bytes(frame))
             self.frames += 1
-            self.bytes += total
+            self.octets += total
             got += 1
         return got
 
@@ -361,7 +361,7 @@ cdef class DriverRing:
                 if self._take(used_idx, &id, &n) == 0:
                     self.free_ids[self.nfree] = <uint16_t>id
                     self.nfree += 1
-                    self.bytes += n
+                    self.octets += n
                     self.frames += 1
                     got += 1
                 self.last_used += 1

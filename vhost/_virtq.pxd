@@ -54,7 +54,7 @@ cdef enum:  # vh_vq_err
     VQ_ERR_HEAD = 2              # head index >= ring size
     VQ_ERR_NEXT = 3              # next index >= ring size (or indirect table length)
     VQ_ERR_LOOP = 4              # chain longer than its table: a loop
-    VQ_ERR_INDIRECT_LEN = 5      # indirect table length 0 or not a multiple of 16
+    VQ_ERR_INDIRECT_LEN = 5      # indirect table length 0, not a multiple of 16, > 16 * num
     VQ_ERR_INDIRECT_ADDR = 6     # indirect table not inside one memory region
     VQ_ERR_INDIRECT_NESTED = 7   # INDIRECT inside an indirect table, or INDIRECT|NEXT
     VQ_ERR_INDIRECT_OFF = 8      # INDIRECT used but VIRTIO_RING_F_INDIRECT_DESC not negotiated

@@ -2,12 +2,14 @@
 # libvhost-user (vu_queue_pop / virtqueue_read_next_desc / vu_queue_map_desc); §5.1.6
 # virtio-net header and mergeable RX buffers. See _virtq.pxd for the layout.
 #
-# Threading contract: the data-path functions run without the GIL on a worker; the
-# control path (vhost.backend) only changes a queue or the memory table after the device
-# has stopped the queue's worker (VhostNetDevice.queue_stopped returns).
+# Threading contract: the data-path functions run without the GIL on a worker, one
+# thread per Virtq at a time (the RX and TX rings of a pair may be on different threads;
+# the memory table is read-only to them). The control path (vhost.backend) only changes
+# a queue or the memory table after the device has stopped the queue's worker
+# (VhostNetDevice.queue_stopped returns).
 
 from libc.errno cimport errno
-from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
+from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
@@ -75,7 +77,8 @@ cdef int walk_load(vh_vq *vq, const vh_mem *mem, vh_walk *w) noexcept nogil:
             return VQ_ERR_INDIRECT_NESTED
         if not vq.indirect:
             return VQ_ERR_INDIRECT_OFF
-        if w.d.len == 0 or (w.d.len & 15):
+        # virtio 1.1 §2.6.5.3.1: no chain longer than the queue size, indirect or not
+        if w.d.len == 0 or (w.d.len & 15) or (w.d.len >> 4) > vq.num:
             return VQ_ERR_INDIRECT_LEN
         t = vh_gpa_range(mem, w.d.addr, w.d.len)
         if t == NULL:
@@ -580,7 +583,10 @@ cdef class Virtq:
         self.q.desc = vh_uva_range(&self.mem.m, self.q.desc_uva, 16 * num)
         self.q.avail = <uint16_t *>vh_uva_range(&self.mem.m, self.q.avail_uva, 6 + 2 * num)
         self.q.used = vh_uva_range(&self.mem.m, self.q.used_uva, 6 + 8 * num)
-        return self.q.desc != NULL and self.q.avail != NULL and self.q.used != NULL
+        # our mapping must keep the ring alignment too (atomic 16-bit index accesses)
+        return (self.q.desc != NULL and self.q.avail != NULL and self.q.used != NULL
+                and (<uintptr_t>self.q.desc) & 15 == 0 and (<uintptr_t>self.q.avail) & 1 == 0
+                and (<uintptr_t>self.q.used) & 3 == 0)
 
     def start(self, bint event_idx, bint indirect, int hdr_len):
         """Translates the ring and starts it. False (ring broken, ring_addr) when a ring

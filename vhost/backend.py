@@ -64,6 +64,13 @@ PROTOCOL_FEATURES = bits(
 MAX_QUEUE_PAIRS = 64  # vring index is 8 bits in KICK/CALL/ERR; 2 rings per pair
 
 
+def _readable(fd: int, timeout: float) -> bool:
+    """poll(), not select(): a daemon with many devices has fds above FD_SETSIZE."""
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    return bool(p.poll(timeout * 1000))
+
+
 class VhostNetDevice:
     """What a device (e.g. a softnic VF) implements. Every call comes from the control
     thread of the connection. Queue pair p is rx = backend.vq(2p), tx = backend.vq(2p+1).
@@ -208,6 +215,17 @@ class VhostUserBackend:
             elif not want and qp in self.running:
                 self._stop_qp(qp)
 
+    def stats(self) -> dict[str, object]:
+        """A snapshot for an admin interface; safe to call from any thread (counters are
+        read without stopping the workers, so they may be a batch apart)."""
+        return {
+            "features": self.features, "protocol_features": self.protocol_features,
+            "mtu": self.mtu, "status": self.status, "memory_regions": self.mem.mapped,
+            "running_queue_pairs": sorted(self.running),
+            "queues": [{"index": vq.index, "size": vq.num, "ready": vq.ready,
+                        "broken": vq.broken, **vq.counters()} for vq in self.vqs],
+        }
+
     # --- the connection ---
     def serve(self) -> None:
         """Handles messages until the peer disconnects, a message forces a disconnect,
@@ -215,8 +233,7 @@ class VhostUserBackend:
         self.device.connected(self)
         try:
             while not self._stop.is_set():
-                r, _, _ = select.select([self.sock], [], [], 0.2)
-                if not r:
+                if not _readable(self.sock.fileno(), 0.2):
                     self.check_broken()
                     continue
                 try:
@@ -333,11 +350,17 @@ class VhostUserBackend:
         self.owner = True
 
     def _h_reset_owner(self, msg: Message) -> None:
+        # Back to a fresh device, except ownership and protocol features: QEMU does not
+        # renegotiate them after a reset (libvhost-user and DPDK keep them too), and a
+        # lost REPLY_ACK would leave it waiting for acknowledgements forever.
         self._stop_all()
         for vq in self.vqs:
             vq.reset()
         self.mem.reset()
+        pf = self.protocol_features
         self._reset_state()
+        self.owner = True
+        self.protocol_features = pf
 
     def _h_get_queue_num(self, msg: Message) -> bytes:
         self._need_proto(ProtoFeature.MQ, "GET_QUEUE_NUM")
@@ -532,13 +555,16 @@ class VhostUserServer(_Endpoint):
     """Server mode: listens on a Unix socket path; QEMU connects (chardev socket without
     server=on). One frontend at a time; a second is refused with a log line."""
 
-    def start(self) -> VhostUserServer:
+    def start(self, mode: int | None = None) -> VhostUserServer:
+        """Binds and listens; mode (e.g. 0o660) restricts who may connect as frontend."""
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
         self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         self._lsock.bind(self.path)
+        if mode is not None:
+            os.chmod(self.path, mode)
         self._lsock.listen(4)
         self._thread = threading.Thread(target=self._run, name=f"vhost-{self.name}",
                                         daemon=True)
@@ -549,10 +575,12 @@ class VhostUserServer(_Endpoint):
         conn_thread: threading.Thread | None = None
         try:
             while not self._stop.is_set():
-                r, _, _ = select.select([self._lsock], [], [], 0.1)
-                if not r:
+                if not _readable(self._lsock.fileno(), 0.1):
                     continue
                 sock, _ = self._lsock.accept()
+                if conn_thread is not None:
+                    # the previous frontend may be going away right now (QEMU restart)
+                    conn_thread.join(timeout=1.0)
                 if conn_thread is not None and conn_thread.is_alive():
                     log.warning("%s: refusing a second frontend", self.name)
                     sock.close()

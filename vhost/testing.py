@@ -370,8 +370,9 @@ class LoopbackDevice(VhostNetDevice):
             tx.enable_kicks(True)
             if tx.avail_count() == 0 and not stop.is_set():
                 if tx.kick_fd >= 0:
-                    r, _, _ = select.select([tx.kick_fd], [], [], 0.05)
-                    if r:
+                    p = select.poll()
+                    p.register(tx.kick_fd, select.POLLIN)
+                    if p.poll(50):
                         try:
                             os.read(tx.kick_fd, 8)
                         except BlockingIOError:
