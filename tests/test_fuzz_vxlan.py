@@ -1,7 +1,8 @@
 """Bounded fuzzing of VXLAN decap/encap and ICMP too-big (tests/fuzz/vxlan.py)."""
 
+import pytest
 from fuzz import vxlan
-from fuzz.common import run_for
+from fuzz.common import Finding, run_for
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -30,6 +31,21 @@ def test_bounded_mutation_run():
     for want in ("decap:ok", "encap:ok", "icmp:ok", "icmp:none"):
         assert want in labels, sorted(labels)
     assert any(k.startswith("decap:malformed") for k in labels)
+    assert any(k.startswith("decap_batch:") for k in labels)
+    assert any(k.startswith("encap_batch:") for k in labels)
+
+
+def test_ecn_oracle():
+    # RFC 6040 §4.2 on known points, so a wrong propagation cannot pass unseen.
+    eth = bytes(12) + b"\x08\x00"
+    ip = bytearray(bytes([0x45, 0x01]) + bytes(18))          # inner ECT(1)
+    vxlan.check_ecn_decap(eth + bytes(ip), eth + bytes(ip), 0)
+    ce = bytearray(ip)
+    ce[1] = 0x03
+    with pytest.raises(Finding):                              # outer CE must mark CE
+        vxlan.check_ecn_decap(eth + bytes(ip), eth + bytes(ip), 3)
+    with pytest.raises(Finding):                              # never CE under Not-ECT outer
+        vxlan.check_ecn_decap(eth + bytes(ip), eth + bytes(ce), 0)
 
 
 def test_udp_walk_is_independent():
