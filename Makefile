@@ -46,8 +46,9 @@ demo-short: build
 # core needs nothing; the end-to-end and vhost-user ones build namespaces (root).
 bench: build
 	$(PY) benchmarks/pipeline.py
-	@if [ "$$(id -u)" -eq 0 ]; then $(PY) benchmarks/e2e.py && $(PY) benchmarks/vhost.py; \
-	else echo "benchmarks/e2e.py and benchmarks/vhost.py need root: skipped"; fi
+	@if [ "$$(id -u)" -eq 0 ]; then $(PY) benchmarks/underlay.py && $(PY) benchmarks/e2e.py \
+	    && $(PY) benchmarks/vhost.py; \
+	else echo "benchmarks/underlay.py, e2e.py and vhost.py need root: skipped"; fi
 
 # A sanitized (ASan + UBSan) fuzzing campaign over every compiled entry point.
 fuzz: venv

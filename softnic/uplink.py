@@ -12,13 +12,8 @@ range (see softnic._io.Underlay for the entropy this keeps).
 from __future__ import annotations
 
 import ipaddress
-import json
 import random
-import select
 import socket
-import struct
-import threading
-import time
 from typing import Any
 
 from softnic._batch import Batch
@@ -211,92 +206,3 @@ class Uplink:
     def __repr__(self) -> str:
         extra = "".join(f", {k}" for k, v in (("esp", self.esp), ("espinudp", self.natt)) if v)
         return f"Uplink({self.local_addr!r}, vxlan={self.vxlan_port}, pool={len(self.pool)}{extra})"
-
-
-def _outer_udp(src: str, dst: str, sport: int, dport: int, payload: bytes) -> bytes:
-    """A minimal outer IPv4/IPv6 + UDP packet (checksums left 0: the kernel writes its own)."""
-    s, d = ipaddress.ip_address(src), ipaddress.ip_address(dst)
-    udp = struct.pack("!HHHH", sport, dport, 8 + len(payload), 0) + payload
-    if s.version == 4:
-        return struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 0, 0x4000, 64, 17, 0,
-                           s.packed, d.packed) + udp
-    return struct.pack("!IHBB16s16s", 0x60000000, len(udp), 17, 64, s.packed, d.packed) + udp
-
-
-def bench(seconds: float = 2.0, payload: int = 1400, burst: int = 64,
-          v6: bool = False) -> dict[str, float]:
-    """Datagrams/s from one namespace to another over a veth (MTU 1500), for plain
-    sendmmsg/recvmmsg and for UDP GSO + GRO, in one run. Needs root."""
-    from softnic.topo import TwoHosts
-
-    out: dict[str, float] = {}
-    with TwoHosts(v6=v6) as t:
-        for mode, offload in (("sendmmsg", False), ("gso_gro", True)):
-            ua = t.a.ns.call(Uplink, t.a.addr, sport_pool=8, gso=offload, gro=offload)
-            ub = t.b.ns.call(Uplink, t.b.addr, sport_pool=8, gso=offload, gro=offload)
-            pkt = _outer_udp(t.a.addr, t.b.addr, 50000, 4789, bytes(payload))
-            tx = Batch(burst)
-            stop = threading.Event()
-            got = [0]
-
-            def receive(ub: Uplink = ub, stop: threading.Event = stop,
-                        got: list[int] = got) -> None:
-                rb = Batch(1024)
-                pl = select.poll()
-                for fd in ub.filenos():
-                    pl.register(fd, select.POLLIN)
-                while not stop.is_set():
-                    rb.clear()
-                    n = ub.recv_burst(rb)
-                    got[0] += n
-                    if n == 0:
-                        pl.poll(10)
-
-            th = threading.Thread(target=receive)
-            th.start()
-            sent = 0
-            t0 = time.monotonic()
-            end = t0 + seconds
-            for _ in range(burst):
-                tx.push(pkt)
-            while time.monotonic() < end:
-                k = ua.send_burst(tx, 0, burst)
-                sent += k
-                if k < burst:              # refused slots keep their drop mark: reload
-                    tx.clear()
-                    for _ in range(burst):
-                        tx.push(pkt)
-            elapsed = time.monotonic() - t0
-            time.sleep(0.2)
-            stop.set()
-            th.join()
-            out[f"{mode}_sent_per_s"] = sent / elapsed
-            out[f"{mode}_recv_per_s"] = got[0] / elapsed
-            out[f"{mode}_tx_syscalls"] = ua.counters()["tx_syscalls"]
-            out[f"{mode}_rx_syscalls"] = ub.counters()["rx_syscalls"]
-            out[f"{mode}_rx_overflow"] = ub.counters()["rx_overflow"]
-            ua.close()
-            ub.close()
-    out["ratio_recv"] = out["gso_gro_recv_per_s"] / max(out["sendmmsg_recv_per_s"], 1.0)
-    return out
-
-
-def main() -> None:
-    import argparse
-
-    ap = argparse.ArgumentParser(description="underlay datagram rate: sendmmsg vs GSO+GRO")
-    ap.add_argument("--seconds", type=float, default=2.0)
-    ap.add_argument("--payload", type=int, default=1400)
-    ap.add_argument("--v6", action="store_true")
-    a = ap.parse_args()
-    r = bench(a.seconds, a.payload, v6=a.v6)
-    for mode in ("sendmmsg", "gso_gro"):
-        print(f"{mode:9s} sent {r[mode + '_sent_per_s'] / 1e6:6.3f} M/s  "
-              f"received {r[mode + '_recv_per_s'] / 1e6:6.3f} M/s  "
-              f"({int(r[mode + '_tx_syscalls'])} send / {int(r[mode + '_rx_syscalls'])} "
-              f"recv syscalls, {int(r[mode + '_rx_overflow'])} dropped by the kernel)")
-    print(json.dumps({k: round(v, 3) for k, v in r.items()}))
-
-
-if __name__ == "__main__":
-    main()

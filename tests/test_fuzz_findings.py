@@ -11,8 +11,6 @@ Seen while writing the batch harness and confirmed with the AddressSanitizer bui
 import subprocess
 import sys
 
-import pytest
-
 
 def child(code: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

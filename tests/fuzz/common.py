@@ -9,6 +9,7 @@ import time
 from collections.abc import Callable
 
 import dpkt
+
 from softnic._batch import DROP_REASONS
 
 REASONS = frozenset(DROP_REASONS[1:])

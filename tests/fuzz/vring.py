@@ -22,7 +22,6 @@ from __future__ import annotations
 import struct
 
 from vhost._virtq import FATAL_ERRORS, VQ_ERRORS
-
 from vhost.testing import RingHarness
 
 from .common import Reader, expect

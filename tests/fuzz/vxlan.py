@@ -18,10 +18,11 @@ import ipaddress
 import struct
 
 import dpkt
-import softnic._vxlan as _vxlan
 from scapy.layers.inet import IP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.vxlan import VXLAN
+
+import softnic._vxlan as _vxlan
 
 from .common import Reader, check_ip, check_reason, expect, inet_sum
 
