@@ -24,7 +24,9 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from softnic.client import Client
@@ -64,6 +66,92 @@ PLAINTEXT_MARK = b"SOFTNIC-TENANT-PLAINTEXT"
 
 def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+class Daemon:
+    """`softnic.daemon run -c CFG` inside a namespace; can be SIGKILLed and started again."""
+
+    def __init__(self, ns: Netns, cfg: str, tmp: Path, name: str = "d",
+                 ready: Sequence[str] = ()) -> None:
+        """cfg: the configuration without its [daemon] table (the admin socket is made
+        here, in tmp). ready: paths (e.g. vhost-user sockets) that must exist before
+        start() returns."""
+        self.ns, self.tmp, self.name, self.ready = ns, tmp, name, tuple(ready)
+        self.sock = str(tmp / f"{name}.admin.sock")
+        self.cfg = tmp / f"{name}.toml"
+        self.cfg.write_text(f'[daemon]\nadmin_socket = "{self.sock}"\n' + cfg)
+        os.chmod(self.cfg, 0o600)
+        self.log = tmp / f"{name}.log"
+        self.proc: subprocess.Popen[Any] | None = None
+        self.starts = 0
+
+    def start(self) -> Daemon:
+        env = dict(os.environ, PYTHONPATH=REPO)
+        with open(self.log, "a") as log:
+            log.write(f"---- start {self.starts}\n")
+            log.flush()
+            self.proc = p = self.ns.popen(
+                [sys.executable, "-m", "softnic.daemon", "run", "-c", str(self.cfg)],
+                stdout=log, stderr=subprocess.STDOUT, env=env)
+        self.starts += 1
+
+        def up() -> bool:
+            if p.poll() is not None:
+                raise RuntimeError(f"softnic exited: {self.tail()}")
+            try:
+                with Client(self.sock, timeout=1) as c:
+                    c.version()
+            except Exception:
+                return False
+            return all(os.path.exists(r) for r in self.ready)
+
+        wait_until(up, timeout=30, step=0.1)
+        return self
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid   # `ip netns exec` execs the daemon: same pid
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def stats(self) -> dict[str, Any]:
+        with Client(self.sock, timeout=5) as c:
+            return c.stats()
+
+    def client(self) -> Client:
+        return Client(self.sock, timeout=10)
+
+    def tail(self) -> str:
+        try:
+            return self.log.read_text()[-3000:]
+        except OSError:
+            return ""
+
+    def assert_clean_log(self) -> None:
+        """No traceback, and no ring a real guest is said to have broken: a guest's coming
+        and going is routine."""
+        text = self.log.read_text()
+        bad = [ln for ln in text.splitlines() if "Traceback" in ln or "broke ring" in ln]
+        assert not bad, "\n".join(bad[:20]) + "\n" + text[-3000:]
+
+    def counts(self) -> tuple[int, int]:
+        """(open fds, memfd mappings) of the daemon process."""
+        fds = len(os.listdir(f"/proc/{self.pid}/fd"))
+        with open(f"/proc/{self.pid}/maps") as f:
+            maps = sum(1 for ln in f if "memfd" in ln)
+        return fds, maps
 
 
 class Overlay:

@@ -473,16 +473,12 @@ while True:
 
 @pytest.fixture(scope="module")
 def vhost_host(tmp_path_factory):
-    from softnic.client import Client
+    from softnic.scenario import Daemon
 
     tmp = tmp_path_factory.mktemp("faults-vhost")
     host, vm = Netns(prefix="snfh"), Netns(prefix="snfv")
-    sock = str(tmp / "admin.sock")
     g1, g2 = str(tmp / "g1.sock"), str(tmp / "g2.sock")
-    cfg = tmp / "softnic.toml"
-    cfg.write_text(f"""
-[daemon]
-admin_socket = "{sock}"
+    d = Daemon(host, f"""
 [uplink]
 local = "127.0.0.1"
 [[vf]]
@@ -505,37 +501,16 @@ netns = "{vm.name}"
 mac = "{VM_MAC}"
 addresses = ["{VM_IP}/24"]
 vni = 310
-""")
+""", tmp, ready=[g1, g2])
     host.ip("link", "set", "lo", "up")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    log = open(tmp / "daemon.log", "w")
-    proc = host.popen([sys.executable, "-m", "softnic.daemon", "run", "-c", str(cfg)],
-                      stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def up():
-        if proc.poll() is not None:
-            raise RuntimeError((tmp / "daemon.log").read_text())
-        try:
-            with Client(sock, timeout=1) as c:
-                c.version()
-            return os.path.exists(g1) and os.path.exists(g2)
-        except Exception:
-            return False
-
     try:
-        wait_until(up, timeout=20, step=0.1)
+        d.start()
         dev = next(n for n in vm.run(["ls", "/sys/class/net"]).split() if n.startswith("sn"))
         for ip, mac in ((G1_IP, G1_MAC), (G2_IP, G2_MAC)):
             vm.run(["ip", "neigh", "replace", ip, "lladdr", mac, "dev", dev])
-        yield {"sock": sock, "g1": g1, "g2": g2, "vm": vm, "proc": proc,
-               "log": tmp / "daemon.log"}
+        yield {"sock": d.sock, "g1": g1, "g2": g2, "vm": vm, "proc": d.proc, "log": d.log}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        d.stop()
         vm.close()
         host.close()
 

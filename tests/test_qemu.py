@@ -20,7 +20,6 @@ import json
 import os
 import re
 import select
-import signal
 import subprocess
 import sys
 import time
@@ -30,7 +29,7 @@ from typing import Any
 import pytest
 
 from softnic import guest as G
-from softnic.scenario import PLAINTEXT_MARK, Sniffer
+from softnic.scenario import PLAINTEXT_MARK, Daemon, Sniffer
 from softnic.topo import Netns, TwoHosts, can_netns, wait_until
 
 _why = can_netns() or (None if G.qemu_available() else "qemu-system-x86_64 not installed")
@@ -48,94 +47,6 @@ def img() -> G.GuestImage:
         return G.image()
     except G.GuestError as e:
         pytest.skip(f"guest image cannot be built here: {e}")
-
-
-class Daemon:
-    """`softnic.daemon run -c CFG` inside a namespace; can be SIGKILLed and started again."""
-
-    def __init__(self, ns: Netns, cfg: str, tmp: Path, name: str = "d") -> None:
-        self.ns, self.tmp, self.name = ns, tmp, name
-        self.sock = str(tmp / f"{name}.admin.sock")
-        self.cfg = tmp / f"{name}.toml"
-        self.cfg.write_text(f'[daemon]\nadmin_socket = "{self.sock}"\n' + cfg)
-        os.chmod(self.cfg, 0o600)
-        self.log = tmp / f"{name}.log"
-        self.proc: subprocess.Popen[Any] | None = None
-        self.starts = 0
-
-    def start(self) -> Daemon:
-        from softnic.client import Client
-
-        env = dict(os.environ, PYTHONPATH=REPO)
-        with open(self.log, "a") as log:
-            log.write(f"---- start {self.starts}\n")
-            log.flush()
-            self.proc = p = self.ns.popen(
-                [sys.executable, "-m", "softnic.daemon", "run", "-c", str(self.cfg)],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
-        self.starts += 1
-
-        def up() -> bool:
-            if p.poll() is not None:
-                raise RuntimeError(f"softnic exited: {self.tail()}")
-            try:
-                with Client(self.sock, timeout=1) as c:
-                    c.version()
-                return True
-            except Exception:
-                return False
-
-        wait_until(up, timeout=30, step=0.1)
-        return self
-
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid   # `ip netns exec` execs the daemon: same pid
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(10)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.kill()
-
-    def stats(self) -> dict[str, Any]:
-        from softnic.client import Client
-
-        with Client(self.sock, timeout=5) as c:
-            return c.stats()  # type: ignore[no-any-return]
-
-    def client(self) -> Any:
-        from softnic.client import Client
-
-        return Client(self.sock, timeout=10)
-
-    def tail(self) -> str:
-        try:
-            return self.log.read_text()[-3000:]
-        except OSError:
-            return ""
-
-    def assert_clean_log(self) -> None:
-        """No traceback, and no ring a real guest is said to have broken: a guest's coming
-        and going is routine."""
-        text = self.log.read_text()
-        bad = [ln for ln in text.splitlines() if "Traceback" in ln or "broke ring" in ln]
-        assert not bad, "\n".join(bad[:20]) + "\n" + text[-3000:]
-
-    def counts(self) -> tuple[int, int]:
-        """(open fds, memfd mappings) of the daemon process."""
-        fds = len(os.listdir(f"/proc/{self.pid}/fd"))
-        with open(f"/proc/{self.pid}/maps") as f:
-            maps = sum(1 for ln in f if "memfd" in ln)
-        return fds, maps
 
 
 def vhost_netdev(sock: str, server: bool = False) -> list[str]:

@@ -19,7 +19,6 @@ from softnic.topo import Netns, can_netns, wait_until
 why = can_netns()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(why is not None, reason=why or "")]
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST_MAC, VM_MAC = "02:00:00:00:0c:01", "02:00:00:00:0c:02"
 GUEST_IP, VM_IP = "10.210.0.1", "10.210.0.2"
 NO_HDR = bytes(12)
@@ -36,15 +35,12 @@ while True:
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    from softnic.client import Client
+    from softnic.scenario import Daemon
 
     tmp = tmp_path_factory.mktemp("vhostvf")
     host, vm = Netns(prefix="snvh"), Netns(prefix="snvm")
-    sock, vhost_sock = str(tmp / "admin.sock"), str(tmp / "guest.sock")
-    cfg = tmp / "softnic.toml"
-    cfg.write_text(f"""
-[daemon]
-admin_socket = "{sock}"
+    vhost_sock = str(tmp / "guest.sock")
+    d = Daemon(host, f"""
 [uplink]
 local = "127.0.0.1"
 [[vf]]
@@ -61,35 +57,15 @@ netns = "{vm.name}"
 mac = "{VM_MAC}"
 addresses = ["{VM_IP}/24"]
 vni = 300
-""")
+""", tmp, ready=[vhost_sock])
     host.ip("link", "set", "lo", "up")
-    env = dict(os.environ, PYTHONPATH=REPO)
-    log = open(tmp / "daemon.log", "w")
-    proc = host.popen([sys.executable, "-m", "softnic.daemon", "run", "-c", str(cfg)],
-                      stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def up():
-        if proc.poll() is not None:
-            raise RuntimeError((tmp / "daemon.log").read_text())
-        try:
-            with Client(sock, timeout=1) as c:
-                c.version()
-            return os.path.exists(vhost_sock)
-        except Exception:
-            return False
-
     try:
-        wait_until(up, timeout=20, step=0.1)
+        d.start()
         dev = next(n for n in vm.run(["ls", "/sys/class/net"]).split() if n.startswith("sn"))
         vm.run(["ip", "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", dev])
-        yield {"sock": sock, "vhost": vhost_sock, "vm": vm, "log": tmp / "daemon.log"}
+        yield {"sock": d.sock, "vhost": vhost_sock, "vm": vm, "d": d}
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+        d.stop()
         vm.close()
         host.close()
 
@@ -206,14 +182,7 @@ def test_guest_reconnect_and_no_leaks(daemon):
     where they were, and the VF works after each."""
     from vhost.testing import VhostUserFrontend
 
-    pid = int(subprocess.run(["pgrep", "-f", "softnic.daemon run -c " + str(daemon["log"])
-                              .replace("daemon.log", "softnic.toml")],
-                             capture_output=True, text=True).stdout.split()[0])
-
-    def counts():
-        fds = len(os.listdir(f"/proc/{pid}/fd"))
-        maps = sum(1 for ln in open(f"/proc/{pid}/maps") if "memfd" in ln)
-        return fds, maps
+    counts = daemon["d"].counts
 
     fe = VhostUserFrontend(daemon["vhost"]).connect()
     fe.start()
