@@ -395,7 +395,8 @@ cdef class Datapath:
         out_slot = underlay_mtu + 256 + 320
         self.tx_in = Batch(burst, slot_size=65536 + 1024, headroom=64)
         self.tx_out = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
-        self.tx_local = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
+        # Frames for VFs on this host: 64 KB slots, so a GSO frame can pass through whole.
+        self.tx_local = Batch(2 * burst, slot_size=65536 + 1024, headroom=64)
         self.rx_in = Batch(burst, slot_size=65536 + 1024 if False else 2048 + 576)
         self.rx_out = Batch(burst, slot_size=2048 + 576)
         self.gro_batch = Batch(1, slot_size=65536 + 1024, headroom=64)
@@ -860,8 +861,27 @@ cdef class Datapath:
             # Only VFs on this host: no tunnel, so the VF's own MTU is the limit (as far
             # as a local slot holds it).
             budget = v.mtu
-            if budget > loc.slot_size - loc.headroom - SN_VNET_HDR_LEN - h.l2len:
-                budget = loc.slot_size - loc.headroom - SN_VNET_HDR_LEN - h.l2len
+            if budget > out.slot_size - out.headroom - h.l2len:
+                budget = out.slot_size - out.headroom - h.l2len
+            if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE and local_vf >= 0 and \
+                    (self.vfs[local_vf].vq_rx == NULL or self.vfs[local_vf].guest_tso) and \
+                    inp.len <= <uint32_t>(loc.slot_size - loc.headroom):
+                # A GSO frame between two VFs that both speak GSO crosses whole, as on a
+                # software switch: no segmenting here and coalescing again there.
+                if loc.count >= loc.size:
+                    return -1
+                p = &loc.pkts[loc.count]
+                p.off = loc.headroom
+                p.len = inp.len
+                p.port = local_vf
+                p.drop = 0
+                p.flags = 0
+                memcpy(p.data + p.off, inp.data + inp.off, inp.len)
+                loc.count += 1
+                v.c.tx_local += 1
+                self.vfs[local_vf].c.rx_frames += 1
+                self.vfs[local_vf].c.rx_bytes += flen
+                return SN_OK
         else:
             budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
         nseg = 1
