@@ -120,15 +120,6 @@ from softnic._vxlan cimport (
 
 from softnic._batch import DROP_REASONS
 
-cdef extern from *:
-    """
-    #define MIX_K1 0x7feb352dU
-    #define MIX_K2 0x846ca68bU
-    #define MIX_GOLDEN 0x9e3779b1U
-    #define MIX_FNV 0x01000193U
-    """
-    const uint32_t MIX_K1, MIX_K2, MIX_GOLDEN, MIX_FNV
-
 cdef enum:
     FP_MAX_VF = 256
     FP_MAX_VTEP = 256
@@ -205,16 +196,6 @@ ctypedef struct fp_uplink_counters:
     uint64_t rx_esp             # packets decrypted with an uplink SA
     uint64_t tx_esp             # packets protected with an uplink SA
     uint64_t drops[<int>SN_DROP_MAX]
-
-
-cdef inline uint32_t _mix(uint32_t h) noexcept nogil:
-    # A 32-bit integer finaliser (lowbias32): every input bit moves every output bit.
-    h ^= h >> 16
-    h *= MIX_K1
-    h ^= h >> 15
-    h *= MIX_K2
-    h ^= h >> 16
-    return h
 
 
 cdef struct fp_sel:
@@ -341,7 +322,6 @@ cdef class Datapath:
     cdef Batch tx_out
     cdef Batch tx_local
     cdef Batch rx_in
-    cdef Batch rx_out
     cdef Batch gro_batch
     cdef sn_pkt *gro
     cdef Batch vgro               # coalesced frames waiting for one push into a guest ring
@@ -397,8 +377,8 @@ cdef class Datapath:
         self.tx_out = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
         # Frames for VFs on this host: 64 KB slots, so a GSO frame can pass through whole.
         self.tx_local = Batch(2 * burst, slot_size=65536 + 1024, headroom=64)
-        self.rx_in = Batch(burst, slot_size=65536 + 1024 if False else 2048 + 576)
-        self.rx_out = Batch(burst, slot_size=2048 + 576)
+        # Underlay packets arrive one datagram per slot (GRO trains are split by _io).
+        self.rx_in = Batch(burst, slot_size=max(underlay_mtu, 2048) + 576)
         self.gro_batch = Batch(1, slot_size=65536 + 1024, headroom=64)
         self.gro = self.gro_batch.pkts
         self.vgro = Batch(FP_VH_GRO, slot_size=65536 + 1024, headroom=64)
