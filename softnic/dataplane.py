@@ -334,6 +334,15 @@ class Dataplane:
             out["vf"][name] = flat
             for k, v in drops.items():
                 totals[k] = totals.get(k, 0) + v
+            if port.vhost is not None:
+                # The guest's rings: sizes, state and the per-reason counters of every
+                # check on guest input (a broken ring says why).
+                qs = port.vhost.stats().get("queues", [])
+                # Counters only (they are Prometheus series too): a broken ring is 1 here,
+                # its reason goes out as a vf-broken event.
+                out.setdefault("queues", {})[name] = [
+                    {k: int(bool(v)) if k == "broken" else int(v) for k, v in q.items()
+                     if k == "broken" or isinstance(v, bool | int)} for q in qs]
         u = fp.uplink_counters()
         for k, v in u.pop("drops").items():
             u[f"drop_{k}"] = v

@@ -107,6 +107,13 @@ def test_guest_pings_a_vm_namespace(daemon, guest):
     reply = recv_match(guest, lambda p: ICMP in p and p[ICMP].id == 7)
     assert reply[IP].src == VM_IP and reply[ICMP].type == 0 and reply[ICMP].id == 7
     assert bytes(reply[ICMP].payload) == b"softnic" * 8
+    from softnic.client import Client
+
+    with Client(daemon["sock"], timeout=5) as c:
+        queues = c.stats()["queues"]["guest"]
+        metrics = c.metrics()
+    assert [q["ready"] for q in queues] == [1, 1] and not any(q["broken"] for q in queues)
+    assert 'softnic_queue_frames_total{vf="guest",queue="1"}' in metrics
 
 
 def test_guest_udp_with_checksum_offload(daemon, guest):
