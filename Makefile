@@ -27,6 +27,12 @@ venv: sysdeps $(VENV)/.deps
 
 build: venv
 	$(PY) setup.py -q build_ext --inplace
+	@# The tree itself is the installed package (in-place extensions): a .pth puts it on the
+	@# venv's path and two wrappers give the console commands, without a second build.
+	@$(PY) -c 'import site, sys; open(site.getsitepackages()[0] + "/softnic-tree.pth", "w").write(sys.argv[1] + "\n")' $(abspath .)
+	@for c in softnic:softnic.daemon softnicctl:softnic.cli; do \
+	    printf '#!/bin/sh\nexec "%s" -m %s "$$@"\n' $(abspath $(PY)) $${c#*:} > $(VENV)/bin/$${c%%:*}; \
+	    chmod +x $(VENV)/bin/$${c%%:*}; done
 
 lint: venv
 	$(VENV)/bin/ruff check softnic vhost tests benchmarks
