@@ -284,8 +284,15 @@ class Dataplane:
     def add_policy(self, policy: model.Policy) -> None:
         with self._lock:
             if policy.scope == model.UPLINK:
-                raise ValueError("scope: the uplink protects all VXLAN between VTEPs; "
-                                 "policies are per VF")
+                # The uplink's `ipsec` setting protects all VXLAN between VTEPs with the
+                # uplink SAs: a protect policy says the same and is kept as a record.
+                if policy.action != "protect":
+                    raise ValueError("action: uplink policies can only protect (the "
+                                     "uplink's ipsec setting covers all VXLAN)")
+                if self._uplink_cfg is None or self._uplink_cfg.ipsec == "off":
+                    raise ValueError("scope: the uplink's ipsec is off")
+                self._policies.setdefault((policy.scope, policy.dir), {})[policy.ident] = policy
+                return
             self._scope(policy.scope)
             table = self._policies.setdefault((policy.scope, policy.dir), {})
             table[policy.ident] = policy
