@@ -36,10 +36,10 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
-if HERE not in sys.path:
-    sys.path.append(HERE)       # for rawcrypto; last, so benchmarks/vhost.py shadows nothing
+# The repository first and this folder last (for rawcrypto): benchmarks/vhost.py must not
+# shadow the vhost package, whatever put this folder on the path (running the script does).
+sys.path[:] = [ROOT] + [p for p in sys.path if os.path.abspath(p or ".") not in (ROOT, HERE)]
+sys.path.append(HERE)
 
 import rawcrypto  # noqa: E402
 
