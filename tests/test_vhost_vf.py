@@ -228,3 +228,11 @@ def test_capture_on_a_vhost_vf_sees_both_directions(daemon, guest):
     t.join(timeout=10)
     icmp = [p for p in got if ICMP in p and p[ICMP].id == 11]
     assert {p[ICMP].type for p in icmp} == {8, 0}     # the request out, the reply in
+
+
+def test_workers_are_named_in_the_kernel(daemon):
+    """top -H and perf tell the workers apart."""
+    pid = daemon["d"].pid
+    names = {open(f"/proc/{pid}/task/{t}/comm").read().strip()
+             for t in os.listdir(f"/proc/{pid}/task")}
+    assert {"softnic-tx", "softnic-rx"} <= names
