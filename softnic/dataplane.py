@@ -230,7 +230,8 @@ class Dataplane:
             lifetime = {k: getattr(sa, k) for k in
                         ("soft_bytes", "hard_bytes", "soft_packets", "hard_packets")
                         if getattr(sa, k) is not None}
-            encap = None if sa.encap_sport is None else (sa.encap_sport, sa.encap_dport)
+            encap = (None if sa.encap_sport is None or sa.encap_dport is None
+                     else (sa.encap_sport, sa.encap_dport))
             obj = SecurityAssociation(
                 sa.spi, sa.mode, str(sa.src), str(sa.dst), sa.alg, sa.key.reveal(),
                 auth_key=sa.auth_key.reveal() if sa.auth_key is not None else None,
