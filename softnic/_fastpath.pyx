@@ -292,6 +292,7 @@ cdef class Datapath:
     cdef Fdb fdb                      # (VNI, MAC) -> VTEP index, and per-VNI flood lists
     cdef PolicyTable spd              # per-VF ordered policies -> fp_sa_ref*
     cdef int active[FP_MAX_VF]        # indices of used VFs, so loops skip the unused
+    cdef int n_vteps                  # VTEPs in use are vteps[0:n_vteps] (never freed)
     cdef int n_active
     cdef uint32_t ul_room             # largest outer IP packet before device ESP
     cdef fp_uplink_counters ul
@@ -483,6 +484,8 @@ cdef class Datapath:
                          self.local_family == 4 else self.local[:16])), ra, 0)
         self.vteps[i].used = 1
         self.vteps[i].family = ra.version
+        if i >= self.n_vteps:
+            self.n_vteps = i + 1
         memcpy(self.vteps[i].addr, <const char *>key, len(key))
         self.vtep_index[key] = i
         return i
@@ -547,7 +550,7 @@ cdef class Datapath:
                 self.n_active += 1
         self.ul_room = self.underlay_mtu
         if self.ul_mode != FP_UL_OFF:
-            for i in range(FP_MAX_VTEP):
+            for i in range(self.n_vteps):
                 if not self.vteps[i].used:
                     continue
                 for j in range(self.vteps[i].n_sas):
@@ -1177,7 +1180,7 @@ cdef class Datapath:
         cdef uint64_t now
         if mac[0] & 1:
             return
-        for i in range(FP_MAX_VTEP):
+        for i in range(self.n_vteps):
             if self.vteps[i].used and memcmp(self.vteps[i].addr, info.src,
                                              4 if info.family == SN_AF_INET else 16) == 0:
                 clock_gettime(CLOCK_MONOTONIC, &t)

@@ -403,3 +403,21 @@ def test_too_big_without_df_is_fragmented_before_the_tunnel():
     assert reasons == ["ok", "ok"]
     whole = defragment([Ether(f)[IP] for f in frames])
     assert len(whole) == 1 and bytes(whole[0][UDP].payload) == payload
+
+
+def test_fdb_learning_from_received_packets():
+    """With learning on, a frame from a known VTEP teaches (VNI, source MAC) -> that VTEP;
+    a static entry is never overridden by it."""
+    a = Datapath(VTEP_A, UNDERLAY_MTU)
+    b = Datapath(VTEP_B, UNDERLAY_MTU, learning=True)
+    a.set_vf(0, MAC_A, 100)
+    b.set_vf(0, MAC_B, 100)
+    a.fdb_add(100, MAC_B, VTEP_B)
+    b.fdb_add(100, None, VTEP_A)             # the flood list makes VTEP_A known
+    out, _, _ = tx(a, [plain_input(tcp_frame(b"hi"))])
+    _, reasons = rx(b, out)
+    assert reasons == ["ok"]
+    assert (100, MAC_A, VTEP_A, True) in b.fdb_entries()
+    b.fdb_add(100, MAC_A, VTEP_A)             # static now
+    rx(b, tx(a, [plain_input(tcp_frame(b"again", seq=2000))])[0])
+    assert (100, MAC_A, VTEP_A, False) in b.fdb_entries()
