@@ -230,8 +230,16 @@ def test_add_and_remove_memory_regions(path):
         b = srv.backend
         r1 = fe.regions[1]
         payload = bytes(8) + REGION.pack(r1.gpa, r1.size, r1.uva, r1.mmap_offset)
+        shifted = bytes(8) + REGION.pack(r1.gpa + 4096, r1.size, r1.uva + (1 << 30),
+                                         r1.mmap_offset)
         with pytest.raises(VhostError):  # overlaps what is mapped
-            fe.request(Req.ADD_MEM_REG, payload, fds=[fe.memfd])
+            fe.request(Req.ADD_MEM_REG, shifted, fds=[fe.memfd])
+        # The same region again (QEMU sends the table once per queue pair): one more
+        # reference; nothing is remapped and the rings keep running.
+        fe.request(Req.ADD_MEM_REG, payload, fds=[fe.memfd])
+        assert b.mem.mapped == 2 and b.mem.references(r1) == 2 and b.running == {0}
+        fe.request(Req.REM_MEM_REG, payload)
+        assert b.mem.mapped == 2 and b.mem.references(r1) == 1 and b.running == {0}
         # removing the region the TX ring lives in stops that pair for good
         fe.request(Req.REM_MEM_REG, payload)
         assert b.mem.mapped == 1
@@ -290,3 +298,28 @@ def test_idle_device_asks_for_kicks(path, event_idx):
             assert tx.kicks == kicks + 1
         # woken by the kick, not by the worker's 50 ms poll timeout (best of 3: shared CPUs)
         assert min(latencies) < 0.04
+
+
+def test_memory_table_sent_per_queue_pair_keeps_the_rings_running(path):
+    """QEMU has one vhost device per queue pair on the connection, and each sends the
+    memory table: the same table again maps nothing and stops no ring."""
+    with loopback_server(path, queue_pairs=2) as (srv, dev), \
+            VhostUserFrontend(path, regions=2) as fe:
+        fe.start(queue_pairs=2)
+        b = srv.backend
+        assert wait_for(lambda: b.running == {0, 1})
+        maps = b.mem.mapped
+        fe.set_mem_table()
+        for r in fe.regions:         # and the slot-wise form of the same
+            fe.request(Req.ADD_MEM_REG, bytes(8) + REGION.pack(r.gpa, r.size, r.uva,
+                                                               r.mmap_offset),
+                       fds=[fe.memfd])
+        assert b.mem.mapped == maps and b.running == {0, 1}
+        assert [e for e in dev.events if e[0] == "stopped"] == []
+        for qp in (0, 1):
+            check_echo(*roundtrip(fe, scapy_frames(4, seed=qp), qp=qp))
+        # Region 1 now has two references: one REM_MEM_REG leaves it mapped.
+        fe.request(Req.REM_MEM_REG, bytes(8) + REGION.pack(
+            fe.regions[1].gpa, fe.regions[1].size, fe.regions[1].uva,
+            fe.regions[1].mmap_offset))
+        assert b.mem.mapped == maps and b.running == {0, 1}   # one reference of two gone

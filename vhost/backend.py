@@ -378,15 +378,24 @@ class VhostUserBackend:
         finally:
             self._update()
 
+    # QEMU sends the memory table once per queue pair (one vhost device each): the same
+    # table or region again changes nothing, and must not stop the running pairs.
+
     def _h_set_mem_table(self, msg: Message) -> None:
         regions = msg.mem_table()
         fds, msg.fds = msg.fds, []
+        if self.mem.same_table(regions, fds):
+            for fd in fds:
+                os.close(fd)
+            return
         self._memory_change(lambda: self.mem.set_table(regions, fds))
 
     def _h_add_mem_reg(self, msg: Message) -> None:
         self._need_proto(ProtoFeature.CONFIGURE_MEM_SLOTS, "ADD_MEM_REG")
         region = msg.mem_region()
         fd = msg.take_fd()
+        if self.mem.add_reference(region, fd):
+            return
         self._memory_change(lambda: self.mem.add(region, fd))
 
     def _h_rem_mem_reg(self, msg: Message) -> None:
@@ -394,6 +403,8 @@ class VhostUserBackend:
         region = msg.mem_region()
         if not any(r.gpa == region.gpa and r.size == region.size for r in self.mem.regions):
             raise VhostMemoryError(f"no memory region at {region.gpa:#x}")
+        if self.mem.drop_reference(region):
+            return
         self._memory_change(lambda: self.mem.remove(region))
 
     def _h_set_log_base(self, msg: Message) -> None:
