@@ -9,9 +9,11 @@ Pipeline order (DESIGN.md, and the seed's questions):
 Segment size is derived from the underlay MTU minus the exact ESP + VXLAN overhead, so
 nothing is ever fragmented in the underlay (RFC 7348 §4.3).
 
-Threads: one thread runs TX bursts and one runs RX bursts at a time (tx_lock, rx_lock);
-the control plane takes both to change tables, so a burst never sees a half-made change
-and an SA is never freed under a burst. Everything per packet is C, without the GIL.
+Threads: TX runs in lanes, one worker each, with a lock per lane; a VF's queue pairs are
+spread over the lanes. One thread runs RX bursts, and delivery into VFs from any thread
+happens under the RX lock (a guest ring or TAP has one producer at a time). The control
+plane takes every lock to change tables, so a burst never sees a half-made change and an
+SA is never freed under a burst. Everything per packet is C, without the GIL.
 """
 
 import ipaddress
@@ -133,6 +135,8 @@ cdef enum:
     FP_VH_GRO = 8               # coalesced 64 KB frames per push
     FP_MIRROR = 1024            # captured frames held per thread between two drains
     FP_MIRROR_UPLINK = 0xFFFF   # the scope of uplink frames in the mirror
+    FP_MAX_QP = 64              # vhost-user queue pairs per VF (the config's limit)
+    FP_MAX_LANES = 16           # TX workers
 
     FP_MODE_OFF = 0
     FP_MODE_OFFLOAD = 1
@@ -167,14 +171,16 @@ ctypedef struct fp_vf:
     uint32_t vni
     uint32_t mtu                # the VF's own MTU (largest L3 packet it may send)
     int tap_fd                  # -1 when the VF is not a TAP
-    vh_vq *vq_rx                # vhost-user: the guest's RX ring (NULL when not running)
-    vh_vq *vq_tx                # vhost-user: the guest's TX ring
+    vh_vq *vq_tx[FP_MAX_QP]     # vhost-user: the guest's TX rings (NULL when not running)
+    vh_vq *vq_rx[FP_MAX_QP]     # and its RX rings, both by queue pair
+    vh_vq *rxq[FP_MAX_QP]       # the running RX rings, packed: received flows spread here
+    uint32_t n_rxq              # 0: no guest ring running
     const vh_mem *mem           # vhost-user: the guest's memory table
     uint8_t guest_csum          # VIRTIO_NET_F_GUEST_CSUM: DATA_VALID/NEEDS_CSUM allowed
     uint8_t guest_tso           # VIRTIO_NET_F_GUEST_TSO4/6: coalesced frames allowed
     uint8_t mergeable           # VIRTIO_NET_F_MRG_RXBUF
     uint8_t mirror              # a capture is on: copy frames both ways to the mirror
-    fp_counters c
+    fp_counters c               # the RX side's counters (TX lanes keep their own)
     sn_tap_stats tap
 
 ctypedef struct fp_vtep:
@@ -282,9 +288,50 @@ cdef uint32_t _fragment4(const uint8_t *f, const sn_hdrs *h, uint32_t chunk, uin
     return n
 
 
+cdef class _Lane:
+    """What one TX worker owns: its lock, scratch batches, underlay send queue, capture
+    mirror and counters. Lanes share nothing mutable but the SAs' sequence counters
+    (reserved atomically in softnic._esp), so lanes run at once; a VF's queue pairs are
+    spread over them, (vf + qp) % lanes. Counters are summed when read."""
+    cdef PyThread_type_lock lock
+    cdef int index
+    cdef Batch tin
+    cdef Batch tout
+    cdef Batch tlocal
+    cdef Batch mirror
+    cdef uint64_t *mirror_ts
+    cdef TxQueue txq
+    cdef fp_counters *vc              # per VF
+    cdef fp_uplink_counters ul
+    cdef uint8_t *vbufs[FP_VH_PENDING]
+    cdef uint32_t vcaps[FP_VH_PENDING]
+    cdef uint32_t vgot[FP_VH_PENDING]
+
+    def __cinit__(self, int index, int burst, uint32_t out_slot, uint32_t snaplen):
+        self.index = index
+        self.lock = PyThread_allocate_lock()
+        self.vc = <fp_counters *>PyMem_Calloc(FP_MAX_VF, sizeof(fp_counters))
+        self.mirror_ts = <uint64_t *>PyMem_Calloc(FP_MIRROR, sizeof(uint64_t))
+        if self.lock == NULL or self.vc == NULL or self.mirror_ts == NULL:
+            raise MemoryError()
+        # A TSO frame needs a 64 KB slot; outputs are underlay-MTU sized; frames for VFs
+        # here get 64 KB slots, so a GSO frame can pass between them whole.
+        self.tin = Batch(burst, slot_size=65536 + 1024, headroom=64)
+        self.tout = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
+        self.tlocal = Batch(2 * burst, slot_size=65536 + 1024, headroom=64)
+        self.mirror = Batch(FP_MIRROR, slot_size=snaplen + 64, headroom=32)
+
+    def __dealloc__(self):
+        PyMem_Free(self.vc)
+        PyMem_Free(self.mirror_ts)
+        if self.lock != NULL:
+            PyThread_free_lock(self.lock)
+
+
 cdef class Datapath:
-    """The packet pipeline and its tables. Configuration methods take the GIL and both
-    locks; `tx_*`/`rx_*` bursts release the GIL and take one lock each."""
+    """The packet pipeline and its tables. Configuration methods take the GIL and every
+    lock; `tx_*`/`rx_*` bursts release the GIL and take their lane's lock, or the RX lock
+    (which also guards delivery into the VFs: a guest ring has one producer)."""
 
     cdef fp_vf *vfs
     cdef fp_vtep *vteps
@@ -304,47 +351,45 @@ cdef class Datapath:
     cdef uint8_t ul_single            # sa_select = single: always the first uplink SA
     cdef uint8_t ul_mirror            # a capture on the uplink is on
     cdef uint32_t snaplen
-    # Capture: each thread copies into its own mirror (one producer each); the control
-    # plane drains them under that thread's lock. Off, capture costs one flag test.
-    cdef Batch tx_mirror
+    # Capture: each thread copies into its own mirror (one producer each: the RX one
+    # here, the lanes' in the lanes); the control plane drains them under that thread's
+    # lock. Off, capture costs one flag test.
     cdef Batch rx_mirror
-    cdef uint64_t *tx_mirror_ts
     cdef uint64_t *rx_mirror_ts
     cdef public uint64_t mirror_dropped
     cdef int vf_mirrors               # VFs with a capture on
-    cdef PyThread_type_lock tx_lock
     cdef PyThread_type_lock rx_lock
+    cdef tuple lanes                  # _Lane per TX worker
+    cdef readonly int n_lanes
+    cdef PyThread_type_lock lane_locks[FP_MAX_LANES]
     cdef dict sa_refs          # (scope, spi, dir) -> (SecurityAssociation, fp_sa_ref address)
     cdef dict vtep_index       # packed address -> index
     cdef dict floods           # vni -> [vtep index]: the flood lists, as installed in fdb
     cdef Underlay underlay
-    cdef TxQueue txq
-    cdef Batch tx_in
-    cdef Batch tx_out
-    cdef Batch tx_local
     cdef Batch rx_in
     cdef Batch gro_batch
     cdef sn_pkt *gro
     cdef Batch vgro               # coalesced frames waiting for one push into a guest ring
-    cdef dict vhost_refs          # VF index -> (rx Virtq, tx Virtq): keeps the rings alive
+    cdef dict vhost_refs          # (VF, queue pair) -> (rx, tx Virtq): keeps rings alive
     cdef const uint8_t *vframes[FP_VH_PENDING]
     cdef uint32_t vlens[FP_VH_PENDING]
-    cdef uint8_t *vbufs[FP_VH_PENDING]
-    cdef uint32_t vcaps[FP_VH_PENDING]
-    cdef uint32_t vgot[FP_VH_PENDING]
 
     def __cinit__(self):
         self.vfs = NULL
         self.vteps = NULL
-        self.tx_lock = PyThread_allocate_lock()
+        self.n_lanes = 0
         self.rx_lock = PyThread_allocate_lock()
-        if self.tx_lock == NULL or self.rx_lock == NULL:
+        if self.rx_lock == NULL:
             raise MemoryError()
 
     def __init__(self, local, uint32_t underlay_mtu=1500, str ipsec="off",
                  bint learning=False, uint32_t fdb_size=4096, int burst=64,
-                 str sa_select="flow-hash"):
+                 str sa_select="flow-hash", int tx_lanes=1):
         la = ipaddress.ip_address(local)
+        if tx_lanes < 1 or tx_lanes > FP_MAX_LANES:
+            raise ValueError(f"tx_lanes: must be 1..{FP_MAX_LANES}")
+        if burst < 1 or burst > FP_VH_PENDING:
+            raise ValueError(f"burst: must be 1..{FP_VH_PENDING}")
         if underlay_mtu < 1280 or underlay_mtu > 9216:
             raise ValueError("underlay_mtu: must be 1280..9216")
         if ipsec not in ("off", "esp", "espinudp"):
@@ -371,24 +416,21 @@ cdef class Datapath:
         cdef int i
         for i in range(FP_MAX_VF):
             self.vfs[i].tap_fd = -1
-        # Scratch batches of the TX and RX threads: a TSO frame needs a 64 KB slot;
-        # outputs are underlay-MTU sized.
-        out_slot = underlay_mtu + 256 + 320
-        self.tx_in = Batch(burst, slot_size=65536 + 1024, headroom=64)
-        self.tx_out = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
-        # Frames for VFs on this host: 64 KB slots, so a GSO frame can pass through whole.
-        self.tx_local = Batch(2 * burst, slot_size=65536 + 1024, headroom=64)
-        # Underlay packets arrive one datagram per slot (GRO trains are split by _io).
+        self.snaplen = 2048
+        self.lanes = tuple(_Lane(i, burst, underlay_mtu + 256 + 320, self.snaplen)
+                           for i in range(tx_lanes))
+        for i in range(tx_lanes):
+            self.lane_locks[i] = (<_Lane>self.lanes[i]).lock
+        self.n_lanes = tx_lanes
+        # The RX thread's scratch. Underlay packets arrive one datagram per slot (GRO
+        # trains are split by _io).
         self.rx_in = Batch(burst, slot_size=max(underlay_mtu, 2048) + 576)
         self.gro_batch = Batch(1, slot_size=65536 + 1024, headroom=64)
         self.gro = self.gro_batch.pkts
         self.vgro = Batch(FP_VH_GRO, slot_size=65536 + 1024, headroom=64)
-        self.snaplen = 2048
-        self.tx_mirror = Batch(FP_MIRROR, slot_size=self.snaplen + 64, headroom=32)
         self.rx_mirror = Batch(FP_MIRROR, slot_size=self.snaplen + 64, headroom=32)
-        self.tx_mirror_ts = <uint64_t *>PyMem_Calloc(FP_MIRROR, sizeof(uint64_t))
         self.rx_mirror_ts = <uint64_t *>PyMem_Calloc(FP_MIRROR, sizeof(uint64_t))
-        if not self.tx_mirror_ts or not self.rx_mirror_ts:
+        if not self.rx_mirror_ts:
             raise MemoryError()
         self.vhost_refs = {}
 
@@ -398,30 +440,54 @@ cdef class Datapath:
         if self.sa_refs:
             for _sa, ref in self.sa_refs.values():
                 PyMem_Free(<void *><size_t>ref)
-        PyMem_Free(self.tx_mirror_ts)
         PyMem_Free(self.rx_mirror_ts)
-        if self.tx_lock != NULL:
-            PyThread_free_lock(self.tx_lock)
         if self.rx_lock != NULL:
             PyThread_free_lock(self.rx_lock)
 
-    # ---- configuration (GIL held, both locks) ------------------------------------------
+    # ---- configuration (GIL held, every lock) -----------------------------------------
 
     cdef void _lock(self):
+        cdef int i
         with nogil:
-            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
+            for i in range(self.n_lanes):       # always in this order: no deadlock
+                PyThread_acquire_lock(self.lane_locks[i], WAIT_LOCK)
             PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
 
     cdef void _unlock(self):
+        cdef int i
         PyThread_release_lock(self.rx_lock)
-        PyThread_release_lock(self.tx_lock)
+        for i in range(self.n_lanes - 1, -1, -1):
+            PyThread_release_lock(self.lane_locks[i])
+
+    cdef bint _try_lock_lanes(self) noexcept nogil:
+        """All lane locks without waiting, or none."""
+        cdef int i, j
+        for i in range(self.n_lanes):
+            if not PyThread_acquire_lock(self.lane_locks[i], NOWAIT_LOCK):
+                for j in range(i - 1, -1, -1):
+                    PyThread_release_lock(self.lane_locks[j])
+                return False
+        return True
+
+    cdef void _unlock_lanes(self) noexcept nogil:
+        cdef int i
+        for i in range(self.n_lanes - 1, -1, -1):
+            PyThread_release_lock(self.lane_locks[i])
+
+    cdef inline _Lane _lane(self, int vf, int qp):
+        return <_Lane>self.lanes[(vf + qp) % self.n_lanes]
+
+    def lane_of(self, int vf, int qp=0):
+        """The TX lane (worker) that serves queue pair `qp` of VF `vf`."""
+        return (vf + qp) % self.n_lanes
 
     def attach_underlay(self, Underlay underlay):
         """Use this Underlay's sockets for the poll_* loops."""
         self._lock()
         try:
             self.underlay = underlay
-            self.txq = underlay.tx_queue()
+            for lane in self.lanes:
+                (<_Lane>lane).txq = underlay.tx_queue()
         finally:
             self._unlock()
 
@@ -442,6 +508,7 @@ cdef class Datapath:
             v = &self.vfs[index]
             if not v.used:
                 memset(v, 0, sizeof(fp_vf))
+                self._zero_lane_counters(index)
             v.used = 1
             memcpy(v.mac, <const char *>macb, 6)
             v.vni = vni
@@ -460,12 +527,19 @@ cdef class Datapath:
             if self.vfs[index].mirror:
                 self.vf_mirrors -= 1
             memset(&self.vfs[index], 0, sizeof(fp_vf))
+            self._zero_lane_counters(index)
             self.vfs[index].tap_fd = -1
+            for key in [k for k in self.vhost_refs if k[0] == index]:
+                del self.vhost_refs[key]
             self.spd.t.n[index] = 0
             self._drop_scope_sas(index)
             self._refresh()
         finally:
             self._unlock()
+
+    cdef void _zero_lane_counters(self, int vf):
+        for lane in self.lanes:
+            memset(&(<_Lane>lane).vc[vf], 0, sizeof(fp_counters))
 
     cdef int _vtep(self, remote) except -1:
         ra = ipaddress.ip_address(remote)
@@ -683,9 +757,17 @@ cdef class Datapath:
     # ---- counters (read without the locks: plain 64-bit loads) ------------------------
 
     def vf_counters(self, int vf):
+        cdef fp_counters sum_
+        cdef fp_counters *c = &sum_
+        cdef fp_counters *lc
+        cdef size_t k
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             raise ValueError("no such VF")
-        c = &self.vfs[vf].c
+        sum_ = self.vfs[vf].c
+        for lane in self.lanes:             # every field is a uint64_t: add them as such
+            lc = &(<_Lane>lane).vc[vf]
+            for k in range(sizeof(fp_counters) // 8):
+                (<uint64_t *>c)[k] += (<uint64_t *>lc)[k]
         out = {
             "tx_frames": c.tx_frames, "tx_bytes": c.tx_bytes, "tx_tso_frames": c.tx_tso_frames,
             "tx_segments": c.tx_segments, "tx_esp": c.tx_esp, "tx_packets": c.tx_packets,
@@ -704,10 +786,16 @@ cdef class Datapath:
         return out
 
     def uplink_counters(self):
-        out = {"rx_packets": self.ul.rx_packets, "rx_esp": self.ul.rx_esp,
-               "tx_esp": self.ul.tx_esp}
-        out["drops"] = {DROP_REASONS[i]: self.ul.drops[i] for i in range(1, SN_DROP_MAX)
-                        if self.ul.drops[i]}
+        cdef fp_uplink_counters u = self.ul
+        cdef fp_uplink_counters *lu
+        cdef size_t k
+        for lane in self.lanes:
+            lu = &(<_Lane>lane).ul
+            for k in range(sizeof(fp_uplink_counters) // 8):
+                (<uint64_t *>&u)[k] += (<uint64_t *>lu)[k]
+        out = {"rx_packets": u.rx_packets, "rx_esp": u.rx_esp, "tx_esp": u.tx_esp}
+        out["drops"] = {DROP_REASONS[i]: u.drops[i] for i in range(1, SN_DROP_MAX)
+                        if u.drops[i]}
         return out
 
     def mss_for(self, int vf, int ipver=4, int spi=-1):
@@ -737,8 +825,9 @@ cdef class Datapath:
             room = v.mtu
         return room
 
-    cdef int _finish_tx(self, fp_vf *v, sn_pkt *p, sn_sa *sa, uint32_t l2len,
-                        const sn_vxlan_tx *tx, uint64_t *hash, uint32_t vt) noexcept nogil:
+    cdef int _finish_tx(self, fp_counters *c, fp_uplink_counters *ulc, sn_pkt *p, sn_sa *sa,
+                        uint32_t l2len, const sn_vxlan_tx *tx, uint64_t *hash,
+                        uint32_t vt) noexcept nogil:
         """ESP (host-terminated), VXLAN, ESP (device-terminated) for one packet. The
         segments of one frame share a flow hash: *hash is computed on the first (after
         its ESP, so an encrypted flow hashes by SPI) and reused."""
@@ -749,7 +838,7 @@ cdef class Datapath:
             r = sn_esp_encap(sa, p, l2len)
             if r != SN_OK:
                 return r
-            v.c.tx_esp += 1
+            c.tx_esp += 1
         if hash[0] == 0:                # bit 32 marks "computed": any 32-bit value is valid
             hash[0] = sn_flow_hash(p.data + p.off, p.len) | (<uint64_t>1 << 32)
         p.hash = <uint32_t>hash[0]
@@ -762,17 +851,19 @@ cdef class Datapath:
             ul = e.sas[0] if self.ul_single else e.sas[p.hash % e.n_sas]
             r = sn_esp_encap(ul, p, 0)
             if r != SN_OK:
-                self.ul.drops[r] += 1
+                ulc.drops[r] += 1
                 return r
-            self.ul.tx_esp += 1
+            ulc.tx_esp += 1
         p.port = vt
         return SN_OK
 
-    cdef int _tx_frame(self, int vfi, sn_pkt *inp, Batch out, Batch loc) noexcept nogil:
+    cdef int _tx_frame(self, _Lane L, int vfi, sn_pkt *inp, Batch out,
+                       Batch loc) noexcept nogil:
         """Process one VF frame into `out` (underlay) and `loc` (frames for VFs here).
         Returns SN_OK or a drop reason for the whole frame; -1 when `out` or `loc`
         lacks room (nothing was consumed: flush and call again)."""
         cdef fp_vf *v = &self.vfs[vfi]
+        cdef fp_counters *c = &L.vc[vfi]
         cdef sn_vnet_hdr *vh
         cdef uint8_t *f
         cdef uint32_t flen, budget, mss, need, nseg, k, dst_count, d, j, produced
@@ -847,7 +938,7 @@ cdef class Datapath:
             if budget > out.slot_size - out.headroom - h.l2len:
                 budget = out.slot_size - out.headroom - h.l2len
             if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE and local_vf >= 0 and \
-                    (self.vfs[local_vf].vq_rx == NULL or self.vfs[local_vf].guest_tso) and \
+                    (self.vfs[local_vf].n_rxq == 0 or self.vfs[local_vf].guest_tso) and \
                     inp.len <= <uint32_t>(loc.slot_size - loc.headroom):
                 # A GSO frame between two VFs that both speak GSO crosses whole, as on a
                 # software switch: no segmenting here and coalescing again there.
@@ -861,9 +952,9 @@ cdef class Datapath:
                 p.flags = 0
                 memcpy(p.data + p.off, inp.data + inp.off, inp.len)
                 loc.count += 1
-                v.c.tx_local += 1
-                self.vfs[local_vf].c.rx_frames += 1
-                self.vfs[local_vf].c.rx_bytes += flen
+                c.tx_local += 1
+                L.vc[local_vf].rx_frames += 1
+                L.vc[local_vf].rx_bytes += flen
                 return SN_OK
         else:
             budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
@@ -902,8 +993,8 @@ cdef class Datapath:
             r = sn_tso_segment(f, flen, vh, mss, &out.pkts[k], out.size - k, &produced)
             if r != SN_OK:
                 return r
-            v.c.tx_tso_frames += 1
-            v.c.tx_segments += produced
+            c.tx_tso_frames += 1
+            c.tx_segments += produced
         else:
             if vh.flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
                 r = sn_csum_complete(f, flen, vh)
@@ -911,7 +1002,7 @@ cdef class Datapath:
                     return r
             if fchunk:
                 produced = _fragment4(f, &h, fchunk, nseg, &out.pkts[k], out.headroom)
-                v.c.tx_fragmented += 1
+                c.tx_fragmented += 1
             elif h.ipver and h.l3len_total > budget:
                 # A tunnel endpoint's answer (RFC 1191 / RFC 8201): tell the sender.
                 if loc.count < loc.size:
@@ -924,7 +1015,7 @@ cdef class Datapath:
                         p.len += SN_VNET_HDR_LEN
                         p.port = vfi
                         loc.count += 1
-                        v.c.tx_icmp_too_big += 1
+                        c.tx_icmp_too_big += 1
                 return SN_DROP_TOO_BIG
             else:
                 p = &out.pkts[k]
@@ -939,7 +1030,7 @@ cdef class Datapath:
                 if h.l4proto == 6 and h.l4hdrlen and budget > (h.l4off - h.l3off) + 20:
                     if sn_tcp_mss_clamp(p.data + p.off, flen, &h,
                                         <uint16_t>(budget - (h.l4off - h.l3off) - 20)) == 1:
-                        v.c.tx_mss_clamped += 1
+                        c.tx_mss_clamped += 1
                 produced = 1
 
         # Local VFs (same VNI) get the plain segments, with a virtio-net header.
@@ -965,9 +1056,9 @@ cdef class Datapath:
                     p.port = i
                     p.drop = 0
                     loc.count += 1
-                    v.c.tx_local += 1
-                    self.vfs[i].c.rx_frames += 1
-                    self.vfs[i].c.rx_bytes += out.pkts[k + j].len
+                    c.tx_local += 1
+                    L.vc[i].rx_frames += 1
+                    L.vc[i].rx_bytes += out.pkts[k + j].len
         if dst_count == 0:
             return SN_OK
 
@@ -988,50 +1079,56 @@ cdef class Datapath:
             fhash = 0
             for i in range(produced):
                 p = &out.pkts[k + d * produced + i]
-                r = self._finish_tx(v, p, sa, h.l2len, &tx, &fhash, dests[d])
+                r = self._finish_tx(c, &L.ul, p, sa, h.l2len, &tx, &fhash, dests[d])
                 if r != SN_OK:
-                    v.c.drops[r] += 1
+                    c.drops[r] += 1
                     continue
                 if k + j != k + d * produced + i:
                     _swap(&out.pkts[k + j], p)
                 j += 1
         out.count = k + j
-        v.c.tx_packets += j
+        c.tx_packets += j
         return SN_OK
 
-    cdef int _tx_burst(self, int vfi, Batch inb, int start, Batch out,
+    cdef int _tx_burst(self, _Lane L, int vfi, Batch inb, int start, Batch out,
                        Batch loc) noexcept nogil:
         cdef int i, r
         cdef fp_vf *v = &self.vfs[vfi]
+        cdef fp_counters *c = &L.vc[vfi]
         for i in range(start, inb.count):
             if inb.pkts[i].drop:
                 continue
             if v.mirror and inb.pkts[i].len > SN_VNET_HDR_LEN:
-                self._mirror(self.tx_mirror, self.tx_mirror_ts, vfi,
+                self._mirror(L.mirror, L.mirror_ts, vfi,
                              inb.pkts[i].data + inb.pkts[i].off + SN_VNET_HDR_LEN,
                              inb.pkts[i].len - SN_VNET_HDR_LEN, False)
-            r = self._tx_frame(vfi, &inb.pkts[i], out, loc)
+            r = self._tx_frame(L, vfi, &inb.pkts[i], out, loc)
             if r == -1:
                 return i
-            v.c.tx_frames += 1
-            v.c.tx_bytes += inb.pkts[i].len
+            c.tx_frames += 1
+            c.tx_bytes += inb.pkts[i].len
             if r != SN_OK:
                 inb.pkts[i].drop = r
-                v.c.drops[r] += 1
+                c.drops[r] += 1
         return inb.count
 
     def tx_burst(self, int vf, Batch inb not None, int start, Batch out not None,
-                 Batch loc not None):
+                 Batch loc not None, int qp=0):
         """Frames (virtio-net header + Ethernet) of VF `vf` from inb[start:] into `out`
         (outer IP packets, .port = VTEP index) and `loc` (frames for local VFs, .port = VF
-        index). Returns the index of the first frame not consumed (out/loc were full)."""
+        index), in the lane of queue pair `qp`. Returns the index of the first frame not
+        consumed (out/loc were full)."""
         cdef int r
+        cdef _Lane L
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             raise ValueError("no such VF")
+        if qp < 0 or qp >= FP_MAX_QP:
+            raise ValueError("no such queue pair")
+        L = self._lane(vf, qp)
         with nogil:
-            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
-            r = self._tx_burst(vf, inb, start, out, loc)
-            PyThread_release_lock(self.tx_lock)
+            PyThread_acquire_lock(L.lock, WAIT_LOCK)
+            r = self._tx_burst(L, vf, inb, start, out, loc)
+            PyThread_release_lock(L.lock)
         return r
 
     cdef int _rx_packet(self, sn_pkt *p) noexcept nogil:
@@ -1173,7 +1270,7 @@ cdef class Datapath:
                      const sn_vxlan_rx *info) noexcept nogil:
         """Learn (VNI, inner source MAC) -> the outer source VTEP (RFC 7348 4.1). A known
         entry only gets its last-seen time; a new or moved one changes the FDB under the
-        TX lock, taken without waiting (the next packet will try again)."""
+        lanes' locks, taken without waiting (the next packet will try again)."""
         cdef int i
         cdef sn_fdb_slot *e
         cdef timespec t
@@ -1190,9 +1287,9 @@ cdef class Datapath:
                     if e.learned:
                         e.seen = now
                     return                  # static entries are never overridden
-                if PyThread_acquire_lock(self.tx_lock, NOWAIT_LOCK):
+                if self._try_lock_lanes():
                     sn_fdb_learn(&self.fdb.f, vni, mac, i, now)
-                    PyThread_release_lock(self.tx_lock)
+                    self._unlock_lanes()
                 return
 
     cdef int _rx_burst(self, Batch inb) noexcept nogil:
@@ -1274,11 +1371,10 @@ cdef class Datapath:
         """Take what the mirrors hold: a list of (scope, time, frame, original length);
         scope is the VF index or -1 for the uplink."""
         out = []
-        for m, ts, lock in ((self.tx_mirror, <size_t>self.tx_mirror_ts, 0),
-                            (self.rx_mirror, <size_t>self.rx_mirror_ts, 1)):
-            frames = self._drain_one(m, <uint64_t *>ts, self.tx_lock if lock == 0
-                                     else self.rx_lock)
-            out.extend(frames)
+        for lane in self.lanes:
+            out.extend(self._drain_one((<_Lane>lane).mirror, (<_Lane>lane).mirror_ts,
+                                       (<_Lane>lane).lock))
+        out.extend(self._drain_one(self.rx_mirror, self.rx_mirror_ts, self.rx_lock))
         out.sort(key=lambda x: x[1])
         return out
 
@@ -1298,75 +1394,113 @@ cdef class Datapath:
 
     # ---- vhost-user VFs ---------------------------------------------------------------
 
-    def attach_vhost(self, int vf, Virtq rx not None, Virtq tx not None, bint mergeable,
-                     bint guest_csum, bint guest_tso):
-        """Serve VF `vf` from a guest's ring pair (rx = the guest's receive queue)."""
+    def attach_vhost(self, int vf, int qp, Virtq rx not None, Virtq tx not None,
+                     bint mergeable, bint guest_csum, bint guest_tso):
+        """Serve queue pair `qp` of VF `vf` from a guest's rings (rx = the guest's receive
+        queue). Features are the device's: the same for every pair."""
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             raise ValueError("no such VF")
+        if qp < 0 or qp >= FP_MAX_QP:
+            raise ValueError(f"queue pair: must be 0..{FP_MAX_QP - 1}")
         self._lock()
         try:
-            self.vfs[vf].vq_rx = &rx.q
-            self.vfs[vf].vq_tx = &tx.q
-            self.vfs[vf].mem = &rx.mem.m
-            self.vfs[vf].mergeable = mergeable
-            self.vfs[vf].guest_csum = guest_csum
-            self.vfs[vf].guest_tso = guest_tso and guest_csum
-            self.vhost_refs[vf] = (rx, tx)
+            v = &self.vfs[vf]
+            v.vq_rx[qp] = &rx.q
+            v.vq_tx[qp] = &tx.q
+            v.mem = &rx.mem.m
+            v.mergeable = mergeable
+            v.guest_csum = guest_csum
+            v.guest_tso = guest_tso and guest_csum
+            self.vhost_refs[(vf, qp)] = (rx, tx)
+            self._pack_rxq(vf)
         finally:
             self._unlock()
 
-    def detach_vhost(self, int vf):
-        """Stop using the guest's rings; when this returns no burst touches them."""
+    def detach_vhost(self, int vf, int qp=-1):
+        """Stop using queue pair `qp` (-1: every pair) of the guest's rings; when this
+        returns no burst touches them."""
+        cdef int i
         if vf < 0 or vf >= FP_MAX_VF:
             raise ValueError("no such VF")
+        if qp < -1 or qp >= FP_MAX_QP:
+            raise ValueError(f"queue pair: must be 0..{FP_MAX_QP - 1}")
         self._lock()
         try:
-            self.vfs[vf].vq_rx = NULL
-            self.vfs[vf].vq_tx = NULL
-            self.vfs[vf].mem = NULL
-            self.vhost_refs.pop(vf, None)
+            v = &self.vfs[vf]
+            for i in range(FP_MAX_QP):
+                if qp < 0 or i == qp:
+                    v.vq_rx[i] = NULL
+                    v.vq_tx[i] = NULL
+                    self.vhost_refs.pop((vf, i), None)
+            self._pack_rxq(vf)
+            if v.n_rxq == 0:
+                v.mem = NULL
         finally:
             self._unlock()
 
-    def vhost_kicks(self, int vf, bint enable):
-        """Ask the guest for TX kicks (idle) or not (busy polling)."""
-        with nogil:
-            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
-            if self.vfs[vf].vq_tx != NULL:
-                vq_enable_kicks(self.vfs[vf].vq_tx, enable)
-            PyThread_release_lock(self.tx_lock)
+    cdef void _pack_rxq(self, int vf):
+        """The running RX rings in queue-pair order: received flows are spread over
+        these by their hash, so a flow keeps its ring (and its order)."""
+        cdef fp_vf *v = &self.vfs[vf]
+        cdef int i
+        v.n_rxq = 0
+        for i in range(FP_MAX_QP):
+            if v.vq_rx[i] != NULL:
+                v.rxq[v.n_rxq] = v.vq_rx[i]
+                v.n_rxq += 1
 
-    cdef int _vhost_read(self, int vf, Batch inb) noexcept nogil:
+    def vhost_queues(self, int vf):
+        """The queue pairs being served for VF `vf`."""
+        if vf < 0 or vf >= FP_MAX_VF:
+            raise ValueError("no such VF")
+        return [i for i in range(FP_MAX_QP) if self.vfs[vf].vq_tx[i] != NULL]
+
+    def vhost_kicks(self, int vf, int qp, bint enable):
+        """Ask the guest for kicks on TX ring `qp` (idle) or not (busy polling)."""
+        cdef _Lane L
+        if vf < 0 or vf >= FP_MAX_VF or qp < 0 or qp >= FP_MAX_QP:
+            raise ValueError("no such queue")
+        L = self._lane(vf, qp)
+        with nogil:
+            PyThread_acquire_lock(L.lock, WAIT_LOCK)
+            if self.vfs[vf].vq_tx[qp] != NULL:
+                vq_enable_kicks(self.vfs[vf].vq_tx[qp], enable)
+            PyThread_release_lock(L.lock)
+
+    cdef int _vhost_read(self, _Lane L, int vf, int qp, Batch inb) noexcept nogil:
         cdef int i, n
         cdef fp_vf *v = &self.vfs[vf]
         for i in range(inb.size):
-            self.vbufs[i] = inb.pkts[i].data + inb.headroom
-            self.vcaps[i] = inb.pkts[i].cap - inb.headroom
-        n = vq_pop_chains(v.vq_tx, v.mem, self.vbufs, self.vcaps, self.vgot, inb.size)
+            L.vbufs[i] = inb.pkts[i].data + inb.headroom
+            L.vcaps[i] = inb.pkts[i].cap - inb.headroom
+        n = vq_pop_chains(v.vq_tx[qp], v.mem, L.vbufs, L.vcaps, L.vgot, inb.size)
         for i in range(n):
             inb.pkts[i].off = inb.headroom
-            inb.pkts[i].len = self.vgot[i]
+            inb.pkts[i].len = L.vgot[i]
             inb.pkts[i].drop = 0
             inb.pkts[i].flags = 0
         return n
 
     # ---- poll loops for TAP VFs and the Underlay (one call = one burst, no GIL) ---------
 
-    def poll_tx(self, int vf):
-        """Read a burst from a VF (TAP or guest ring), run it through TX, send it.
-        Returns frames read."""
+    def poll_tx(self, int vf, int qp=0):
+        """Read a burst from a VF (TAP, or the guest's TX ring of queue pair `qp`), run it
+        through TX in the pair's lane, send it. Returns frames read."""
         cdef int n, start, fd, i
-        cdef Batch inb = self.tx_in, out = self.tx_out, loc = self.tx_local
+        cdef _Lane L
+        cdef Batch inb, out, loc
         if self.underlay is None:
             raise RuntimeError("no underlay attached")
-        if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
+        if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used or qp < 0 or qp >= FP_MAX_QP:
             return 0
-        fd = self.vfs[vf].tap_fd
+        L = self._lane(vf, qp)
+        inb, out, loc = L.tin, L.tout, L.tlocal
+        fd = self.vfs[vf].tap_fd if qp == 0 else -1
         with nogil:
-            PyThread_acquire_lock(self.tx_lock, WAIT_LOCK)
+            PyThread_acquire_lock(L.lock, WAIT_LOCK)
             inb.count = 0
-            if self.vfs[vf].vq_tx != NULL:
-                n = self._vhost_read(vf, inb)
+            if self.vfs[vf].vq_tx[qp] != NULL:
+                n = self._vhost_read(L, vf, qp, inb)
             elif fd >= 0:
                 n = sn_tap_read(fd, inb.pkts, inb.size, inb.headroom, &self.vfs[vf].tap)
             else:
@@ -1376,19 +1510,19 @@ cdef class Datapath:
             while start < n:
                 out.count = 0
                 loc.count = 0
-                start = self._tx_burst(vf, inb, start, out, loc)
+                start = self._tx_burst(L, vf, inb, start, out, loc)
                 if out.count:
                     if self.ul_mirror:
-                        self._mirror_batch(self.tx_mirror, self.tx_mirror_ts, out)
-                    self.txq.send_pkts(out.pkts, out.count)
+                        self._mirror_batch(L.mirror, L.mirror_ts, out)
+                    L.txq.send_pkts(out.pkts, out.count)
                     for i in range(out.count):      # what the underlay refused
                         if out.pkts[i].drop:
-                            self.vfs[vf].c.drops[out.pkts[i].drop] += 1
+                            L.vc[vf].drops[out.pkts[i].drop] += 1
                 if loc.count:
                     PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
-                    self._deliver(loc, self.tx_mirror, self.tx_mirror_ts)
+                    self._deliver(loc, L.mirror, L.mirror_ts)
                     PyThread_release_lock(self.rx_lock)
-            PyThread_release_lock(self.tx_lock)
+            PyThread_release_lock(L.lock)
         return n
 
     def poll_rx(self):
@@ -1415,9 +1549,10 @@ cdef class Datapath:
         or one push per burst into a guest's RX ring. Runs of TCP segments of one flow are
         first coalesced into one GSO frame (receive offload, as the kernel's GRO would)
         where the VF accepts them, so its stack sees 64 KB frames and softnic makes one
-        syscall or ring entry where it would make forty. Caller holds rx_lock (a guest
-        ring has one producer)."""
-        cdef int i = 0, j, pend_vf = -1
+        syscall or ring entry where it would make forty. A guest with several RX rings
+        gets each flow on the ring its hash picks (as RSS would). Caller holds rx_lock (a
+        guest ring has one producer)."""
+        cdef int i = 0, j, pend_vf = -1, ring, pend_ring = -1
         cdef uint32_t n_ok
         cdef int npend = 0, ngro = 0
         cdef fp_vf *v
@@ -1437,31 +1572,37 @@ cdef class Datapath:
                 i += 1
                 continue
             v = &self.vfs[p.port]
-            if not v.used or (v.vq_rx == NULL and v.tap_fd < 0):
+            if not v.used or (v.n_rxq == 0 and v.tap_fd < 0):
                 i += 1
                 continue
-            if v.vq_rx != NULL and pend_vf != <int>p.port:
-                self._vhost_flush(pend_vf, npend)
-                npend = 0
-                ngro = 0
-                pend_vf = p.port
+            if v.n_rxq:
+                ring = 0
+                if v.n_rxq > 1 and p.len > SN_VNET_HDR_LEN:
+                    ring = sn_flow_hash(p.data + p.off + SN_VNET_HDR_LEN,
+                                        p.len - SN_VNET_HDR_LEN) % v.n_rxq
+                if pend_vf != <int>p.port or pend_ring != ring:
+                    self._vhost_flush(pend_vf, pend_ring, npend)
+                    npend = 0
+                    ngro = 0
+                    pend_vf = p.port
+                    pend_ring = ring
             # A run of segments to merge?
             j = i + 1
-            if (v.vq_rx == NULL or v.guest_tso) and _gro_start(p, &g):
+            if (v.n_rxq == 0 or v.guest_tso) and _gro_start(p, &g):
                 while j < b.count and not b.pkts[j].drop and b.pkts[j].port == p.port \
                         and _gro_fits(&g, &b.pkts[j]):
                     j += 1
             if j - i >= 2:
-                if v.vq_rx != NULL and (ngro == FP_VH_GRO or npend == FP_VH_PENDING):
-                    self._vhost_flush(pend_vf, npend)
+                if v.n_rxq and (ngro == FP_VH_GRO or npend == FP_VH_PENDING):
+                    self._vhost_flush(pend_vf, pend_ring, npend)
                     npend = 0
                     ngro = 0
-                target = self.gro if v.vq_rx == NULL else &self.vgro.pkts[ngro]
+                target = self.gro if v.n_rxq == 0 else &self.vgro.pkts[ngro]
                 target.off = 64
                 n_ok = _gro_build(&g, b.pkts, i, j, target)
                 if n_ok >= 2:
                     v.c.rx_coalesced += n_ok
-                    if v.vq_rx == NULL:
+                    if v.n_rxq == 0:
                         if sn_tap_write(v.tap_fd, target, 1, &v.tap) != 1:
                             v.c.drops[<int>SN_DROP_RING_FULL] += n_ok
                     else:
@@ -1472,12 +1613,12 @@ cdef class Datapath:
                     i += n_ok
                     continue
             # One frame as it is.
-            if v.vq_rx == NULL:
+            if v.n_rxq == 0:
                 if sn_tap_write(v.tap_fd, p, 1, &v.tap) != 1:
                     v.c.drops[p.drop if p.drop else <int>SN_DROP_RING_FULL] += 1
             else:
                 if npend == FP_VH_PENDING:
-                    self._vhost_flush(pend_vf, npend)
+                    self._vhost_flush(pend_vf, pend_ring, npend)
                     npend = 0
                     ngro = 0
                 if not v.guest_csum:
@@ -1486,17 +1627,17 @@ cdef class Datapath:
                 self.vlens[npend] = p.len
                 npend += 1
             i += 1
-        self._vhost_flush(pend_vf, npend)
+        self._vhost_flush(pend_vf, pend_ring, npend)
 
-    cdef void _vhost_flush(self, int vf, int n) noexcept nogil:
+    cdef void _vhost_flush(self, int vf, int ring, int n) noexcept nogil:
         cdef int done
         cdef fp_vf *v
         if vf < 0 or n == 0:
             return
         v = &self.vfs[vf]
-        if v.vq_rx == NULL:
+        if ring < 0 or <uint32_t>ring >= v.n_rxq:
             return
-        done = vq_push_frames(v.vq_rx, v.mem, self.vframes, self.vlens, n, v.mergeable)
+        done = vq_push_frames(v.rxq[ring], v.mem, self.vframes, self.vlens, n, v.mergeable)
         if done < n:
             v.c.drops[<int>SN_DROP_RING_FULL] += n - done
 

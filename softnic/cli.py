@@ -394,13 +394,12 @@ class Ctl:
 # docs/system/devices/vhost-user.rst: the backend maps guest RAM, so it must be a shared fd).
 
 QEMU_MEM = "1024M"   # -m and the memfd backend size must be equal; change both together
-# Queue pairs the vhost-user back-end offers today (softnic/vhostport.py serves pair 0 and
-# answers GET_QUEUE_NUM with 1): asking QEMU for more makes it refuse to start.
-SERVED_QUEUE_PAIRS = 1
 
 
 def _queues(vf: dict[str, Any]) -> int:
-    return min(int(vf.get("queues") or 1), SERVED_QUEUE_PAIRS)
+    """The VF's queue pairs: softnic answers GET_QUEUE_NUM with this, and QEMU refuses to
+    start if its netdev asks for more."""
+    return int(vf.get("queues") or 1)
 
 
 def qemu_args(vf: dict[str, Any], mem: str = QEMU_MEM) -> list[str]:
@@ -472,9 +471,12 @@ def qemu_text(vf: dict[str, Any]) -> str:
         "# TCG hosts (no KVM): give -device vectors=0 (legacy INTx); QEMU 7.2",
         "# under TCG crashes when the guest starts a vhost-user NIC with MSI-X vectors.",
     ]
-    if int(vf.get("queues") or 1) > _queues(vf):
-        lines.append(f"# The VF is configured with queues={vf['queues']}; softnic serves "
-                     f"{SERVED_QUEUE_PAIRS} queue pair(s) today, so QEMU gets that many.")
+    if _queues(vf) > 1:
+        lines += [
+            f"# {_queues(vf)} queue pairs: a Linux guest uses as many as it has vCPUs "
+            "(ethtool -L eth0 combined N",
+            "# to change); softnic spreads them over its TX workers ([daemon] tx_workers).",
+        ]
     lines += [
         "",
         "# libvirt: guest RAM shared with softnic, in <domain>:",

@@ -684,6 +684,8 @@ def prometheus_text(st: dict[str, Any]) -> str:
     for vf, queues in sorted(st.get("queues", {}).items()):
         for qi, counters in enumerate(queues):
             for k, v in sorted(counters.items()):
+                if k == "lane":             # which worker, not a count
+                    continue
                 series[_metric("softnic_queue_" + k)].append(
                     f'{{vf="{_esc(vf)}",queue="{qi}"}} {int(v)}')
     for k, v in sorted(st.get("uplink", {}).items()):

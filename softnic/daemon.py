@@ -32,7 +32,7 @@ def run(path: str, ready: threading.Event | None = None,
         print(f"softnic: {e}", file=sys.stderr)
         return 2
     stop = stop or threading.Event()
-    dp = Dataplane()
+    dp = Dataplane(tx_workers=cfg.daemon.tx_workers)
     admin = metrics = None
     try:
         try:

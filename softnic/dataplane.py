@@ -1,10 +1,12 @@
 """The running data plane: the compiled Datapath, its ports, and the worker threads.
 
 This implements softnic.control.Datapath for the Controller. Ports are TAP VFs
-(softnic.tap) and the underlay (softnic.uplink); the packet work happens in
-softnic._fastpath without the GIL, one burst per call. Two workers, matching the
-pipeline's two locks: TX serves every VF port, RX serves the underlay. Each polls while
-there is traffic and sleeps in epoll when there is none.
+(softnic.tap), vhost-user VFs (softnic.vhostport) and the underlay (softnic.uplink); the
+packet work happens in softnic._fastpath without the GIL, one burst per call. Workers
+match the pipeline's locks: one TX worker per lane, each serving the VF queues the data
+plane assigns to its lane (a VF's queue pairs are spread over the lanes), and one RX
+worker for the underlay. Each polls while there is traffic and sleeps in epoll when there
+is none.
 """
 
 from __future__ import annotations
@@ -49,6 +51,13 @@ def _name_thread(name: str) -> None:
         pass
 
 
+def default_tx_workers() -> int:
+    """One TX worker per CPU but the one left for RX, from 1 to 8."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else \
+        (os.cpu_count() or 1)
+    return max(1, min(8, cpus - 1))
+
+
 class _Port:
     def __init__(self, index: int, vf: model.VF, tap: TapPort | None,
                  vhost: VhostVF | None = None) -> None:
@@ -56,13 +65,14 @@ class _Port:
         self.vf = vf
         self.tap = tap
         self.vhost = vhost
-        self.kick_fd: int | None = None       # the guest's TX kick eventfd while running
+        self.kick_fds: dict[int, int] = {}    # queue pair -> the guest's TX kick eventfd
 
 
 class Dataplane:
     """softnic.control.Datapath over softnic._fastpath.Datapath."""
 
-    def __init__(self) -> None:
+    def __init__(self, tx_workers: int | None = None) -> None:
+        self.tx_workers = tx_workers or default_tx_workers()
         self._fp: FastPath | None = None
         self._uplink_cfg: model.Uplink | None = None
         self._uplink: Uplink | None = None
@@ -73,7 +83,9 @@ class Dataplane:
         self._sink: Callable[[dict[str, Any]], None] = lambda ev: None
         self._lock = threading.RLock()
         self._stop = threading.Event()
-        self._tx_epoll = select.epoll()
+        # Per TX worker: its epoll and what each fd in it is (port, queue pair).
+        self._tx_epolls = [select.epoll() for _ in range(self.tx_workers)]
+        self._tx_fds: list[dict[int, tuple[_Port, int]]] = [{} for _ in self._tx_epolls]
         self._rx_epoll = select.epoll()
         self._threads: list[threading.Thread] = []
         self._captures: dict[int, tuple[int, Callable[[float, bytes], None], int]] = {}
@@ -83,7 +95,11 @@ class Dataplane:
     # ---- lifecycle ----------------------------------------------------------------------
 
     def start(self) -> None:
-        for name, fn in (("softnic-tx", self._tx_worker), ("softnic-rx", self._rx_worker)):
+        workers: list[tuple[str, Callable[[], None]]] = [
+            (f"softnic-tx{w}", lambda w=w: self._tx_worker(w))   # type: ignore[misc]
+            for w in range(self.tx_workers)]
+        workers.append(("softnic-rx", self._rx_worker))
+        for name, fn in workers:
             t = threading.Thread(target=fn, name=name, daemon=True)
             t.start()
             self._threads.append(t)
@@ -101,7 +117,8 @@ class Dataplane:
             if self._uplink is not None:
                 self._uplink.close()
                 self._uplink = None
-        self._tx_epoll.close()
+        for ep in self._tx_epolls:
+            ep.close()
         self._rx_epoll.close()
 
     # ---- the Datapath protocol -----------------------------------------------------------
@@ -127,7 +144,8 @@ class Dataplane:
             if uplink is None:
                 return
             fp = FastPath(str(uplink.local), uplink.mtu, ipsec=uplink.ipsec,
-                          learning=uplink.fdb_learning, sa_select=uplink.sa_select)
+                          learning=uplink.fdb_learning, sa_select=uplink.sa_select,
+                          tx_lanes=self.tx_workers)
             ul = Uplink(str(uplink.local), vxlan_port=uplink.vxlan_port,
                         esp=uplink.ipsec == "esp", espinudp=uplink.ipsec == "espinudp")
             fp.attach_underlay(ul.underlay)
@@ -152,13 +170,14 @@ class Dataplane:
                 return
             tap = TapPort(vf.ifname, netns=vf.netns, mac=vf.mac, mtu=vf.mtu,
                           addrs=[str(a) for a in vf.addresses])
+            port = _Port(index, vf, tap)
             try:
                 fp.set_vf(index, vf.mac, vf.vni, vf.mtu, vf.ipsec, tap.fileno())
-                self._tx_epoll.register(tap.fileno(), select.EPOLLIN)
+                self._watch(port, 0, tap.fileno())
             except Exception:
                 tap.close()
                 raise
-            self._ports[vf.name] = _Port(index, vf, tap)
+            self._ports[vf.name] = port
             self._sink({"type": "vf-link", "vf": vf.name, "state": "up"})
 
     def _add_vhost_vf(self, fp: FastPath, vf: model.VF, index: int) -> None:
@@ -166,7 +185,7 @@ class Dataplane:
         fp.set_vf(index, vf.mac, vf.vni, vf.mtu, vf.ipsec, -1)
         dev = VhostVF(vf.name, index, vf.socket, vf.vhost_mode or "server",
                       attach=fp.attach_vhost, detach=fp.detach_vhost, kick=self._set_kick,
-                      event=lambda ev: self._sink(ev))
+                      event=lambda ev: self._sink(ev), queue_pairs=vf.queues or 1)
         port = _Port(index, vf, None, dev)
         self._ports[vf.name] = port
         try:
@@ -176,20 +195,32 @@ class Dataplane:
             fp.del_vf(index)
             raise
 
-    def _set_kick(self, index: int, fd: int | None) -> None:
-        """Watch (or stop watching) a guest's TX kick eventfd in the TX worker."""
+    def _watch(self, port: _Port, qp: int, fd: int) -> None:
+        """Have the TX worker of this queue's lane wait on fd."""
+        assert self._fp is not None
+        w = self._fp.lane_of(port.index, qp)
+        self._tx_fds[w][fd] = (port, qp)
+        self._tx_epolls[w].register(fd, select.EPOLLIN)
+
+    def _unwatch(self, fd: int) -> None:
+        for ep, fds in zip(self._tx_epolls, self._tx_fds, strict=True):
+            if fds.pop(fd, None) is not None:
+                try:
+                    ep.unregister(fd)
+                except (OSError, ValueError):
+                    pass
+
+    def _set_kick(self, index: int, qp: int, fd: int | None) -> None:
+        """Watch (or stop watching) a guest's TX kick eventfd of one queue pair."""
         port = next((p for p in self._ports.values() if p.index == index), None)
         if port is None:
             return
-        if port.kick_fd is not None:
-            try:
-                self._tx_epoll.unregister(port.kick_fd)
-            except (OSError, ValueError):
-                pass
-            port.kick_fd = None
+        old = port.kick_fds.pop(qp, None)
+        if old is not None:
+            self._unwatch(old)
         if fd is not None and fd >= 0:
-            self._tx_epoll.register(fd, select.EPOLLIN)
-            port.kick_fd = fd
+            self._watch(port, qp, fd)
+            port.kick_fds[qp] = fd
 
     def del_vf(self, name: str) -> None:
         with self._lock:
@@ -208,11 +239,11 @@ class Dataplane:
             port.vhost.stop()           # stops the queues first: detach happens there
         if self._fp is not None:
             self._fp.del_vf(port.index)
+        for fd in port.kick_fds.values():
+            self._unwatch(fd)
+        port.kick_fds.clear()
         if port.tap is not None:
-            try:
-                self._tx_epoll.unregister(port.tap.fileno())
-            except (OSError, ValueError):
-                pass
+            self._unwatch(port.tap.fileno())
             port.tap.close()
 
     def _scope(self, scope: str) -> int:
@@ -358,8 +389,10 @@ class Dataplane:
                 qs = port.vhost.stats().get("queues", [])
                 # Counters only (they are Prometheus series too): a broken ring is 1 here,
                 # its reason goes out as a vf-broken event.
+                # `lane`: the TX worker serving the ring's queue pair.
                 out.setdefault("queues", {})[name] = [
-                    {k: int(bool(v)) if k == "broken" else int(v) for k, v in q.items()
+                    {k: int(bool(v)) if k == "broken" else int(v) for k, v in
+                     (q | {"lane": fp.lane_of(port.index, int(q.get("index", 0)) // 2)}).items()
                      if k == "broken" or isinstance(v, bool | int)} for q in qs]
         u = fp.uplink_counters()
         for k, v in u.pop("drops").items():
@@ -429,64 +462,76 @@ class Dataplane:
 
     # ---- workers -------------------------------------------------------------------------
 
-    def _tx_worker(self) -> None:
-        _name_thread("softnic-tx")
+    def _tx_worker(self, w: int) -> None:
+        """Serve the queues of lane w. A queue still busy after its share of bursts
+        stays on the hot list and is served again after the others, without a wait in
+        epoll, so one busy guest queue cannot starve the rest of the lane."""
+        _name_thread(f"softnic-tx{w}")
+        epoll, fds = self._tx_epolls[w], self._tx_fds[w]
+        hot: dict[int, tuple[_Port, int]] = {}
         while not self._stop.is_set():
             try:
-                events = self._tx_epoll.poll(_IDLE_WAIT)
+                events = epoll.poll(0 if hot else _IDLE_WAIT)
             except (OSError, ValueError):
                 return
-            ports = {}
-            for p in list(self._ports.values()):
-                if p.tap is not None:
-                    ports[p.tap.fileno()] = p
-                if p.kick_fd is not None:
-                    ports[p.kick_fd] = p
             for fd, _ in events:
-                port = ports.get(fd)
-                if port is None:
+                entry = fds.get(fd)
+                if entry is None:
                     continue
-                if port.vhost is not None:
-                    self._serve_vhost_tx(port, fd)
-                else:
-                    self._serve_tx(port)
+                if entry[0].vhost is not None:
+                    try:
+                        os.read(fd, 8)          # the kick eventfd: readable, so no wait
+                    except OSError:
+                        pass
+                hot[fd] = entry
+            for fd, entry in list(hot.items()):
+                if fds.get(fd) is not entry:        # the queue went away meanwhile
+                    del hot[fd]
+                    continue
+                port, qp = entry
+                busy = self._serve_vhost_tx(port, qp) if port.vhost is not None \
+                    else self._serve_tx(port)
+                if not busy:
+                    del hot[fd]
 
-    def _serve_tx(self, port: _Port) -> None:
+    def _serve_tx(self, port: _Port) -> bool:
+        """A TAP is readable: up to _BUSY_POLLS bursts. True if it may have more."""
         fp = self._fp
         if fp is None:
-            return
+            return False
         for _ in range(_BUSY_POLLS):
             try:
                 n = fp.poll_tx(port.index)
             except Exception:       # a port closing under us: the next epoll round settles it
                 log.exception("tx on %s", port.vf.name)
-                return
+                return False
             if n == 0:
-                return
+                return False
+        return True
 
-    def _serve_vhost_tx(self, port: _Port, kick_fd: int) -> None:
-        """A guest kicked: drain its TX ring with kicks off (the guest need not notify
-        while we poll), then turn them back on and look once more before sleeping, so a
-        frame queued in between is not left behind (virtio 1.1 2.7.10)."""
+    def _serve_vhost_tx(self, port: _Port, qp: int) -> bool:
+        """A guest queue kicked (or is hot): drain its TX ring with kicks off (the guest
+        need not notify while we poll). Before going idle turn kicks back on and look once
+        more, so a frame queued in between is not left behind (virtio 1.1 2.7.10). True
+        while the queue is still busy (kicks stay off)."""
         fp = self._fp
         if fp is None:
-            return
+            return False
         try:
-            os.read(kick_fd, 8)
-        except OSError:
-            pass
-        try:
-            fp.vhost_kicks(port.index, False)
-            while True:
-                busy = 0
-                while fp.poll_tx(port.index) and busy < _BUSY_POLLS * 16:
-                    busy += 1
-                fp.vhost_kicks(port.index, True)
-                if fp.poll_tx(port.index) == 0:
-                    return
-                fp.vhost_kicks(port.index, False)
+            fp.vhost_kicks(port.index, qp, False)
+            for _ in range(_BUSY_POLLS * 4):
+                if fp.poll_tx(port.index, qp) == 0:
+                    break
+            else:
+                return True
+            fp.vhost_kicks(port.index, qp, True)
+            if fp.poll_tx(port.index, qp) == 0:
+                return False
+            fp.vhost_kicks(port.index, qp, False)
+            return True
         except Exception:
             log.exception("tx on %s", port.vf.name)
+            return False
 
     def _rx_worker(self) -> None:
         _name_thread("softnic-rx")

@@ -494,6 +494,7 @@ class Guest:
       device that lives there.
     tools: extra host programs to copy into this guest (with their libraries).
     accel: "tcg" (default, or $SOFTNIC_GUEST_ACCEL) or "kvm" (with ``-cpu host``).
+    smp: vCPUs (a Linux guest enables as many virtio-net queue pairs as it has vCPUs).
     timeout: default for :meth:`wait`, seconds.
 
     With a vhost-user netdev QEMU connects to (or, with ``server=on``, waits for) the
@@ -518,6 +519,7 @@ class Guest:
         append: str = "",
         accel: str | None = None,
         img: GuestImage | None = None,
+        smp: int = 1,
     ) -> None:
         if not re.fullmatch(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}", mac):
             raise ValueError(f"bad MAC {mac!r}")
@@ -528,6 +530,9 @@ class Guest:
         self.mac = mac.lower()
         self.script = script
         self.mem_mb = int(mem_mb)
+        if not 1 <= int(smp) <= 8:
+            raise ValueError("smp must be 1..8")
+        self.smp = int(smp)
         self.timeout = float(timeout)
         joined = " ".join(self.netdev_args)
         self.shared_mem = "vhost-user" in joined if shared_mem is None else shared_mem
@@ -566,7 +571,7 @@ class Guest:
             if self.accel == "kvm"
             else ["-accel", "tcg", "-cpu", "max"]
         )
-        argv += ["-smp", "1", "-m", f"{self.mem_mb}M"]
+        argv += ["-smp", str(self.smp), "-m", f"{self.mem_mb}M"]
         if self.shared_mem:
             argv += [
                 "-object", f"memory-backend-memfd,id=mem0,size={self.mem_mb}M,share=on",

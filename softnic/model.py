@@ -559,6 +559,7 @@ class Daemon:
     admin_group: str | None = None
     admin_max_clients: int = 64
     metrics_listen: str | None = None   # "127.0.0.1:9101" -> HTTP /metrics
+    tx_workers: int | None = None       # None: one per CPU but one (for RX), 1..8
 
     def __post_init__(self) -> None:
         _str(self.admin_socket, "admin_socket", r"/[^\x00]{1,106}",
@@ -567,6 +568,8 @@ class Daemon:
             _str(self.admin_group, "admin_group", r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}",
                  "a group name")
         _seti(self, "admin_max_clients", 1, 1024)
+        if self.tx_workers is not None:
+            _seti(self, "tx_workers", 1, 16)
         if self.metrics_listen is not None:
             m = re.fullmatch(r"\[?([0-9a-fA-F.:]+)\]?:(\d+)", str(self.metrics_listen))
             if not m:

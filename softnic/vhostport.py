@@ -2,8 +2,9 @@
 
 The vhost package runs the protocol; this class hands the guest's rings to the fast path
 when a queue pair starts and takes them back (under the data plane's locks) before the
-backend unmaps guest memory. Only queue pair 0 carries traffic; more pairs are refused at
-negotiation by offering one.
+backend unmaps guest memory. The VF offers `queues` pairs (VIRTIO_NET_F_MQ); each pair that
+the guest enables is served by the TX lane the data plane assigns it, and received flows
+are spread over the running RX rings by their hash.
 """
 
 from __future__ import annotations
@@ -22,10 +23,10 @@ class VhostVF(VhostNetDevice):
     """The device behind one vhost-user VF socket."""
 
     def __init__(self, name: str, index: int, socket_path: str, mode: str,
-                 attach: Callable[[int, Any, Any, bool, bool, bool], None],
-                 detach: Callable[[int], None],
-                 kick: Callable[[int, int | None], None],
-                 event: Callable[[dict[str, Any]], None]) -> None:
+                 attach: Callable[[int, int, Any, Any, bool, bool, bool], None],
+                 detach: Callable[[int, int], None],
+                 kick: Callable[[int, int, int | None], None],
+                 event: Callable[[dict[str, Any]], None], queue_pairs: int = 1) -> None:
         self.name = name
         self.index = index
         self._attach = attach
@@ -33,11 +34,12 @@ class VhostVF(VhostNetDevice):
         self._kick = kick
         self._event = event
         self.backend: VhostUserBackend | None = None
+        self.running: set[int] = set()          # queue pairs handed to the data plane
         self.endpoint: VhostUserServer | VhostUserClient
         if mode == "client":
-            self.endpoint = VhostUserClient(socket_path, self)
+            self.endpoint = VhostUserClient(socket_path, self, queue_pairs=queue_pairs)
         else:
-            self.endpoint = VhostUserServer(socket_path, self)
+            self.endpoint = VhostUserServer(socket_path, self, queue_pairs=queue_pairs)
 
     def start(self) -> None:
         if isinstance(self.endpoint, VhostUserServer):
@@ -55,21 +57,22 @@ class VhostVF(VhostNetDevice):
         self._event({"type": "vf-guest", "vf": self.name, "state": "connected"})
 
     def queue_started(self, backend: VhostUserBackend, qp: int) -> None:
-        if qp != 0:
-            return
-        rx, tx = backend.vq(0), backend.vq(1)
-        self._attach(self.index, rx, tx, backend.mergeable,
+        rx, tx = backend.vq(2 * qp), backend.vq(2 * qp + 1)
+        self._attach(self.index, qp, rx, tx, backend.mergeable,
                      backend.has(Feature.GUEST_CSUM),
                      backend.has(Feature.GUEST_TSO4) or backend.has(Feature.GUEST_TSO6))
-        self._kick(self.index, tx.kick_fd)
-        self._event({"type": "vf-link", "vf": self.name, "state": "up"})
+        self._kick(self.index, qp, tx.kick_fd)
+        up = not self.running
+        self.running.add(qp)
+        if up:
+            self._event({"type": "vf-link", "vf": self.name, "state": "up"})
 
     def queue_stopped(self, backend: VhostUserBackend, qp: int) -> None:
-        if qp != 0:
-            return
-        self._kick(self.index, None)
-        self._detach(self.index)      # returns once no burst touches the rings
-        self._event({"type": "vf-link", "vf": self.name, "state": "down"})
+        self._kick(self.index, qp, None)
+        self._detach(self.index, qp)      # returns once no burst touches the rings
+        self.running.discard(qp)
+        if not self.running:
+            self._event({"type": "vf-link", "vf": self.name, "state": "down"})
 
     def queue_broken(self, backend: VhostUserBackend, qp: int, vq: int, reason: str) -> None:
         log.warning("%s: the guest broke ring %d: %s", self.name, vq, reason)

@@ -356,24 +356,24 @@ def test_vf_show_qemu_client_mode_and_queues(env):
     kind, chardev = _opts(opt["-chardev"])
     assert chardev["path"] == sock                  # the comma survives QEMU's parser
     assert chardev["server"] == "on" and chardev["wait"] == "off" and "reconnect" not in chardev
-    # softnic serves one queue pair: QEMU asking for two would refuse to start.
-    assert "queues" not in _opts(opt["-netdev"])[1]
+    # Both queue pairs are served, so QEMU asks for both.
+    assert _opts(opt["-netdev"])[1]["queues"] == "2"
     dev = _opts(opt["-device"])[1]
-    assert "mq" not in dev and "vectors" not in dev and dev["host_mtu"] == "9000"
+    assert dev["mq"] == "on" and dev["vectors"] == "6" and dev["host_mtu"] == "9000"
     iface = ET.fromstring(xml)
     src = iface.find("source")
     assert src.get("path") == sock and src.get("mode") == "server" and src.find("reconnect") is None
-    assert iface.find("driver").get("queues") is None and iface.find("mtu").get("size") == "9000"
+    assert iface.find("driver").get("queues") == "2" and iface.find("mtu").get("size") == "9000"
     text = ctl(env, "vf show vm5 --qemu").stdout
     assert _qemu_argv(text) == argv
-    assert "configured with queues=2; softnic serves 1 queue pair" in text
+    assert "2 queue pairs" in text
 
 
-def test_qemu_args_multiqueue_shape(monkeypatch):
-    """Once the back-end serves more queue pairs: netdev queues=N, mq=on, 2N+2 vectors."""
+def test_qemu_args_multiqueue_shape():
+    """Several queue pairs: netdev queues=N, mq=on, 2N+2 vectors (one per ring, config,
+    control queue)."""
     from softnic import cli
 
-    monkeypatch.setattr(cli, "SERVED_QUEUE_PAIRS", 8)
     vf = {"name": "v", "kind": "vhost-user", "socket": "/s", "mac": "02:00:00:00:00:07",
           "mtu": 1500, "queues": 4, "vhost_mode": "server"}
     argv = cli.qemu_args(vf)

@@ -98,11 +98,6 @@ def reassemble(frames):
         eth = dpkt.ethernet.Ethernet(f)
         ip = eth.data
         tcp = ip.data
-        # dpkt recomputes checksums of re-serialised packets: compare with what we sent.
-        sent = bytes(ip)
-        ip.sum = 0
-        tcp.sum = 0
-        assert bytes(ip) != sent or True
         segs.append((tcp.seq, bytes(tcp.data)))
     segs.sort()
     return b"".join(d for _, d in segs)

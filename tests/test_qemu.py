@@ -139,18 +139,21 @@ def softnicctl_qemu_args(d: Daemon, vf: str) -> list[str]:
     return argv
 
 
-def guest_from_softnicctl(argv: list[str], script: str, img: G.GuestImage) -> G.Guest:
+def guest_from_softnicctl(argv: list[str], script: str, img: G.GuestImage,
+                          smp: int = 1) -> G.Guest:
     """A harness guest on exactly the printed arguments: the harness itself adds -m, the
-    virtio-net-pci device head (netdev, mac, and vectors=0 for TCG) and the kernel."""
+    virtio-net-pci device head (netdev, mac, and vectors=0 for TCG, which replaces the
+    printed MSI-X vector count) and the kernel."""
     opt = {argv[i]: argv[i + 1] for i in range(0, len(argv), 2) if argv[i] != "-device"}
     device = argv[argv.index("-device") + 1]
     m = re.fullmatch(r"virtio-net-pci,netdev=([^,]+),mac=([0-9a-f:]{17}),(.*)", device)
     assert m, device
     assert m.group(1) in opt["-netdev"]
     mem = int(opt["-m"].rstrip("M"))
+    device_opts = ",".join(o for o in m.group(3).split(",") if not o.startswith("vectors="))
     return G.Guest(["-chardev", opt["-chardev"], "-netdev", opt["-netdev"]], m.group(2),
                    script, mem_mb=mem, timeout=150, img=img, shared_mem=False,
-                   device_opts=m.group(3),
+                   device_opts=device_opts, smp=smp,
                    extra_args=["-object", opt["-object"], "-numa", opt["-numa"]])
 
 
@@ -286,6 +289,108 @@ ping -c 3 -W 5 {VM_IP} || exit 10
     print(f"\n[qemu-4] fds/memfd maps: idle {base}, with guest {attached}; "
           f"released {cleanup:.2f} s after SIGKILL under an RX stream; "
           f"second guest run {g2.run_seconds:.1f} s")
+
+
+# ---------------------------------------------------------------- multiqueue
+
+MQ_MAC, MQ_VM_MAC = "02:00:00:00:53:01", "02:00:00:00:53:02"
+MQ_IP, MQ_VM_IP = "10.214.0.1", "10.214.0.2"
+
+
+def test_two_vcpu_guest_uses_both_queue_pairs(img: G.GuestImage, tmp_path: Path) -> None:
+    """A two-vCPU guest on a VF with queues = 2, started with the arguments `softnicctl vf
+    show --qemu` prints (netdev queues=2, mq=on): its driver brings up both queue pairs,
+    and what a process on vCPU 1 sends leaves through TX queue 1 (the driver's XPS map),
+    served by the other of the daemon's two TX workers. Two TCP transfers, one started on
+    each vCPU, arrive intact both ways (their ACK-clocked sends come from the vCPU that
+    takes the NIC's one interrupt, so they are not pinned to a queue)."""
+    host, vm = Netns(prefix="snqm"), Netns(prefix="snqn")
+    vsock = str(tmp_path / "mq.sock")
+    d = Daemon(host, f"""tx_workers = 2
+[uplink]
+local = "127.0.0.1"
+[[vf]]
+name = "guest"
+kind = "vhost-user"
+socket = "{vsock}"
+mac = "{MQ_MAC}"
+vni = 530
+queues = 2
+[[vf]]
+name = "vm"
+kind = "tap"
+ifname = "snqmtap{os.getpid() % 1000}"
+netns = "{vm.name}"
+mac = "{MQ_VM_MAC}"
+addresses = ["{MQ_VM_IP}/24"]
+vni = 530
+""", tmp_path)
+    n = 256 * 1024
+    servers: list[subprocess.Popen[str]] = []
+    try:
+        d.start()
+        qemu = softnicctl_qemu_args(d, "guest")
+        netdev = qemu[qemu.index("-netdev") + 1]
+        assert "queues=2" in netdev and "mq=on" in qemu[qemu.index("-device") + 1]
+        servers = [start_server(vm, MQ_VM_IP, 5560 + cpu, n) for cpu in (0, 1)]
+        script = f"""
+ip addr add {MQ_IP}/24 dev $SN_IF
+echo "QUEUES $(ls /sys/class/net/$SN_IF/queues | tr '\\n' ' ')"
+echo "XPS $(cat /sys/class/net/$SN_IF/queues/tx-0/xps_cpus) $(cat /sys/class/net/$SN_IF/queues/tx-1/xps_cpus)"
+ping -c 2 -W 5 {MQ_VM_IP} || exit 10
+taskset -c 1 ping -c 20 -i 0.1 -s 1400 {MQ_VM_IP} > /tmp/ping1 || exit 12
+echo "PING1 $(grep -c 'bytes from' /tmp/ping1)"
+dd if=/dev/urandom of=/tmp/tx bs=4096 count={n // 4096} 2>/dev/null
+echo "TX $(sha256sum < /tmp/tx | cut -d' ' -f1) $(wc -c < /tmp/tx)"
+taskset -c 0 nc {MQ_VM_IP} 5560 < /tmp/tx > /tmp/rx0 &
+taskset -c 1 nc {MQ_VM_IP} 5561 < /tmp/tx > /tmp/rx1 &
+wait
+for c in 0 1; do echo "RX$c $(sha256sum < /tmp/rx$c | cut -d' ' -f1) $(wc -c < /tmp/rx$c)"; done
+echo MQ-DONE
+sleep 600
+"""
+        with guest_from_softnicctl(qemu, script, img, smp=2) as g:
+            try:
+                g.wait_for("MQ-DONE", 150)
+            except Exception:
+                pytest.fail(g.console[-3000:] + "\n--- softnic:\n" + d.tail())
+            rings = d.stats()["queues"]["guest"]      # while the guest still runs
+            g.kill()
+        results = []
+        for srv in servers:
+            sout, _ = srv.communicate(timeout=30)
+            results.append(json.loads(sout.strip().splitlines()[-1]))
+        text = g.script_output
+        queues = re.search(r"^QUEUES (.*)$", text, re.M)
+        assert queues and set(queues.group(1).split()) == {"rx-0", "rx-1", "tx-0", "tx-1"}, text
+        tx = TX_RE.search(text)
+        assert tx, text
+        for cpu, res in enumerate(results):
+            rx = re.search(rf"^RX{cpu} ([0-9a-f]{{64}}) (\d+)$", text, re.M)
+            assert rx and (rx.group(1), int(rx.group(2))) == (res["sent"], n), text
+            assert (tx.group(1), int(tx.group(2))) == (res["recv"], res["recv_len"])
+        lanes = {rings[1]["lane"], rings[3]["lane"]}
+        tx_bytes = [rings[1]["bytes"], rings[3]["bytes"]]
+        rx_bytes = [rings[0]["bytes"], rings[2]["bytes"]]
+        # Each pinned transfer sent 256 KB (a few TSO frames) through its vCPU's queue:
+        # both TX queues carried the bulk of one, and they are in different lanes.
+        xps = re.search(r"^XPS (.*)$", text, re.M)
+        assert xps and xps.group(1).split() == ["1", "2"], text     # vCPU i -> TX queue i
+        assert "PING1 20" in text, text
+        # TX queue 1 carried at least the 20 pinned echo requests (1442-byte frames).
+        assert lanes == {0, 1} and tx_bytes[1] >= 20 * 1442, tx_bytes
+        assert sum(tx_bytes) > 2 * n and sum(rx_bytes) > 2 * n, (tx_bytes, rx_bytes)
+        d.assert_clean_log()
+        print(f"\n[qemu-mq] boot {g.boot_seconds or 0:.1f} s; "
+              f"TX ring bytes {tx_bytes}, RX ring bytes {rx_bytes}")
+    finally:
+        for srv in servers:
+            if srv.poll() is None:
+                srv.kill()
+                srv.wait(10)
+        d.stop()
+        vm.close()
+        host.close()
 
 
 # ---------------------------------------------------------------- 2: two hosts, ESP + VXLAN

@@ -235,4 +235,4 @@ def test_workers_are_named_in_the_kernel(daemon):
     pid = daemon["d"].pid
     names = {open(f"/proc/{pid}/task/{t}/comm").read().strip()
              for t in os.listdir(f"/proc/{pid}/task")}
-    assert {"softnic-tx", "softnic-rx"} <= names
+    assert {"softnic-tx0", "softnic-rx"} <= names
