@@ -162,12 +162,16 @@ class Overlay:
     (device-terminated: VXLAN then ESP between the VTEPs), or "off" (VXLAN only).
     device_encap: "esp" (IP protocol 50) or "espinudp" (UDP 4500).
     host_mode: "tunnel" or "transport" for the VMs' SAs.
+    tx_workers: the daemons' TX workers (None: their default). Each host's two VFs are in
+    different lanes when there are two.
     """
 
     def __init__(self, model: str = "host", device_encap: str = "esp",
                  host_mode: str = "tunnel", vf_ipsec: str = "enforce",
-                 alg: str = "aes-gcm", verbose: bool = False) -> None:
+                 alg: str = "aes-gcm", verbose: bool = False,
+                 tx_workers: int | None = None) -> None:
         self.model = model
+        self.tx_workers = tx_workers
         self.device_encap = device_encap
         self.host_mode = host_mode
         self.vf_ipsec = vf_ipsec if model == "host" else "off"
@@ -218,7 +222,8 @@ class Overlay:
         self.sockets[side] = sock
         ul_ipsec = self.device_encap if self.model == "device" else "off"
         lines = [
-            "[daemon]", f"admin_socket = {_toml_str(sock)}", "",
+            "[daemon]", f"admin_socket = {_toml_str(sock)}",
+            *([f"tx_workers = {self.tx_workers}"] if self.tx_workers else []), "",
             "[uplink]", f"local = {_toml_str(host.addr)}", "mtu = 1500",
             f"ipsec = {_toml_str(ul_ipsec)}", "",
         ]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import random
 import socket
 import struct
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -346,3 +347,37 @@ def test_offload_unknown_spi_reaches_vf_untouched() -> None:
         after = o.vf_stats("b1")
         assert _delta(before, after, "rx_esp_passthrough") == 3, after
         _ping_ok(o, "a1", "b1")
+
+
+def test_two_tx_workers_share_the_uplink_sa() -> None:
+    """Device-terminated with two TX workers: each host's two VFs are in different lanes
+    and both encrypt with the one uplink SA. Both transfers arrive intact and the
+    receiving host's anti-replay and ICV checks drop nothing. (tests/test_lanes.py is
+    the sharper check: it keeps two lanes encrypting with one SA at the same instant.)"""
+    with Overlay("device", tx_workers=2) as o:
+        _ping_ok(o, "a1", "b1")
+        _ping_ok(o, "a2", "b2")
+        before = _drops(o, "b")
+        results: dict[str, Any] = {}
+
+        def run(src: str, dst: str, port: int) -> None:
+            try:
+                results[src] = o.tcp_transfer(src, dst, 20_000_000, port=port)
+            except BaseException as e:      # handed back below
+                results[src] = e
+
+        threads = [threading.Thread(target=run, args=a)
+                   for a in (("a1", "b1", 5401), ("a2", "b2", 5402))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        for r in results.values():
+            if isinstance(r, BaseException):
+                raise r
+            assert r["ok"], r
+        after = _drops(o, "b")
+        for reason in ("replay", "icv"):
+            assert _delta(before, after, reason) == 0, after
+        ul = o.stats("a")["uplink"]
+        assert ul["tx_esp"] > 2 * 20_000_000 // 1500, ul
