@@ -24,7 +24,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -66,6 +66,57 @@ PLAINTEXT_MARK = b"SOFTNIC-TENANT-PLAINTEXT"
 
 def _toml_str(s: str) -> str:
     return '"' + s.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def guest_and_vm_config(vsock: str, guest_mac: str, vm_ns: str, vm_mac: str, vm_ip: str,
+                        vni: int, ifname: str, *, queues: int = 1,
+                        tx_workers: int | None = None) -> str:
+    """A one-host configuration for Daemon (without its [daemon] table's head): a
+    vhost-user VF "guest" on socket vsock and a TAP VF "vm" whose kernel side, with
+    address vm_ip/24, is in namespace vm_ns; both in one VNI, the uplink on loopback."""
+    head = f"tx_workers = {tx_workers}\n" if tx_workers else ""
+    q = f"queues = {queues}\n" if queues != 1 else ""
+    return f"""{head}
+[uplink]
+local = "127.0.0.1"
+[[vf]]
+name = "guest"
+kind = "vhost-user"
+socket = {_toml_str(vsock)}
+mac = "{guest_mac}"
+vni = {vni}
+{q}[[vf]]
+name = "vm"
+kind = "tap"
+ifname = "{ifname}"
+netns = "{vm_ns}"
+mac = "{vm_mac}"
+addresses = ["{vm_ip}/24"]
+vni = {vni}
+"""
+
+
+@contextlib.contextmanager
+def guest_and_vm(tmp: Path, prefix: str, guest_mac: str, guest_ip: str, vm_mac: str,
+                 vm_ip: str, vni: int, **cfg: Any) -> Iterator[dict[str, Any]]:
+    """A daemon in a fresh namespace with guest_and_vm_config's two VFs (cfg: queues,
+    tx_workers), the VM's kernel told the guest's MAC. Yields {"sock": admin socket,
+    "vhost": the guest's socket, "vm": its Netns, "d": the Daemon}."""
+    host, vm = Netns(prefix=prefix + "h"), Netns(prefix=prefix + "v")
+    vhost_sock = str(tmp / "guest.sock")
+    d = Daemon(host, guest_and_vm_config(vhost_sock, guest_mac, vm.name, vm_mac, vm_ip, vni,
+                                         f"{prefix}tap{os.getpid() % 1000}", **cfg),
+               tmp, ready=[vhost_sock])
+    host.ip("link", "set", "lo", "up")
+    try:
+        d.start()
+        dev = next(n for n in vm.run(["ls", "/sys/class/net"]).split() if n.startswith("sn"))
+        vm.run(["ip", "neigh", "replace", guest_ip, "lladdr", guest_mac, "dev", dev])
+        yield {"sock": d.sock, "vhost": vhost_sock, "vm": vm, "d": d}
+    finally:
+        d.stop()
+        vm.close()
+        host.close()
 
 
 class Daemon:

@@ -29,7 +29,7 @@ from typing import Any
 import pytest
 
 from softnic import guest as G
-from softnic.scenario import PLAINTEXT_MARK, Daemon, Sniffer
+from softnic.scenario import PLAINTEXT_MARK, Daemon, Sniffer, guest_and_vm_config
 from softnic.topo import Netns, TwoHosts, can_netns, wait_until
 
 _why = can_netns() or (None if G.qemu_available() else "qemu-system-x86_64 not installed")
@@ -101,24 +101,8 @@ def onehost(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tmp = tmp_path_factory.mktemp("qemu1")
     host, vm = Netns(prefix="snqh"), Netns(prefix="snqv")
     vsock = str(tmp / "guest.sock")
-    d = Daemon(host, f"""
-[uplink]
-local = "127.0.0.1"
-[[vf]]
-name = "guest"
-kind = "vhost-user"
-socket = "{vsock}"
-mac = "{GUEST_MAC}"
-vni = 510
-[[vf]]
-name = "vm"
-kind = "tap"
-ifname = "snqtap{os.getpid() % 1000}"
-netns = "{vm.name}"
-mac = "{VM_MAC}"
-addresses = ["{VM_IP}/24"]
-vni = 510
-""", tmp)
+    d = Daemon(host, guest_and_vm_config(vsock, GUEST_MAC, vm.name, VM_MAC, VM_IP, 510,
+                                         f"snqtap{os.getpid() % 1000}"), tmp)
     try:
         d.start()
         yield {"d": d, "vm": vm, "vsock": vsock}
@@ -306,25 +290,9 @@ def test_two_vcpu_guest_uses_both_queue_pairs(img: G.GuestImage, tmp_path: Path)
     takes the NIC's one interrupt, so they are not pinned to a queue)."""
     host, vm = Netns(prefix="snqm"), Netns(prefix="snqn")
     vsock = str(tmp_path / "mq.sock")
-    d = Daemon(host, f"""tx_workers = 2
-[uplink]
-local = "127.0.0.1"
-[[vf]]
-name = "guest"
-kind = "vhost-user"
-socket = "{vsock}"
-mac = "{MQ_MAC}"
-vni = 530
-queues = 2
-[[vf]]
-name = "vm"
-kind = "tap"
-ifname = "snqmtap{os.getpid() % 1000}"
-netns = "{vm.name}"
-mac = "{MQ_VM_MAC}"
-addresses = ["{MQ_VM_IP}/24"]
-vni = 530
-""", tmp_path)
+    d = Daemon(host, guest_and_vm_config(vsock, MQ_MAC, vm.name, MQ_VM_MAC, MQ_VM_IP, 530,
+                                         f"snqmtap{os.getpid() % 1000}", queues=2,
+                                         tx_workers=2), tmp_path)
     n = 256 * 1024
     servers: list[subprocess.Popen[str]] = []
     try:

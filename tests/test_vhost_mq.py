@@ -15,7 +15,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, UDP
 from scapy.layers.l2 import Ether
 
-from softnic.topo import Netns, can_netns
+from softnic.topo import can_netns
 
 why = can_netns()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(why is not None, reason=why or "")]
@@ -28,40 +28,11 @@ PAIRS = 4
 
 @pytest.fixture(scope="module")
 def daemon(tmp_path_factory):
-    from softnic.scenario import Daemon
+    from softnic.scenario import guest_and_vm
 
-    tmp = tmp_path_factory.mktemp("vhostmq")
-    host, vm = Netns(prefix="snmq"), Netns(prefix="snmv")
-    vhost_sock = str(tmp / "guest.sock")
-    d = Daemon(host, f"""tx_workers = 2
-[uplink]
-local = "127.0.0.1"
-[[vf]]
-name = "guest"
-kind = "vhost-user"
-socket = "{vhost_sock}"
-mac = "{GUEST_MAC}"
-vni = 310
-queues = {PAIRS}
-[[vf]]
-name = "vm"
-kind = "tap"
-ifname = "snmqtap{os.getpid() % 1000}"
-netns = "{vm.name}"
-mac = "{VM_MAC}"
-addresses = ["{VM_IP}/24"]
-vni = 310
-""", tmp, ready=[vhost_sock])
-    host.ip("link", "set", "lo", "up")
-    try:
-        d.start()
-        dev = next(n for n in vm.run(["ls", "/sys/class/net"]).split() if n.startswith("sn"))
-        vm.run(["ip", "neigh", "replace", GUEST_IP, "lladdr", GUEST_MAC, "dev", dev])
-        yield {"sock": d.sock, "vhost": vhost_sock, "vm": vm, "d": d}
-    finally:
-        d.stop()
-        vm.close()
-        host.close()
+    with guest_and_vm(tmp_path_factory.mktemp("vhostmq"), "snmq", GUEST_MAC, GUEST_IP,
+                      VM_MAC, VM_IP, 310, queues=PAIRS, tx_workers=2) as d:
+        yield d
 
 
 @pytest.fixture
