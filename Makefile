@@ -52,6 +52,7 @@ demo-short: build
 # core needs nothing; the end-to-end and vhost-user ones build namespaces (root).
 bench: build
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/lanes.py
 	@if [ "$$(id -u)" -eq 0 ]; then $(PY) benchmarks/underlay.py && $(PY) benchmarks/e2e.py \
 	    && $(PY) benchmarks/vhost.py; \
 	else echo "benchmarks/underlay.py, e2e.py and vhost.py need root: skipped"; fi

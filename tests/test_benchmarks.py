@@ -161,3 +161,17 @@ def test_profile_mode_runs_one_cell():
     assert json.loads(lines[-1]) == res
     with pytest.raises(pipeline.BenchError):
         pipeline.profile("tso_host.sideways", ENGINES[0], args, lines.append)
+
+
+def test_lanes_quick_run_reports_both_cases():
+    """benchmarks/lanes.py: one lane beside two sharing one SA, every packet counted."""
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "lanes.py"),
+                        "--quick"], capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+    res = json.loads(r.stdout.strip().splitlines()[-1])
+    assert res["benchmark"] == "softnic-lanes" and res["lanes"] == 2
+    for case in ("tso", "small"):
+        cell = res["cases"][case]
+        for run in ("one_lane", "2_lanes"):
+            assert cell[run]["pps"]["median"] > 0 and cell[run]["cpu_ns_per_pkt"]["median"] > 0
+        assert cell["scaling"] > 0 and cell["cpu_cost_ratio"] > 0
