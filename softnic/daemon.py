@@ -32,7 +32,11 @@ def run(path: str, ready: threading.Event | None = None,
         print(f"softnic: {e}", file=sys.stderr)
         return 2
     stop = stop or threading.Event()
-    dp = Dataplane(tx_workers=cfg.daemon.tx_workers)
+    try:
+        dp = Dataplane(tx_workers=cfg.daemon.tx_workers, seq_state=cfg.daemon.seq_state)
+    except OSError as e:
+        print(f"softnic: seq_state: {e}", file=sys.stderr)
+        return 2
     admin = metrics = None
     try:
         try:

@@ -11,6 +11,7 @@ is none.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -23,6 +24,7 @@ from typing import Any
 from softnic import model
 from softnic._esp import SecurityAssociation
 from softnic._fastpath import Datapath as FastPath
+from softnic.seqstate import SeqState
 from softnic.tap import TapPort
 from softnic.uplink import Uplink
 from softnic.vhostport import VhostVF
@@ -71,8 +73,10 @@ class _Port:
 class Dataplane:
     """softnic.control.Datapath over softnic._fastpath.Datapath."""
 
-    def __init__(self, tx_workers: int | None = None) -> None:
+    def __init__(self, tx_workers: int | None = None, seq_state: str | None = None) -> None:
         self.tx_workers = tx_workers or default_tx_workers()
+        # Outbound sequence numbers kept over restarts (softnic.seqstate), if asked for.
+        self._seq = SeqState(seq_state) if seq_state else None
         self._fp: FastPath | None = None
         self._uplink_cfg: model.Uplink | None = None
         self._uplink: Uplink | None = None
@@ -109,6 +113,7 @@ class Dataplane:
         for t in self._threads:
             t.join(timeout=5)
         self._threads.clear()
+        self._checkpoint_seqs()
         if self._capture_thread is not None:
             self._capture_thread.join(timeout=5)
         with self._lock:
@@ -263,13 +268,19 @@ class Dataplane:
                         if getattr(sa, k) is not None}
             encap = (None if sa.encap_sport is None or sa.encap_dport is None
                      else (sa.encap_sport, sa.encap_dport))
+            seq = 0
+            if self._seq is not None and sa.dir == "out":
+                try:
+                    seq = self._seq.start(SeqState.key(sa.scope, sa.spi), sa.esn)
+                except OSError as e:
+                    raise ValueError(f"seq_state: cannot save sequence numbers: {e}") from None
             obj = SecurityAssociation(
                 sa.spi, sa.mode, str(sa.src), str(sa.dst), sa.alg, sa.key.reveal(),
                 auth_key=sa.auth_key.reveal() if sa.auth_key is not None else None,
                 icv_len=sa.icv_len, esn=sa.esn,
                 # The kernel's 0 means "no window"; the data plane always keeps one.
                 replay_window=max(32, sa.replay_window), encap=encap,
-                lifetime=lifetime or None, engine=sa.engine)
+                lifetime=lifetime or None, engine=sa.engine, seq=seq)
             fp.sa_add(index, sa.dir, obj, sa.reqid)
             self._sas[sa.ident] = (sa, obj)
             try:
@@ -288,6 +299,10 @@ class Dataplane:
             # policy moved to it) before this call; the old inbound one accepted until now.
             fp.sa_del(self._scope(sa.scope), sa.dir, sa.spi)
             del self._sas[sa.ident]
+            if self._seq is not None and sa.dir == "out":
+                self._seq.forget(SeqState.key(sa.scope, sa.spi))
+                with contextlib.suppress(OSError):     # logged; saved with the next mark
+                    self._seq.flush()
             self._sync_policies(sa.scope, strict=False)
 
     def _resolve(self, p: model.Policy) -> int | None:
@@ -554,10 +569,23 @@ class Dataplane:
             if time.monotonic() - last_events > _EVENT_PERIOD:
                 last_events = time.monotonic()
                 self._collect_events()
+                self._checkpoint_seqs()
                 if fp is not None and self._uplink_cfg is not None and \
                         self._uplink_cfg.fdb_learning and last_events > next_aging:
                     fp.fdb_age(_FDB_MAX_AGE_NS)
                     next_aging = last_events + _FDB_MAX_AGE_NS / 1e9 / 10
+
+    def _checkpoint_seqs(self) -> None:
+        """Keep every outbound SA's mark on disk ahead of its sequence counter."""
+        if self._seq is None:
+            return
+        for (scope, d, spi), (_sa, obj) in list(self._sas.items()):
+            if d == "out":
+                self._seq.advance(SeqState.key(scope, spi), int(obj.seq))
+        try:
+            self._seq.flush()
+        except OSError:
+            pass            # logged by SeqState; tried again next period
 
     def _collect_events(self) -> None:
         for (scope, d, spi), (_sa, obj) in list(self._sas.items()):

@@ -560,6 +560,7 @@ class Daemon:
     admin_max_clients: int = 64
     metrics_listen: str | None = None   # "127.0.0.1:9101" -> HTTP /metrics
     tx_workers: int | None = None       # None: one per CPU but one (for RX), 1..8
+    seq_state: str | None = None        # file keeping outbound sequence numbers over restarts
 
     def __post_init__(self) -> None:
         _str(self.admin_socket, "admin_socket", r"/[^\x00]{1,106}",
@@ -570,6 +571,8 @@ class Daemon:
         _seti(self, "admin_max_clients", 1, 1024)
         if self.tx_workers is not None:
             _seti(self, "tx_workers", 1, 16)
+        if self.seq_state is not None:
+            _str(self.seq_state, "seq_state", r"/[^\x00]{1,4000}", "an absolute path")
         if self.metrics_listen is not None:
             m = re.fullmatch(r"\[?([0-9a-fA-F.:]+)\]?:(\d+)", str(self.metrics_listen))
             if not m:

@@ -223,6 +223,7 @@ class Overlay:
                  tx_workers: int | None = None) -> None:
         self.model = model
         self.tx_workers = tx_workers
+        self.seq_state: set[str] = set()    # sides whose daemon keeps sequence numbers
         self.device_encap = device_encap
         self.host_mode = host_mode
         self.vf_ipsec = vf_ipsec if model == "host" else "off"
@@ -274,7 +275,9 @@ class Overlay:
         ul_ipsec = self.device_encap if self.model == "device" else "off"
         lines = [
             "[daemon]", f"admin_socket = {_toml_str(sock)}",
-            *([f"tx_workers = {self.tx_workers}"] if self.tx_workers else []), "",
+            *([f"tx_workers = {self.tx_workers}"] if self.tx_workers else []),
+            *([f"seq_state = {_toml_str(os.path.join(self.tmp, side + '.seq'))}"]
+              if side in self.seq_state else []), "",
             "[uplink]", f"local = {_toml_str(host.addr)}", "mtu = 1500",
             f"ipsec = {_toml_str(ul_ipsec)}", "",
         ]

@@ -448,6 +448,43 @@ def test_daemon_sigkill_and_restart(overlay):
     ov.ping("a2", "b2", 2)
 
 
+def test_restart_with_seq_state_needs_no_rekey(overlay):
+    """The same static SAs with [daemon] seq_state on host A. The first restart finds no
+    marks (B refreshes, as above); from then on A's outbound SA starts 2^26 above anything
+    it sent, so after the second SIGKILL and restart B takes A's packets at once: no new
+    drop_replay at B, nothing refreshed."""
+    from softnic.seqstate import STEP
+
+    ov = overlay
+    b1 = VMS["b1"].name
+    ov.seq_state.add("a")
+    try:
+        ov.kill("a")
+        ov._start_daemon("a")
+        ov.refresh_in("b", "1")
+        _wait_ping(ov, "a1", "b1")
+        ov.ping("a1", "b1", 3)
+        with ov.client("a") as ca:
+            sent = ca.sa_get(VMS["a1"].name, 0x1001, dir="out")["stats"]["seq"]
+        assert 0 < sent < STEP
+        replay0 = ov.stats("b")["vf"][b1].get("drop_replay", 0)
+        ov.kill("a")
+        ov._start_daemon("a")
+        with ov.client("a") as ca:
+            start = ca.sa_get(VMS["a1"].name, 0x1001, dir="out")["stats"]["seq"]
+        assert start == STEP
+        back = _wait_ping(ov, "a1", "b1", timeout=10)
+        assert ov.stats("b")["vf"][b1].get("drop_replay", 0) == replay0
+        assert back < 5
+    finally:
+        ov.seq_state.discard("a")
+        ov.kill("a")
+        ov._start_daemon("a")
+        ov.refresh_in("b", "1")
+        ov.install_live("a")
+        ov.refresh_in("b", "2")
+
+
 # ---- vhost-user frontends killed -----------------------------------------------------------
 
 G1_MAC, G2_MAC, VM_MAC = "02:00:00:00:0d:01", "02:00:00:00:0d:02", "02:00:00:00:0d:03"
