@@ -66,10 +66,9 @@ typedef int (*sn_open_fn)(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
 
 struct sn_xform {
 #ifdef SN_HAVE_IPSEC_MB
-    /* First, for its 64-byte alignment (the struct is allocated 64-aligned). */
+    /* First, for its 64-byte alignment (the struct is allocated 64-aligned). Read-only
+     * after sn_xform_new: the per-call GCM / ChaCha20 contexts are stack locals. */
     struct gcm_key_data gcm_key;
-    struct gcm_context_data gcm_ctx;
-    struct chacha20_poly1305_context_data cp_ctx;
 #endif
     sn_seal_fn seal;
     sn_open_fn open;
@@ -81,14 +80,36 @@ struct sn_xform {
     unsigned block;
     uint8_t salt[SN_SALT_LEN];
     uint8_t key[32];           /* raw cipher key (ipsec-mb ChaCha20 takes it raw) */
-    EVP_CIPHER_CTX *enc;
+    EVP_CIPHER_CTX *enc;       /* OpenSSL contexts hold per-call state: under `lock` */
     EVP_CIPHER_CTX *dec;
+    int lock;                  /* spinlock over enc/dec (sn_lock / sn_unlock) */
     SHA256_CTX hmac_inner;     /* SHA-256 state after (K ^ ipad) */
     SHA256_CTX hmac_outer;     /* SHA-256 state after (K ^ opad) */
-    SHA256_CTX hmac_work;      /* scratch, kept here to be wiped on free */
 };
 
 /* ------------------------------------------------------------------ helpers */
+
+/* The OpenSSL engine's lock. Several TX workers may seal with one outbound SA at once;
+ * an EVP_CIPHER_CTX carries the nonce, the GHASH state and the tag between calls, so
+ * it is taken for a whole seal or open. OpenSSL is the fallback engine: a spinlock
+ * (test-and-test-and-set, acquire/release) costs one uncontended atomic per packet. */
+#if defined(__x86_64__) || defined(__i386__)
+#define SN_CPU_RELAX() __builtin_ia32_pause()
+#else
+#define SN_CPU_RELAX() ((void)0)
+#endif
+
+static inline void sn_lock(int *l)
+{
+    while (__atomic_exchange_n(l, 1, __ATOMIC_ACQUIRE))
+        while (__atomic_load_n(l, __ATOMIC_RELAXED))
+            SN_CPU_RELAX();
+}
+
+static inline void sn_unlock(int *l)
+{
+    __atomic_store_n(l, 0, __ATOMIC_RELEASE);
+}
 
 static void set_err(char *err, size_t errlen, const char *msg)
 {
@@ -168,6 +189,7 @@ static IMB_MGR *imb_get(void)
 static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                         const uint8_t *iv, uint8_t *buf, size_t len, uint8_t *icv)
 {
+    struct gcm_context_data ctx;
     uint8_t aad[12], nonce[SN_NONCE_LEN];
     size_t aad_len = build_aad(aad, esp_hdr, seq_hi, esn);
 
@@ -175,10 +197,10 @@ static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
         return -1;
     build_nonce(nonce, x, iv);
     if (x->key_len == 16)
-        IMB_AES128_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+        IMB_AES128_GCM_ENC(imb, &x->gcm_key, &ctx, buf, buf, len, nonce, aad,
                            aad_len, icv, x->icv_len);
     else
-        IMB_AES256_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+        IMB_AES256_GCM_ENC(imb, &x->gcm_key, &ctx, buf, buf, len, nonce, aad,
                            aad_len, icv, x->icv_len);
     return 0;
 }
@@ -188,6 +210,7 @@ static int imb_gcm_seal(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
 static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
                         const uint8_t *iv, uint8_t *buf, size_t len, const uint8_t *icv)
 {
+    struct gcm_context_data ctx;
     uint8_t aad[12], nonce[SN_NONCE_LEN], tag[SN_MAX_ICV];
     size_t aad_len = build_aad(aad, esp_hdr, seq_hi, esn);
 
@@ -195,19 +218,19 @@ static int imb_gcm_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, in
         return -2;
     build_nonce(nonce, x, iv);
     if (x->key_len == 16)
-        IMB_AES128_GCM_DEC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+        IMB_AES128_GCM_DEC(imb, &x->gcm_key, &ctx, buf, buf, len, nonce, aad,
                            aad_len, tag, x->icv_len);
     else
-        IMB_AES256_GCM_DEC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+        IMB_AES256_GCM_DEC(imb, &x->gcm_key, &ctx, buf, buf, len, nonce, aad,
                            aad_len, tag, x->icv_len);
     if (CRYPTO_memcmp(tag, icv, x->icv_len) == 0)
         return 0;
     /* Restore the ciphertext (CTR: the same keystream again). */
     if (x->key_len == 16)
-        IMB_AES128_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+        IMB_AES128_GCM_ENC(imb, &x->gcm_key, &ctx, buf, buf, len, nonce, aad,
                            aad_len, tag, x->icv_len);
     else
-        IMB_AES256_GCM_ENC(imb, &x->gcm_key, &x->gcm_ctx, buf, buf, len, nonce, aad,
+        IMB_AES256_GCM_ENC(imb, &x->gcm_key, &ctx, buf, buf, len, nonce, aad,
                            aad_len, tag, x->icv_len);
     return -1;
 }
@@ -281,17 +304,19 @@ static int imb_cp_job(sn_xform *x, int encrypt, const uint8_t *nonce, const uint
     return done->status == IMB_STATUS_COMPLETED ? 0 : -2;
 }
 
-/* Fallback for a thread without a manager: the direct API (x->cp_ctx as scratch). */
+/* Fallback for a thread without a manager: the direct API (a stack context). */
 static void imb_cp_direct(sn_xform *x, int encrypt, const uint8_t *nonce,
                           const uint8_t *aad, size_t aad_len, uint8_t *buf, size_t len,
                           uint8_t *tag)
 {
-    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &x->cp_ctx, nonce, aad, aad_len);
+    struct chacha20_poly1305_context_data ctx;
+
+    IMB_CHACHA20_POLY1305_INIT(imb, x->key, &ctx, nonce, aad, aad_len);
     if (len && encrypt)
-        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
+        IMB_CHACHA20_POLY1305_ENC_UPDATE(imb, x->key, &ctx, buf, buf, len);
     else if (len)
-        IMB_CHACHA20_POLY1305_DEC_UPDATE(imb, x->key, &x->cp_ctx, buf, buf, len);
-    IMB_CHACHA20_POLY1305_ENC_FINALIZE(imb, &x->cp_ctx, tag, 16);
+        IMB_CHACHA20_POLY1305_DEC_UPDATE(imb, x->key, &ctx, buf, buf, len);
+    IMB_CHACHA20_POLY1305_ENC_FINALIZE(imb, &ctx, tag, 16);
 }
 
 /* Returns 0, or -1 when the library rejected the job. */
@@ -434,27 +459,29 @@ static int ossl_aead_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, 
 
 /* HMAC-SHA-256 over SPI || seq || IV || ct [|| seq_hi] (RFC 4868 §2.1, RFC 4303
  * §3.3.2.2.1), from the precomputed inner/outer states; writes the 32-byte MAC. */
-static void hmac_sha256(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,
-                        const uint8_t *iv, const uint8_t *buf, size_t len,
+static void hmac_sha256(const sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi,
+                        int esn, const uint8_t *iv, const uint8_t *buf, size_t len,
                         uint8_t mac[SHA256_DIGEST_LENGTH])
 {
+    SHA256_CTX w;              /* per call (thread safety); wiped below */
     uint8_t hi[4];
 
-    x->hmac_work = x->hmac_inner;
-    SHA256_Update(&x->hmac_work, esp_hdr, 8);
-    SHA256_Update(&x->hmac_work, iv, x->iv_len);
-    SHA256_Update(&x->hmac_work, buf, len);
+    w = x->hmac_inner;
+    SHA256_Update(&w, esp_hdr, 8);
+    SHA256_Update(&w, iv, x->iv_len);
+    SHA256_Update(&w, buf, len);
     if (esn) {
         hi[0] = (uint8_t)(seq_hi >> 24);
         hi[1] = (uint8_t)(seq_hi >> 16);
         hi[2] = (uint8_t)(seq_hi >> 8);
         hi[3] = (uint8_t)seq_hi;
-        SHA256_Update(&x->hmac_work, hi, 4);
+        SHA256_Update(&w, hi, 4);
     }
-    SHA256_Final(mac, &x->hmac_work);
-    x->hmac_work = x->hmac_outer;
-    SHA256_Update(&x->hmac_work, mac, SHA256_DIGEST_LENGTH);
-    SHA256_Final(mac, &x->hmac_work);
+    SHA256_Final(mac, &w);
+    w = x->hmac_outer;
+    SHA256_Update(&w, mac, SHA256_DIGEST_LENGTH);
+    SHA256_Final(mac, &w);
+    OPENSSL_cleanse(&w, sizeof(w));
 }
 
 /* AES-CBC encrypt in place, then HMAC over the ESP header, IV and ciphertext. Returns 0,
@@ -499,6 +526,22 @@ static int ossl_cbc_open(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, i
         return ossl_fail(-2);
     return 0;
 }
+
+/* The entry points x->seal / x->open of the OpenSSL engine: the above under x->lock. */
+#define SN_OSSL_LOCKED(name, inner, bufq, icvq)                                          \
+    static int name(sn_xform *x, const uint8_t *esp_hdr, uint32_t seq_hi, int esn,     \
+                    const uint8_t *iv, uint8_t *buf, size_t len, icvq uint8_t *icv)    \
+    {                                                                                  \
+        int rc;                                                                        \
+        sn_lock(&x->lock);                                                             \
+        rc = inner(x, esp_hdr, seq_hi, esn, iv, buf, len, icv);                        \
+        sn_unlock(&x->lock);                                                           \
+        return rc;                                                                     \
+    }
+SN_OSSL_LOCKED(ossl_aead_seal_l, ossl_aead_seal, , )
+SN_OSSL_LOCKED(ossl_aead_open_l, ossl_aead_open, , const)
+SN_OSSL_LOCKED(ossl_cbc_seal_l, ossl_cbc_seal, , )
+SN_OSSL_LOCKED(ossl_cbc_open_l, ossl_cbc_open, , const)
 
 /* RFC 2104 precomputation: x->hmac_inner/outer = SHA-256 state after K^ipad / K^opad.
  * The padded key copy on the stack is wiped. */
@@ -552,11 +595,11 @@ static int ossl_setup(sn_xform *x, const uint8_t *auth_key, size_t auth_keylen, 
         EVP_CIPHER_CTX_set_padding(x->enc, 0); /* ESP pads itself */
         EVP_CIPHER_CTX_set_padding(x->dec, 0);
         hmac_precompute(x, auth_key, auth_keylen);
-        x->seal = ossl_cbc_seal;
-        x->open = ossl_cbc_open;
+        x->seal = ossl_cbc_seal_l;
+        x->open = ossl_cbc_open_l;
     } else {
-        x->seal = ossl_aead_seal;
-        x->open = ossl_aead_open;
+        x->seal = ossl_aead_seal_l;
+        x->open = ossl_aead_open_l;
     }
     return 0;
 }

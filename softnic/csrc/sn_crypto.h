@@ -12,8 +12,11 @@
  * Engines: intel-ipsec-mb (when built with SN_HAVE_IPSEC_MB) and OpenSSL libcrypto.
  *
  * Ownership: an sn_xform is created and freed by the control plane (with the GIL);
- * seal/open are called from the data plane without the GIL and are not reentrant for
- * one xform (one worker owns an SA direction at a time).
+ * seal/open are called from the data plane without the GIL. Several threads may seal
+ * with one xform at once: ipsec-mb's key data is read-only after creation and its
+ * per-call contexts live on the caller's stack; OpenSSL's EVP contexts are taken under
+ * a per-xform spinlock. (Decryption is single-threaded by the ESP layer's contract,
+ * but open is as safe.)
  */
 #ifndef SN_CRYPTO_H
 #define SN_CRYPTO_H
