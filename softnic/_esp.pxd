@@ -5,7 +5,15 @@
 # One sn_sa is one direction of one SA (RFC 4301 SAs are unidirectional). It is owned by
 # the control plane (softnic._esp.SecurityAssociation allocates and frees it); the data
 # plane only reads configuration and updates sequence, replay, lifetime and counter fields.
-# A worker must own an SA while it calls sn_esp_encap/sn_esp_decap on it (no locking).
+#
+# Threads. Outbound: any number of TX workers may call sn_esp_encap (and the segment
+# path's sn_esp_seq_reserve / sn_esp_account_out) on one SA at once (two queues of one VM
+# share its SA), without a lock: sequence numbers are reserved by compare-and-swap (each
+# used once, never past the end of the space), `packets`/`bytes`/`drops` are atomic
+# adds, `dead`, `soft_done` and `near_done` are set by atomic exchange so each event is
+# raised once, and the crypto engine keeps no per-call state in the transform (OpenSSL's
+# contexts are behind a per-transform spinlock). Inbound: one RX worker at a time per SA
+# (the replay window, replay_top and the inbound counters are plain fields; no locking).
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
 
@@ -66,6 +74,12 @@ ctypedef struct sn_sa:
 
 
 cdef int sn_esp_encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil
+# Building blocks of sn_esp_encap for a caller that frames ESP itself (one reservation
+# and one accounting per TSO frame). seq_reserve: up to n numbers, the first in *first;
+# returns how many (fewer than n: SEQ_EXHAUSTED raised). account_out: npkts packets of
+# nbytes plaintext in all against the counters and lifetimes (events raised once).
+cdef uint32_t sn_esp_seq_reserve(sn_sa *sa, uint32_t n, uint64_t *first) noexcept nogil
+cdef void sn_esp_account_out(sn_sa *sa, uint64_t npkts, uint64_t nbytes) noexcept nogil
 cdef int sn_esp_decap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t esp_off,
                       uint8_t *next_header) noexcept nogil
 cdef uint32_t sn_esp_read_spi(const sn_pkt *p, uint32_t esp_off) noexcept nogil

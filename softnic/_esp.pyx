@@ -107,6 +107,42 @@ cdef extern from *:
     uint32_t _ev_take "sn_ev_take"(uint32_t *ev) noexcept nogil
 
 
+cdef extern from *:
+    """
+    /* Outbound SA state shared by TX workers (see _esp.pxd). Relaxed order throughout:
+       each counter is only ever read-modify-written atomically, and nothing else is
+       published through it (uniqueness of a sequence number needs atomicity, not
+       ordering). */
+    static inline uint64_t sn_a_add64(uint64_t *p, uint64_t v) {
+        return __atomic_add_fetch(p, v, __ATOMIC_RELAXED); }
+    static inline uint8_t sn_a_xchg8(uint8_t *p, uint8_t v) {
+        return __atomic_exchange_n(p, v, __ATOMIC_RELAXED); }
+    static inline uint8_t sn_a_load8(const uint8_t *p) {
+        return __atomic_load_n(p, __ATOMIC_RELAXED); }
+    /* Reserve up to n sequence numbers below or at max: a compare-and-swap loop, not a
+       fetch-add, so the counter never passes max (with ESN, max is 2^64-1 and a fetch-add
+       past it would wrap to numbers already sent). Returns how many were reserved
+       (0 when the space is used up) and the first in *first. */
+    static inline uint64_t sn_a_seq_reserve(uint64_t *seq, uint64_t n, uint64_t max,
+                                            uint64_t *first) {
+        uint64_t old = __atomic_load_n(seq, __ATOMIC_RELAXED), k;
+        do {
+            if (old >= max)
+                return 0;
+            k = max - old < n ? max - old : n;
+        } while (!__atomic_compare_exchange_n(seq, &old, old + k, 1, __ATOMIC_RELAXED,
+                                              __ATOMIC_RELAXED));
+        *first = old + 1;
+        return k;
+    }
+    """
+    uint64_t _a_add64 "sn_a_add64"(uint64_t *p, uint64_t v) noexcept nogil
+    uint8_t _a_xchg8 "sn_a_xchg8"(uint8_t *p, uint8_t v) noexcept nogil
+    uint8_t _a_load8 "sn_a_load8"(const uint8_t *p) noexcept nogil
+    uint64_t _a_seq_reserve "sn_a_seq_reserve"(uint64_t *seq, uint64_t n, uint64_t max,
+                                               uint64_t *first) noexcept nogil
+
+
 EVENTS = ("soft_expired", "hard_expired", "seq_near_end", "seq_exhausted")
 
 
@@ -164,9 +200,42 @@ cdef int _v6_ext_walk(const uint8_t *ip, uint32_t iplen, uint32_t stop,
     return SN_OK
 
 
+cdef void sn_esp_account_out(sn_sa *sa, uint64_t npkts, uint64_t nbytes) noexcept nogil:
+    """Count npkts packets of nbytes plaintext bytes in all against the outbound SA's
+    lifetimes and counters: one atomic add each (any number of TX workers). Lifetimes as
+    Linux xfrm counts them: a packet that reaches a hard limit still goes; the event is
+    raised at once (by exactly one worker) and the packets after it are refused."""
+    cdef uint64_t pk = _a_add64(&sa.packets, npkts)
+    cdef uint64_t by = _a_add64(&sa.bytes, nbytes)
+    if ((sa.soft_packets and pk >= sa.soft_packets)
+            or (sa.soft_bytes and by >= sa.soft_bytes)):
+        if not _a_load8(&sa.soft_done) and not _a_xchg8(&sa.soft_done, 1):
+            _ev_raise(&sa.events, SN_SA_EV_SOFT_EXPIRED)
+    if ((sa.hard_packets and pk >= sa.hard_packets)
+            or (sa.hard_bytes and by >= sa.hard_bytes)):
+        if not _a_load8(&sa.dead) and not _a_xchg8(&sa.dead, 1):
+            _ev_raise(&sa.events, SN_SA_EV_HARD_EXPIRED)
+
+
+cdef uint32_t sn_esp_seq_reserve(sn_sa *sa, uint32_t n, uint64_t *first) noexcept nogil:
+    """Take up to n consecutive outbound sequence numbers (RFC 4303 §3.3.3: never 0 again,
+    never past 2^32-1, or 2^64-1 with ESN), atomically: any number of TX workers may
+    share the SA. Returns how many were taken, the first in *first; fewer than n (0 at
+    the end) means the space is used up: SEQ_EXHAUSTED is raised. SEQ_NEAR_END is raised
+    once, by the worker whose range crosses 3/4 of the space."""
+    cdef uint64_t k = _a_seq_reserve(&sa.seq, n, SEQ_MAX_ESN if sa.esn else SEQ_MAX_32,
+                                     first)
+    if k < n:
+        _ev_raise(&sa.events, SN_SA_EV_SEQ_EXHAUSTED)
+    if k and first[0] + k - 1 >= sa.seq_near and not _a_load8(&sa.near_done) \
+            and not _a_xchg8(&sa.near_done, 1):
+        _ev_raise(&sa.events, SN_SA_EV_SEQ_NEAR_END)
+    return <uint32_t>k
+
+
 cdef inline void _account(sn_sa *sa, uint32_t nbytes) noexcept nogil:
-    # Lifetimes as Linux xfrm counts them: a packet that reaches a hard limit still
-    # goes; the event is raised at once and the next packet is refused.
+    # Inbound: one RX worker per SA (see _esp.pxd), plain updates. Same rules as
+    # sn_esp_account_out.
     sa.packets += 1
     sa.bytes += nbytes
     if not sa.soft_done and (
@@ -300,7 +369,7 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     cdef uint64_t seq, acc
     cdef int rc
 
-    if sa.dead:
+    if _a_load8(&sa.dead):
         return SN_DROP_SA_EXPIRED
     if p.len < l2len or p.off > p.cap or p.len > p.cap - p.off:
         return SN_DROP_MALFORMED_L2
@@ -358,16 +427,10 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     if p.off < ins or <uint64_t>p.off + l2len + tot + tail > p.cap:
         return SN_DROP_NO_ROOM
     # Never send seq 0 again (RFC 4303 §3.3.3): stop at 2^32-1, or 2^64-1 with ESN.
-    if sa.seq >= (SEQ_MAX_ESN if sa.esn else SEQ_MAX_32):
-        _ev_raise(&sa.events, SN_SA_EV_SEQ_EXHAUSTED)
+    if sn_esp_seq_reserve(sa, 1, &seq) == 0:
         return SN_DROP_SEQ_EXHAUSTED
 
     # --- committed: from here on the packet and the SA change ---
-    sa.seq += 1
-    seq = sa.seq
-    if not sa.near_done and seq >= sa.seq_near:
-        sa.near_done = 1
-        _ev_raise(&sa.events, SN_SA_EV_SEQ_NEAR_END)
     new_off = p.off - ins
     if sa.mode == SN_ESP_TUNNEL:
         memmove(p.data + new_off, base, l2len)
@@ -451,7 +514,7 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     p.off = new_off
     p.len = l2len + outer_len + udp + esp_total
     p.flags |= SN_PKT_ESP
-    _account(sa, pl)
+    sn_esp_account_out(sa, 1, pl)
     return SN_OK
 
 
@@ -471,7 +534,7 @@ cdef int sn_esp_encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     """
     cdef int rc = _encap(sa, p, l2len)
     if rc != SN_OK:
-        sa.drops[rc] += 1
+        _a_add64(&sa.drops[rc], 1)
     return rc
 
 
@@ -974,3 +1037,62 @@ def _replay_accept(SecurityAssociation sa not None, uint64_t seq):
 
 def _infer_seq(SecurityAssociation sa not None, uint32_t seq_lo):
     return sn_esp_infer_seq(sa.sa, seq_lo)
+
+
+def _encap_hammer(SecurityAssociation sa not None, Batch batch not None, int rounds,
+                  uint32_t l2len, uint32_t esp_off):
+    """Test hook for concurrent outbound use: `rounds` times, put the batch's packets
+    back as they came and protect them all, without the GIL (call from several Python
+    threads at once on one SA). Returns (the ESP sequence numbers (low 32 bits, read at
+    esp_off + 4 of each protected packet) as a list, {drop reason: count}); the batch
+    holds the last round's packets."""
+    cdef int n = batch.count
+    if n > batch.size:
+        n = batch.size
+    cdef uint32_t *offs = <uint32_t *>malloc(sizeof(uint32_t) * 2 * (n + 1))
+    cdef size_t total = 0
+    cdef int i, r, _r, rc
+    cdef sn_pkt *p
+    sa._need()
+    if offs == NULL:
+        raise MemoryError()
+    for i in range(n):
+        offs[2 * i] = batch.pkts[i].off
+        offs[2 * i + 1] = batch.pkts[i].len
+        total += batch.pkts[i].len
+    cdef uint8_t *orig = <uint8_t *>malloc(total + 1)
+    cdef uint32_t *seqs = <uint32_t *>malloc(sizeof(uint32_t) * (<size_t>rounds * n + 1))
+    cdef uint64_t counts[SN_DROP_MAX]
+    cdef size_t pos = 0, got = 0
+    if orig == NULL or seqs == NULL:
+        free(offs)
+        free(orig)
+        free(seqs)
+        raise MemoryError()
+    for i in range(n):
+        memcpy(orig + pos, batch.pkts[i].data + offs[2 * i], offs[2 * i + 1])
+        pos += offs[2 * i + 1]
+    memset(counts, 0, sizeof(counts))
+    with nogil:
+        for _r in range(rounds):
+            pos = 0
+            for i in range(n):
+                p = &batch.pkts[i]
+                p.off = offs[2 * i]
+                p.len = offs[2 * i + 1]
+                p.drop = SN_OK
+                memcpy(p.data + p.off, orig + pos, p.len)
+                pos += p.len
+                rc = sn_esp_encap(sa.sa, p, l2len)
+                p.drop = <uint16_t>rc
+                counts[rc] += 1
+                if rc == SN_OK:
+                    seqs[got] = sn_ld32(p.data + p.off + esp_off + 4)
+                    got += 1
+    try:
+        return ([seqs[i] for i in range(got)],
+                {DROP_REASONS[r]: counts[r] for r in range(1, SN_DROP_MAX) if counts[r]})
+    finally:
+        free(offs)
+        free(orig)
+        free(seqs)
