@@ -98,6 +98,7 @@ from softnic._tables cimport (
     sn_sa_remove,
 )
 from softnic._tso cimport sn_csum_complete, sn_tcp_mss_clamp, sn_tso_segment
+from softnic._tsoesp cimport SN_TSOESP_GENERIC, sn_tso_esp_vxlan
 from vhost._virtq cimport (
     Virtq,
     vh_mem,
@@ -895,6 +896,22 @@ cdef class Datapath:
         # TSO or checksum completion, into the first destination's slots.
         k = out.count
         if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            if sa != NULL and dst_count == 1 and local_vf < 0 and not bum and \
+                    self.ul_mode == FP_UL_OFF:
+                # TSO, ESP and VXLAN in one pass (softnic._tsoesp) where it applies.
+                tx = self.vteps[dests[0]].tx
+                tx.vni = v.vni
+                r = sn_tso_esp_vxlan(f, flen, vh, &h, mss, sa, &tx, dests[0], &out.pkts[k],
+                                     out.size - k, out.headroom, &produced, v.c.drops)
+                if r != SN_TSOESP_GENERIC:
+                    if r != SN_OK:
+                        return r
+                    v.c.tx_tso_frames += 1
+                    v.c.tx_segments += produced
+                    v.c.tx_esp += produced
+                    v.c.tx_packets += produced
+                    out.count = k + produced
+                    return SN_OK
             for j in range(nseg):
                 out.pkts[k + j].off = out.headroom
                 out.pkts[k + j].drop = 0
