@@ -790,6 +790,8 @@ cdef class Datapath:
         cdef uint32_t dests[FP_MAX_FLOOD + 1]
         cdef sn_pkt *p
         cdef bint bum
+        cdef fp_vtep *fe
+        cdef sn_sa *fsa
 
         if inp.len < SN_VNET_HDR_LEN + 14:
             return SN_DROP_MALFORMED_L2
@@ -896,19 +898,31 @@ cdef class Datapath:
         # TSO or checksum completion, into the first destination's slots.
         k = out.count
         if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE:
-            if sa != NULL and dst_count == 1 and local_vf < 0 and not bum and \
-                    self.ul_mode == FP_UL_OFF:
+            fe = &self.vteps[dests[0] if dst_count else 0]
+            if dst_count == 1 and local_vf < 0 and not bum and (
+                    (sa != NULL and self.ul_mode == FP_UL_OFF)
+                    or (sa == NULL and self.ul_mode != FP_UL_OFF and fe.n_sas != 0)):
                 # TSO, ESP and VXLAN in one pass (softnic._tsoesp) where it applies.
-                tx = self.vteps[dests[0]].tx
+                tx = fe.tx
                 tx.vni = v.vni
-                r = sn_tso_esp_vxlan(f, flen, vh, &h, mss, sa, &tx, dests[0], &out.pkts[k],
-                                     out.size - k, out.headroom, &produced, v.c.drops)
+                fsa = sa
+                fhash = 0
+                if sa == NULL:      # device-terminated: the uplink SA by the inner flow hash
+                    fhash = sn_flow_hash(f, flen)
+                    fsa = fe.sas[0] if self.ul_single else fe.sas[fhash % fe.n_sas]
+                r = sn_tso_esp_vxlan(f, flen, vh, &h, mss, fsa, sa == NULL, <uint32_t>fhash,
+                                     &tx, dests[0], &out.pkts[k], out.size - k,
+                                     out.headroom, &produced, v.c.drops,
+                                     self.ul.drops if sa == NULL else NULL)
                 if r != SN_TSOESP_GENERIC:
                     if r != SN_OK:
                         return r
                     v.c.tx_tso_frames += 1
                     v.c.tx_segments += produced
-                    v.c.tx_esp += produced
+                    if sa != NULL:
+                        v.c.tx_esp += produced
+                    else:
+                        self.ul.tx_esp += produced
                     v.c.tx_packets += produced
                     out.count = k + produced
                     return SN_OK

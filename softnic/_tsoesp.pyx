@@ -1,9 +1,11 @@
 # cython: language_level=3
-"""TSO -> ESP -> VXLAN in one pass over a GSO frame: the host-terminated TX path of
-DESIGN.md ("the NIC segments the overlay TCP packet first, then encrypts each segment,
-then encapsulates it in VXLAN") for its common case, with the same output, byte for
-byte, as softnic._tso.sn_tso_segment followed per segment by softnic._esp.sn_esp_encap
-and softnic._vxlan.sn_vxlan_encap (tests/test_tsoesp.py holds the two side by side).
+"""TSO, ESP and VXLAN in one pass over a GSO frame, for the TX path's common cases
+(DESIGN.md): host-terminated, "the NIC segments the overlay TCP packet first, then
+encrypts each segment, then encapsulates it in VXLAN"; device-terminated, TSO, then
+VXLAN, then ESP with the uplink SA around the VXLAN packet. The output is the same, byte
+for byte, as softnic._tso.sn_tso_segment followed per segment by softnic._esp.
+sn_esp_encap and softnic._vxlan.sn_vxlan_encap in the pipeline's order
+(tests/test_tsoesp.py holds the two side by side).
 
 Why a second path: run stage by stage, every segment is copied out of the frame (with
 its TCP checksum), then its headers are moved and rebuilt twice (ESP, VXLAN), each stage
@@ -24,10 +26,11 @@ and finalize are far dearer than inside the one-shot), and a checksum-only pass 
 as much as the copy, the frame being read from beyond L2 either way. What does help is
 prefetching the next segment's payload while this one is encrypted (-8 ns per segment).
 
-Covered: GSO_TCPV4 frames without IPv4 options, an outbound AEAD SA (8-byte IV, 4-byte
-alignment) in tunnel mode over IPv4 or in transport mode, with or without UDP
-encapsulation, towards one IPv4 VTEP with DF set and no outer UDP checksum (the
-defaults). Everything else (IPv6, CBC, device-terminated ESP, flooding, local delivery)
+Covered: GSO_TCPV4 frames without IPv4 options; one outbound AEAD SA (8-byte IV, 4-byte
+alignment), in tunnel mode over IPv4 or in transport mode, with or without UDP
+encapsulation: the VF's (host-terminated, no uplink ESP) or the uplink's (device-
+terminated, no VF SA); one IPv4 VTEP with DF set and no outer UDP checksum (the
+defaults). Everything else (IPv6, CBC, both SAs at once, flooding, local delivery)
 answers SN_TSOESP_GENERIC and takes the stage-by-stage path.
 """
 
@@ -120,10 +123,10 @@ cdef enum:
 
 
 cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh,
-                          const sn_hdrs *h, uint32_t mss_cap, sn_sa *sa,
-                          const sn_vxlan_tx *tx, uint32_t vtep, sn_pkt *out,
+                          const sn_hdrs *h, uint32_t mss_cap, sn_sa *sa, bint device,
+                          uint32_t hash, const sn_vxlan_tx *tx, uint32_t vtep, sn_pkt *out,
                           uint32_t nout, uint32_t headroom, uint32_t *produced,
-                          uint64_t *drops) noexcept nogil:
+                          uint64_t *drops, uint64_t *drops2) noexcept nogil:
     """See softnic/_tsoesp.pxd. Ownership: f is read only; out's slots and the SA are
     the caller's; the SA is shared (its sequence numbers and counters are updated
     atomically, once per frame)."""
@@ -132,11 +135,11 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     cdef uint32_t mss = le16toh(vh.gso_size), hdr_len = le16toh(vh.hdr_len)
     cdef uint32_t udp = 8 if sa.encap else 0
     cdef bint tunnel = sa.mode == SN_ESP_TUNNEL
-    cdef uint32_t o_eth = _VX, o_ip, o_esp, o_iv, o_iip, o_tcp, o_pay, o_enc
-    cdef uint32_t paylen, nseg, k, i, c, pl, pad, ct_len, esp_total, ilen, off, pos, ins
-    cdef uint32_t icv = sa.icv_len, seq_tcp, seq0, hash, n_ok = 0
-    cdef uint16_t id0, word
-    cdef uint8_t fl0, fl, tos, ecn, nxt
+    cdef uint32_t o_vx, o_vu, o_eth, o_ip, o_esp, o_iv, o_iip, o_tcp, o_pay, o_enc
+    cdef uint32_t paylen, nseg, k, i, c, fl_len, pl, pad, ct_len, esp_total, off, pos
+    cdef uint32_t icv = sa.icv_len, seq_tcp, seq0, n_ok = 0, pl_extra, vx_tot, iip_tot
+    cdef uint16_t id0
+    cdef uint8_t fl0, fl, tos, vtos, ecn, nxt
     cdef uint64_t first, seq, vxbase, tbase, ibase, tcpbase, acc, nbytes = 0
     cdef uint8_t *d
     cdef sn_pkt *p
@@ -164,33 +167,49 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         return SN_TSOESP_GENERIC
     nseg = (paylen + mss - 1) // mss
 
-    # Offsets in a finished packet: [outer IPv4][UDP][VXLAN][L2]
-    #   tunnel:    [ESP IPv4][UDP-encap?][ESP][IV] [inner IPv4][TCP][payload][trailer][ICV]
-    #   transport: [inner IPv4][UDP-encap?][ESP][IV] [TCP][payload][trailer][ICV]
-    o_ip = o_eth + l2
-    o_esp = o_ip + 20 + udp
-    o_iv = o_esp + 8
-    if tunnel:
-        o_iip = o_iv + 8
+    # Where everything goes in a finished packet. Host-terminated (the VF's SA):
+    #   [VXLAN IPv4][UDP][VXLAN][L2] [ESP IPv4 (tunnel) | inner IPv4 (transport)]
+    #   [UDP-encap?][ESP][IV] ([inner IPv4] in tunnel mode)[TCP][payload][trailer][ICV]
+    # Device-terminated (the uplink SA, around the VXLAN packet):
+    #   [ESP IPv4 (tunnel) | VXLAN IPv4 (transport)][UDP-encap?][ESP][IV]
+    #   ([VXLAN IPv4] in tunnel mode)[UDP][VXLAN][L2][inner IPv4][TCP][payload][...]
+    if device:
+        o_ip = 0
+        o_esp = 20 + udp
+        o_iv = o_esp + 8
+        o_enc = o_iv + 8
+        o_vx = o_enc if tunnel else 0
+        o_vu = o_vx + 20 if tunnel else o_enc
+        o_eth = o_vu + 16
+        o_iip = o_eth + l2
         o_tcp = o_iip + 20
-        o_enc = o_iip
+        # ESP protects the whole VXLAN packet (tunnel) or what follows its IPv4 header
+        pl_extra = _VX + l2 + 20 if tunnel else 16 + l2 + 20
+        nxt = _IPPROTO_IPIP if tunnel else SN_IPPROTO_UDP
     else:
-        o_iip = o_ip
-        o_tcp = o_iv + 8
-        o_enc = o_tcp
+        o_vx = 0
+        o_vu = 20
+        o_eth = _VX
+        o_ip = o_eth + l2
+        o_esp = o_ip + 20 + udp
+        o_iv = o_esp + 8
+        o_enc = o_iv + 8
+        o_iip = o_enc if tunnel else o_ip
+        o_tcp = o_iip + 20 if tunnel else o_enc
+        pl_extra = 20 if tunnel else 0
+        nxt = _IPPROTO_IPIP if tunnel else SN_IPPROTO_TCP
     o_pay = o_tcp + thl
     if o_pay > _TMPL:
         return SN_TSOESP_GENERIC
     # Packets start where the stage-by-stage path leaves them: the frame at `headroom`,
-    # pushed down by what ESP inserts in front of its payload and then by VXLAN.
-    ins = (20 if tunnel else 0) + udp + 16
-    if headroom < ins + _VX:
+    # pushed down by VXLAN and by what ESP inserts in front of what it protects.
+    if headroom + l2 + 20 < o_tcp:
         return SN_TSOESP_GENERIC
-    off = headroom - ins - _VX
+    off = headroom + l2 + 20 - o_tcp
     if nseg > nout:
         return SN_DROP_NO_ROOM
     c = mss if nseg > 1 else paylen
-    pl = (20 if tunnel else 0) + thl + c
+    pl = pl_extra + thl + c
     pad = (0 - (pl + 2)) & 3
     if (<uint64_t>off + o_enc + pl + pad + 2 + icv > out[0].cap
             or <uint64_t>off + _TMPL > out[0].cap):
@@ -203,19 +222,23 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     memset(t, 0, _TMPL)
     tos = f[l3 + 1]
     ecn = tos & 3
-    # outer IPv4 (RFC 791), DF and ID 0 (RFC 6864 section 4.1), as sn_vxlan_encap
-    t[0] = 0x45
-    t[1] = ((tx.tos & 0xFC) | ecn) if tx.flags & SN_VXLAN_F_ECN else tx.tos
-    t[6] = 0x40
-    t[8] = tx.ttl if tx.ttl else 64
-    t[9] = SN_IPPROTO_UDP
-    memcpy(t + 12, tx.local, 4)
-    memcpy(t + 16, tx.remote, 4)
-    vxbase = sn_csum_partial(t, 20, 0)
-    # outer UDP (source port below, from the flow hash; checksum 0) and VXLAN (RFC 7348)
-    sn_st16(t + 22, tx.dport if tx.dport else SN_VXLAN_PORT)
-    sn_st32(t + 28, 0x08000000u)
-    sn_st32(t + 32, (tx.vni & 0xFFFFFFu) << 8)
+    vtos = ((tx.tos & 0xFC) | ecn) if tx.flags & SN_VXLAN_F_ECN else tx.tos
+    # VXLAN's IPv4 (RFC 791), DF and ID 0 (RFC 6864 section 4.1), as sn_vxlan_encap; in
+    # device transport mode ESP follows it (RFC 4303 section 3.1.1)
+    t[o_vx] = 0x45
+    t[o_vx + 1] = vtos
+    t[o_vx + 6] = 0x40
+    t[o_vx + 8] = tx.ttl if tx.ttl else 64
+    t[o_vx + 9] = SN_IPPROTO_UDP
+    if device and not tunnel:
+        t[o_vx + 9] = SN_IPPROTO_UDP if udp else SN_IPPROTO_ESP
+    memcpy(t + o_vx + 12, tx.local, 4)
+    memcpy(t + o_vx + 16, tx.remote, 4)
+    vxbase = sn_csum_partial(t + o_vx, 20, 0)
+    # VXLAN's UDP (source port from the flow hash, below; checksum 0) and header (RFC 7348)
+    sn_st16(t + o_vu + 2, tx.dport if tx.dport else SN_VXLAN_PORT)
+    sn_st32(t + o_vu + 8, 0x08000000u)
+    sn_st32(t + o_vu + 12, (tx.vni & 0xFFFFFFu) << 8)
     # inner Ethernet, and the guest's IPv4 and TCP headers
     memcpy(t + o_eth, f, l2)
     memcpy(t + o_iip, f + l3, 20)
@@ -238,37 +261,40 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     tcpbase = sn_csum_partial(f + l3 + 12, 8, 0)
     tcpbase = sn_csum_add16(tcpbase, SN_IPPROTO_TCP)
     tcpbase = sn_csum_partial(t + o_tcp, thl, tcpbase)
+    tbase = 0
     if tunnel:
-        # ESP tunnel IPv4 (RFC 4303 section 3.1.2): DSCP/ECN and DF of the inner header
-        # (RFC 4301 section 5.1.2, RFC 6040), ID = the ESP sequence number's low bits.
+        # ESP tunnel IPv4 (RFC 4303 section 3.1.2): DSCP/ECN and DF of the header it
+        # carries (RFC 4301 section 5.1.2, RFC 6040), ID = the sequence number's low bits.
         t[o_ip] = 0x45
-        t[o_ip + 1] = tos
-        t[o_ip + 6] = f[l3 + 6] & 0x40
+        t[o_ip + 1] = vtos if device else tos
+        t[o_ip + 6] = 0x40 if device else f[l3 + 6] & 0x40
         t[o_ip + 8] = 64
         t[o_ip + 9] = SN_IPPROTO_UDP if udp else SN_IPPROTO_ESP
         memcpy(t + o_ip + 12, sa.src, 4)
         memcpy(t + o_ip + 16, sa.dst, 4)
         tbase = sn_csum_partial(t + o_ip, 20, 0)
-        sn_st16(t + o_eth + l2 - 2, 0x0800)
-        nxt = _IPPROTO_IPIP
-    else:
-        tbase = 0
-        nxt = SN_IPPROTO_TCP
+        if not device:
+            sn_st16(t + o_eth + l2 - 2, 0x0800)
+    elif not device:
         t[o_iip + 9] = SN_IPPROTO_UDP if udp else SN_IPPROTO_ESP
     ibase = sn_csum_partial(t + o_iip, 20, 0)
     if udp:
         sn_st16(t + o_ip + 20, sa.sport)           # RFC 3948 section 2.1; checksum 0
         sn_st16(t + o_ip + 22, sa.dport)
     sn_st32(t + o_esp, sa.spi)
-    # One flow hash per frame, over what sn_flow_hash reads of the protected packet
-    # (addresses, protocol, SPI): the same value the stage-by-stage path computes.
-    hash = sn_flow_hash(t + o_eth, o_iv - o_eth)
-    sn_st16(t + 20, sn_flow_port(hash))
+    # One flow hash per frame: host-terminated, over what sn_flow_hash reads of the
+    # protected inner packet (addresses, protocol, SPI); device-terminated, the caller's
+    # (of the guest's frame, which chose the SA). The stage-by-stage path's values.
+    if not device:
+        hash = sn_flow_hash(t + o_eth, o_iv - o_eth)
+    sn_st16(t + o_vu, sn_flow_port(hash))
 
     # --- sequence numbers for the whole frame, at once ---
     k = sn_esp_seq_reserve(sa, nseg, &first)
     if k < nseg:
         drops[<int>SN_DROP_SEQ_EXHAUSTED] += nseg - k
+        if drops2 != NULL:
+            drops2[<int>SN_DROP_SEQ_EXHAUSTED] += nseg - k
         _atomic_add(&sa.drops[<int>SN_DROP_SEQ_EXHAUSTED], nseg - k)
 
     pos = l4 + thl
@@ -276,32 +302,36 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         p = &out[n_ok]
         d = p.data + off
         c = paylen - i * mss if i == nseg - 1 else mss
-        pl = (20 if tunnel else 0) + thl + c
+        if i + 1 < k:
+            _prefetch(f + pos + c, mss)
+        fl_len = l2 + 20 + thl + c                   # the guest's segment, L2 included
+        pl = pl_extra + thl + c
         pad = (0 - (pl + 2)) & 3
         ct_len = pl + pad + 2
         esp_total = 16 + ct_len + icv
-        ilen = l2 + 20 + udp + esp_total
         seq = first + i
-        if i + 1 < k:
-            _prefetch(f + pos + c, mss)
         memcpy(d, t, _TMPL)              # the payload overwrites what is beyond o_pay
-        # outer IPv4 and UDP
-        sn_st16(d + 2, <uint16_t>(_VX + ilen))
-        sn_st16(d + 10, sn_csum_finish(sn_csum_add16(vxbase, <uint16_t>(_VX + ilen))))
-        sn_st16(d + 24, <uint16_t>(16 + ilen))
+        # VXLAN's IPv4 and UDP
+        if device and not tunnel:
+            vx_tot = 20 + udp + esp_total
+        elif device:
+            vx_tot = _VX + fl_len
+        else:
+            vx_tot = o_esp + esp_total
+        sn_st16(d + o_vx + 2, <uint16_t>vx_tot)
+        sn_st16(d + o_vx + 10, sn_csum_finish(sn_csum_add16(vxbase, <uint16_t>vx_tot)))
+        sn_st16(d + o_vu + 4, <uint16_t>(16 + fl_len if device else vx_tot - 20))
         if tunnel:
             sn_st16(d + o_ip + 2, <uint16_t>(20 + udp + esp_total))
             sn_st16(d + o_ip + 4, <uint16_t>seq)
             acc = sn_csum_add16(tbase, <uint16_t>(20 + udp + esp_total))
             acc = sn_csum_add16(acc, <uint16_t>seq)
             sn_st16(d + o_ip + 10, sn_csum_finish(acc))
-            word = <uint16_t>(20 + thl + c)
-        else:
-            word = <uint16_t>(20 + udp + esp_total)
         # inner IPv4: length, ID + i (RFC 6864 section 4.1), checksum
-        sn_st16(d + o_iip + SN_IP4_TOT_LEN, word)
+        iip_tot = 20 + udp + esp_total if not (tunnel or device) else 20 + thl + c
+        sn_st16(d + o_iip + SN_IP4_TOT_LEN, <uint16_t>iip_tot)
         sn_st16(d + o_iip + SN_IP4_ID, <uint16_t>(id0 + i))
-        acc = sn_csum_add16(ibase, word)
+        acc = sn_csum_add16(ibase, <uint16_t>iip_tot)
         acc = sn_csum_add16(acc, <uint16_t>(id0 + i))
         sn_st16(d + o_iip + SN_IP4_CSUM, sn_csum_finish(acc))
         if udp:
@@ -311,7 +341,7 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         sn_st32(d + o_iv, <uint32_t>((seq ^ sa.iv_mask) >> 32))
         sn_st32(d + o_iv + 4, <uint32_t>(seq ^ sa.iv_mask))
         # TCP: sequence number, flags (FIN/PSH on the last segment only, CWR on the
-        # first only), checksum over the payload where it lies in the frame
+        # first only), checksum summed while the payload is copied in
         seq_tcp = seq0 + i * mss
         fl = fl0
         if i != nseg - 1:
@@ -326,6 +356,7 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         acc = sn_csum_add16(acc, fl)
         acc = sn_csum_copy(d + o_pay, f + pos, c, acc)
         sn_st16(d + o_tcp + SN_TCP_CSUM, sn_csum_finish(acc))
+        pos += c
         # trailer (RFC 4303 section 2.4): pad 1, 2, ..., pad length, next header
         if pad:
             d[o_pay + c] = 1
@@ -338,12 +369,12 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         if xform_seal(sa.xform, d + o_esp, <uint32_t>(seq >> 32), sa.esn, d + o_iv,
                       d + o_enc, ct_len, d + o_enc + ct_len) != 0:
             drops[<int>SN_DROP_CRYPTO] += 1
+            if drops2 != NULL:
+                drops2[<int>SN_DROP_CRYPTO] += 1
             _atomic_add(&sa.drops[<int>SN_DROP_CRYPTO], 1)
-            pos += c
             continue
-        pos += c
         p.off = off
-        p.len = _VX + ilen
+        p.len = o_esp + esp_total
         p.hash = hash
         p.port = vtep
         p.drop = SN_OK

@@ -213,3 +213,56 @@ def test_what_it_does_not_cover_takes_the_stage_by_stage_path(case):
     for pkt in out:
         got += bytes(ssa.decrypt(esp_ip(pkt))[TCP].payload)
     assert got == bytes(Ether(f)[TCP].payload)
+
+
+def device_host(ul: str, mode: str, keys: list[bytes], select: str, suite, seq: int = 0):
+    a = Datapath(VTEP_A, UNDERLAY_MTU, ipsec=ul, sa_select=select)
+    a.set_vf(0, MAC_A, 100)
+    a.fdb_add(100, MAC_B, VTEP_B)
+    _, alg, _, _, icv, esn, engine = suite
+    sas = [SecurityAssociation(0x2000 + i, mode, VTEP_A, VTEP_B, alg, k, icv_len=icv,
+                               esn=esn, engine=engine, seq=seq,
+                               encap=(4500, 4500) if ul == "espinudp" else None)
+           for i, k in enumerate(keys)]
+    for sa in sas:
+        a.sa_add(-1, "out", sa)
+    return a, sas
+
+
+@pytest.mark.parametrize("suite", SUITES[:3] + SUITES[4:], ids=[s[0] for s in SUITES[:3]
+                                                               + SUITES[4:]])
+@pytest.mark.parametrize("mode", ["transport", "tunnel"])
+@pytest.mark.parametrize("ul", ["esp", "espinudp"])
+def test_device_terminated_one_pass_equals_stage_by_stage(suite, mode, ul):
+    """VXLAN first, then the uplink SA (chosen by the inner flow hash) around it."""
+    keys = [os.urandom(suite[2]) for _ in range(3)]
+    encap = (4500, 4500) if ul == "espinudp" else None
+    oracles = {0x2000 + i: ScapySA(
+        ESP, spi=0x2000 + i, crypt_algo=suite[3], crypt_key=k, auth_algo="NULL",
+        esn_en=suite[5], tunnel_header=IP(src=VTEP_A, dst=VTEP_B) if mode == "tunnel"
+        else None, nat_t_header=UDP(sport=4500, dport=4500) if encap else None)
+        for i, k in enumerate(keys)}
+    for n, gso, sport, select in [(60000, 1448, 40000, "flow-hash"), (3000, 1000, 40001,
+                                  "flow-hash"), (1, 1448, 40002, "single"),
+                                  (65535 - 40 - 12, 65535, 40003, "flow-hash")]:
+        f_in = gso_input(bytes(Ether(src=MAC_A, dst=MAC_B) / IP(src=VM_A, dst=VM_B, tos=1)
+                               / TCP(sport=sport, dport=5001, flags="PA")
+                               / os.urandom(n)), gso)
+        res = []
+        for on in (False, True):
+            _tsoesp.set_enabled(on)
+            a, sas = device_host(ul, mode, keys, select, suite)
+            taken = _tsoesp.frames()
+            out, loc, _ = tx(a, [f_in])
+            assert _tsoesp.frames() == taken + on and not loc
+            res.append((out, a.vf_counters(0), a.uplink_counters(),
+                        [sa.stats() for sa in sas]))
+        (g_out, *g_rest), (f_out, *f_rest) = res
+        assert len(f_out) == len(g_out) > 0 and f_rest == g_rest
+        end = 20 + (8 if encap else 0) + 8
+        for g, f in zip(g_out, f_out, strict=True):
+            assert len(f) == len(g) <= UNDERLAY_MTU and f[:end] == g[:end]
+            spi = int.from_bytes(f[end - 8:end - 4], "big")
+            pf, pg = oracles[spi].decrypt(IP(f)), oracles[spi].decrypt(IP(g))
+            assert bytes(pf) == bytes(pg) and pf[VXLAN].vni == 100
+            assert TCP in pf[VXLAN].payload
