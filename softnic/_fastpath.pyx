@@ -872,6 +872,7 @@ cdef class Datapath:
             budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
         nseg = 1
         fchunk = 0
+        mss = 0
         if vh.gso_type == VIRTIO_NET_HDR_GSO_NONE and h.ipver == 4 and \
                 h.l3len_total > budget and not (f[h.l3off + 6] & 0x40) and \
                 h.l4off - h.l3off == 20 and budget >= 28:

@@ -48,7 +48,6 @@ from softnic._esp cimport (
 from softnic._parse cimport sn_hdrs
 from softnic._pkt cimport (
     SN_DROP_CRYPTO,
-    SN_DROP_NO_ROOM,
     SN_DROP_SEQ_EXHAUSTED,
     SN_OK,
     SN_PKT_ESP,
@@ -206,17 +205,20 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     if headroom + l2 + 20 < o_tcp:
         return SN_TSOESP_GENERIC
     off = headroom + l2 + 20 - o_tcp
+    # Short of slots or slot room: the generic stages name the drop.
     if nseg > nout:
-        return SN_DROP_NO_ROOM
+        return SN_TSOESP_GENERIC
     c = mss if nseg > 1 else paylen
     pl = pl_extra + thl + c
     pad = (0 - (pl + 2)) & 3
+    if o_enc + pl + pad + 2 + icv > 65535:      # 16-bit lengths: the generic stages refuse
+        return SN_TSOESP_GENERIC
     if (<uint64_t>off + o_enc + pl + pad + 2 + icv > out[0].cap
             or <uint64_t>off + _TMPL > out[0].cap):
-        return SN_DROP_NO_ROOM
+        return SN_TSOESP_GENERIC
     for i in range(1, nseg):
         if out[i].cap != out[0].cap:
-            return SN_DROP_NO_ROOM
+            return SN_TSOESP_GENERIC
 
     # --- the template: every header, with the per-segment fields zero ---
     memset(t, 0, _TMPL)
