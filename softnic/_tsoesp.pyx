@@ -121,6 +121,43 @@ cdef enum:
     _TMPL = 192
 
 
+cdef struct _geo:
+    # One frame's header geometry (offsets into a finished packet), for _put_lengths.
+    uint32_t l2, thl, udp, icv, pl_extra, o_vx, o_vu, o_ip, o_iip, o_esp
+    uint64_t vxbase
+    bint device, tunnel
+
+
+cdef inline uint32_t _put_lengths(uint8_t *d, const _geo *g, uint32_t c, uint32_t *pad,
+                                  uint16_t *tip_tot, uint16_t *iip_tot) noexcept nogil:
+    """Write the length fields of a packet carrying c payload bytes at d (the template,
+    or a packet copied from it): VXLAN's IPv4 length and checksum, its UDP length, the
+    ESP tunnel IPv4 and inner IPv4 lengths, the UDP-encap length. Returns the ESP length
+    (header, IV, ciphertext, ICV); *pad, and the two IPv4 lengths for their checksums."""
+    cdef uint32_t fl_len = g.l2 + 20 + g.thl + c         # the guest's segment, L2 included
+    cdef uint32_t pl = g.pl_extra + g.thl + c
+    cdef uint32_t esp_total, vx_tot
+    pad[0] = (0 - (pl + 2)) & 3
+    esp_total = 16 + pl + pad[0] + 2 + g.icv
+    if g.device and not g.tunnel:
+        vx_tot = 20 + g.udp + esp_total
+    elif g.device:
+        vx_tot = _VX + fl_len
+    else:
+        vx_tot = g.o_esp + esp_total
+    sn_st16(d + g.o_vx + 2, <uint16_t>vx_tot)
+    sn_st16(d + g.o_vx + 10, sn_csum_finish(sn_csum_add16(g.vxbase, <uint16_t>vx_tot)))
+    sn_st16(d + g.o_vu + 4, <uint16_t>(16 + fl_len if g.device else vx_tot - 20))
+    tip_tot[0] = <uint16_t>(20 + g.udp + esp_total)
+    if g.tunnel:
+        sn_st16(d + g.o_ip + 2, tip_tot[0])
+    iip_tot[0] = <uint16_t>(20 + g.thl + c if g.tunnel or g.device else tip_tot[0])
+    sn_st16(d + g.o_iip + SN_IP4_TOT_LEN, iip_tot[0])
+    if g.udp:
+        sn_st16(d + g.o_ip + 24, <uint16_t>(g.udp + esp_total))
+    return esp_total
+
+
 cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh,
                           const sn_hdrs *h, uint32_t mss_cap, sn_sa *sa, bint device,
                           uint32_t hash, const sn_vxlan_tx *tx, uint32_t vtep, sn_pkt *out,
@@ -135,13 +172,17 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     cdef uint32_t udp = 8 if sa.encap else 0
     cdef bint tunnel = sa.mode == SN_ESP_TUNNEL
     cdef uint32_t o_vx, o_vu, o_eth, o_ip, o_esp, o_iv, o_iip, o_tcp, o_pay, o_enc
-    cdef uint32_t paylen, nseg, k, i, c, fl_len, pl, pad, ct_len, esp_total, off, pos
-    cdef uint32_t icv = sa.icv_len, seq_tcp, seq0, n_ok = 0, pl_extra, vx_tot, iip_tot
+    cdef uint32_t paylen, nseg, k, i, c, pl, pad, ct_len, esp_total, off, pos
+    cdef uint32_t icv = sa.icv_len, seq_tcp, seq0, n_ok = 0, pl_extra
     cdef uint16_t id0
     cdef uint8_t fl0, fl, tos, vtos, ecn, nxt
     cdef uint64_t first, seq, vxbase, tbase, ibase, tcpbase, acc, nbytes = 0
     cdef uint8_t *d
     cdef sn_pkt *p
+    cdef _geo g
+    cdef uint32_t c_full, pad_full, esp_full
+    cdef uint16_t tip_tot, iip_tot
+    cdef uint64_t tb_full, ib_full, tb, ib
     produced[0] = 0
 
     # --- covered? (nothing changes before this is settled) ---
@@ -290,6 +331,25 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     if not device:
         hash = sn_flow_hash(t + o_eth, o_iv - o_eth)
     sn_st16(t + o_vu, sn_flow_port(hash))
+    # Every segment but the last has mss bytes: its lengths and the checksum parts they
+    # feed are the template's; only a shorter last segment rewrites them.
+    g.l2 = l2
+    g.thl = thl
+    g.udp = udp
+    g.icv = icv
+    g.pl_extra = pl_extra
+    g.o_vx = o_vx
+    g.o_vu = o_vu
+    g.o_ip = o_ip
+    g.o_iip = o_iip
+    g.o_esp = o_esp
+    g.vxbase = vxbase
+    g.device = device
+    g.tunnel = tunnel
+    c_full = mss if nseg > 1 else paylen
+    esp_full = _put_lengths(t, &g, c_full, &pad_full, &tip_tot, &iip_tot)
+    tb_full = sn_csum_add16(tbase, tip_tot)
+    ib_full = sn_csum_add16(ibase, iip_tot)
 
     # --- sequence numbers for the whole frame, at once ---
     k = sn_esp_seq_reserve(sa, nseg, &first)
@@ -306,38 +366,26 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         c = paylen - i * mss if i == nseg - 1 else mss
         if i + 1 < k:
             _prefetch(f + pos + c, mss)
-        fl_len = l2 + 20 + thl + c                   # the guest's segment, L2 included
-        pl = pl_extra + thl + c
-        pad = (0 - (pl + 2)) & 3
-        ct_len = pl + pad + 2
-        esp_total = 16 + ct_len + icv
         seq = first + i
         memcpy(d, t, _TMPL)              # the payload overwrites what is beyond o_pay
-        # VXLAN's IPv4 and UDP
-        if device and not tunnel:
-            vx_tot = 20 + udp + esp_total
-        elif device:
-            vx_tot = _VX + fl_len
+        if c == c_full:
+            pad = pad_full
+            esp_total = esp_full
+            tb = tb_full
+            ib = ib_full
         else:
-            vx_tot = o_esp + esp_total
-        sn_st16(d + o_vx + 2, <uint16_t>vx_tot)
-        sn_st16(d + o_vx + 10, sn_csum_finish(sn_csum_add16(vxbase, <uint16_t>vx_tot)))
-        sn_st16(d + o_vu + 4, <uint16_t>(16 + fl_len if device else vx_tot - 20))
-        if tunnel:
-            sn_st16(d + o_ip + 2, <uint16_t>(20 + udp + esp_total))
+            esp_total = _put_lengths(d, &g, c, &pad, &tip_tot, &iip_tot)
+            tb = sn_csum_add16(tbase, tip_tot)
+            ib = sn_csum_add16(ibase, iip_tot)
+        pl = pl_extra + thl + c
+        ct_len = pl + pad + 2
+        if tunnel:                       # ESP tunnel IPv4: ID = the sequence number
             sn_st16(d + o_ip + 4, <uint16_t>seq)
-            acc = sn_csum_add16(tbase, <uint16_t>(20 + udp + esp_total))
-            acc = sn_csum_add16(acc, <uint16_t>seq)
-            sn_st16(d + o_ip + 10, sn_csum_finish(acc))
-        # inner IPv4: length, ID + i (RFC 6864 section 4.1), checksum
-        iip_tot = 20 + udp + esp_total if not (tunnel or device) else 20 + thl + c
-        sn_st16(d + o_iip + SN_IP4_TOT_LEN, <uint16_t>iip_tot)
+            sn_st16(d + o_ip + 10, sn_csum_finish(sn_csum_add16(tb, <uint16_t>seq)))
+        # inner IPv4: ID + i (RFC 6864 section 4.1), checksum
         sn_st16(d + o_iip + SN_IP4_ID, <uint16_t>(id0 + i))
-        acc = sn_csum_add16(ibase, <uint16_t>iip_tot)
-        acc = sn_csum_add16(acc, <uint16_t>(id0 + i))
-        sn_st16(d + o_iip + SN_IP4_CSUM, sn_csum_finish(acc))
-        if udp:
-            sn_st16(d + o_ip + 24, <uint16_t>(udp + esp_total))
+        sn_st16(d + o_iip + SN_IP4_CSUM,
+                sn_csum_finish(sn_csum_add16(ib, <uint16_t>(id0 + i))))
         # ESP header and IV (seq XOR the SA's mask, as sn_esp_encap)
         sn_st32(d + o_esp + 4, <uint32_t>seq)
         sn_st32(d + o_iv, <uint32_t>((seq ^ sa.iv_mask) >> 32))
