@@ -158,6 +158,22 @@ cdef inline uint32_t _put_lengths(uint8_t *d, const _geo *g, uint32_t c, uint32_
     return esp_total
 
 
+cdef inline uint64_t _trailer(uint32_t pad, uint8_t nxt) noexcept nogil:
+    """The ESP trailer (RFC 4303 section 2.4) for pad <= 3 as 8 bytes to store at once:
+    pad bytes 1, 2, 3, pad length, next header; the bytes after it land where the ICV
+    is written next."""
+    cdef uint8_t b[8]
+    cdef uint64_t v
+    memset(b, 0, 8)
+    b[0] = 1
+    b[1] = 2
+    b[2] = 3
+    b[pad] = <uint8_t>pad
+    b[pad + 1] = nxt
+    memcpy(&v, b, 8)
+    return v
+
+
 cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh,
                           const sn_hdrs *h, uint32_t mss_cap, sn_sa *sa, bint device,
                           uint32_t hash, const sn_vxlan_tx *tx, uint32_t vtep, sn_pkt *out,
@@ -182,7 +198,7 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     cdef _geo g
     cdef uint32_t c_full, pad_full, esp_full
     cdef uint16_t tip_tot, iip_tot
-    cdef uint64_t tb_full, ib_full, tb, ib
+    cdef uint64_t tb_full, ib_full, tb, ib, trail_full, trail
     produced[0] = 0
 
     # --- covered? (nothing changes before this is settled) ---
@@ -192,7 +208,7 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
             or h.ipver != 4 or h.l4proto != SN_IPPROTO_TCP or h.is_fragment
             or l4 - l3 != 20 or thl < 20 or l2 < 14 or l2 > 22):
         return SN_TSOESP_GENERIC
-    if (sa.dead or sa.ivgen != NULL or sa.iv_len != 8 or sa.block != 4 or icv > 16
+    if (sa.dead or sa.ivgen != NULL or sa.iv_len != 8 or sa.block != 4 or icv > 16 or icv < 8
             or (tunnel and sa.family != 4)):
         return SN_TSOESP_GENERIC
     if (tx.family != SN_AF_INET or not (tx.flags & SN_VXLAN_F_DF)
@@ -350,6 +366,7 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
     esp_full = _put_lengths(t, &g, c_full, &pad_full, &tip_tot, &iip_tot)
     tb_full = sn_csum_add16(tbase, tip_tot)
     ib_full = sn_csum_add16(ibase, iip_tot)
+    trail_full = _trailer(pad_full, nxt)
 
     # --- sequence numbers for the whole frame, at once ---
     k = sn_esp_seq_reserve(sa, nseg, &first)
@@ -373,10 +390,12 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
             esp_total = esp_full
             tb = tb_full
             ib = ib_full
+            trail = trail_full
         else:
             esp_total = _put_lengths(d, &g, c, &pad, &tip_tot, &iip_tot)
             tb = sn_csum_add16(tbase, tip_tot)
             ib = sn_csum_add16(ibase, iip_tot)
+            trail = _trailer(pad, nxt)
         pl = pl_extra + thl + c
         ct_len = pl + pad + 2
         if tunnel:                       # ESP tunnel IPv4: ID = the sequence number
@@ -407,15 +426,7 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         acc = sn_csum_copy(d + o_pay, f + pos, c, acc)
         sn_st16(d + o_tcp + SN_TCP_CSUM, sn_csum_finish(acc))
         pos += c
-        # trailer (RFC 4303 section 2.4): pad 1, 2, ..., pad length, next header
-        if pad:
-            d[o_pay + c] = 1
-            if pad > 1:
-                d[o_pay + c + 1] = 2
-                if pad > 2:
-                    d[o_pay + c + 2] = 3
-        d[o_pay + c + pad] = <uint8_t>pad
-        d[o_pay + c + pad + 1] = nxt
+        memcpy(d + o_pay + c, &trail, 8)     # the trailer (the ICV overwrites the rest)
         if xform_seal(sa.xform, d + o_esp, <uint32_t>(seq >> 32), sa.esn, d + o_iv,
                       d + o_enc, ct_len, d + o_enc + ct_len) != 0:
             drops[<int>SN_DROP_CRYPTO] += 1
