@@ -96,7 +96,7 @@ cdef uint64_t SEQ_MAX_ESN = 0xFFFFFFFFFFFFFFFFu
 
 cdef extern from *:
     """
-    /* Events are raised by the worker that owns the SA and taken by the control plane:
+    /* Events are raised by the workers that use the SA and taken by the control plane:
        both sides atomic, so a bit raised while the other side takes them is never lost. */
     static inline void sn_ev_raise(uint32_t *ev, uint32_t bit) {
         __atomic_fetch_or(ev, bit, __ATOMIC_RELEASE); }

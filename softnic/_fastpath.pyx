@@ -915,9 +915,7 @@ cdef class Datapath:
                                      &tx, dests[0], &out.pkts[k], out.size - k,
                                      out.headroom, &produced, v.c.drops,
                                      self.ul.drops if sa == NULL else NULL)
-                if r != SN_TSOESP_GENERIC:
-                    if r != SN_OK:
-                        return r
+                if r != SN_TSOESP_GENERIC:     # done (else: the stages below)
                     v.c.tx_tso_frames += 1
                     v.c.tx_segments += produced
                     if sa != NULL:
