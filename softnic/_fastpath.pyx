@@ -917,7 +917,7 @@ cdef class Datapath:
                                      self.ul.drops if sa == NULL else NULL)
                 if r != SN_TSOESP_GENERIC:     # done (else: the stages below)
                     v.c.tx_tso_frames += 1
-                    v.c.tx_segments += produced
+                    v.c.tx_segments += <uint32_t>r
                     if sa != NULL:
                         v.c.tx_esp += produced
                     else:

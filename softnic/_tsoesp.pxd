@@ -24,8 +24,9 @@ cdef enum:
 # drop = 0). *produced: finished packets, all alive, in out[0:*produced]. Segments that
 # could not be sent (the sequence space ran out, an engine failure) are added to
 # drops[reason], to drops2[reason] unless it is NULL, and to the SA's drops.
-# Returns SN_OK or SN_TSOESP_GENERIC (not covered, not valid, or short of room: the
-# generic stages then do the work or name the drop reason).
+# Returns the number of segments the frame was cut into (>= 1, *produced of them
+# finished), or SN_TSOESP_GENERIC (not covered, not valid, or short of room: nothing was
+# done, and the generic stages do the work or name the drop reason).
 cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh,
                           const sn_hdrs *h, uint32_t mss_cap, sn_sa *sa, bint device,
                           uint32_t hash, const sn_vxlan_tx *tx, uint32_t vtep, sn_pkt *out,

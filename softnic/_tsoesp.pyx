@@ -446,7 +446,7 @@ cdef int sn_tso_esp_vxlan(const uint8_t *f, uint32_t flen, const sn_vnet_hdr *vh
         sn_esp_account_out(sa, n_ok, nbytes)
     _atomic_add(&_frames, 1)
     produced[0] = n_ok
-    return SN_OK
+    return <int>nseg
 
 
 # ---- tests and benchmarks ------------------------------------------------------------
