@@ -348,7 +348,7 @@ cdef uint32_t sn_esp_max_ip_len(const sn_sa *sa, uint32_t mtu, uint32_t hdr_len)
         fixed += hdr_len
     if mtu < fixed + sa.block:
         return 0
-    room = (mtu - fixed) // sa.block * sa.block     # ciphertext: payload + pad + 2
+    room = (mtu - fixed) & ~(sa.block - 1)     # ciphertext: payload + pad + 2 (block: 2^n)
     return hdr_len + room - 2
 
 
