@@ -96,7 +96,7 @@ cdef uint64_t SEQ_MAX_ESN = 0xFFFFFFFFFFFFFFFFu
 
 cdef extern from *:
     """
-    /* Events are raised by the worker that owns the SA and taken by the control plane:
+    /* Events are raised by the workers that use the SA and taken by the control plane:
        both sides atomic, so a bit raised while the other side takes them is never lost. */
     static inline void sn_ev_raise(uint32_t *ev, uint32_t bit) {
         __atomic_fetch_or(ev, bit, __ATOMIC_RELEASE); }
@@ -348,7 +348,7 @@ cdef uint32_t sn_esp_max_ip_len(const sn_sa *sa, uint32_t mtu, uint32_t hdr_len)
         fixed += hdr_len
     if mtu < fixed + sa.block:
         return 0
-    room = (mtu - fixed) // sa.block * sa.block     # ciphertext: payload + pad + 2
+    room = (mtu - fixed) & ~(sa.block - 1)     # ciphertext: payload + pad + 2 (block: 2^n)
     return hdr_len + room - 2
 
 

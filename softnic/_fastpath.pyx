@@ -100,6 +100,7 @@ from softnic._tables cimport (
     sn_sa_remove,
 )
 from softnic._tso cimport sn_csum_complete, sn_tcp_mss_clamp, sn_tso_segment
+from softnic._tsoesp cimport SN_TSOESP_GENERIC, sn_tso_esp_vxlan
 from vhost._virtq cimport (
     Virtq,
     vh_mem,
@@ -880,6 +881,8 @@ cdef class Datapath:
         cdef uint32_t dests[FP_MAX_FLOOD + 1]
         cdef sn_pkt *p
         cdef bint bum
+        cdef fp_vtep *fe
+        cdef sn_sa *fsa
 
         if inp.len < SN_VNET_HDR_LEN + 14:
             return SN_DROP_MALFORMED_L2
@@ -960,6 +963,7 @@ cdef class Datapath:
             budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
         nseg = 1
         fchunk = 0
+        mss = 0
         if vh.gso_type == VIRTIO_NET_HDR_GSO_NONE and h.ipver == 4 and \
                 h.l3len_total > budget and not (f[h.l3off + 6] & 0x40) and \
                 h.l4off - h.l3off == 20 and budget >= 28:
@@ -986,6 +990,32 @@ cdef class Datapath:
         # TSO or checksum completion, into the first destination's slots.
         k = out.count
         if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE:
+            fe = &self.vteps[dests[0] if dst_count else 0]
+            if dst_count == 1 and local_vf < 0 and not bum and (
+                    (sa != NULL and self.ul_mode == FP_UL_OFF)
+                    or (sa == NULL and self.ul_mode != FP_UL_OFF and fe.n_sas != 0)):
+                # TSO, ESP and VXLAN in one pass (softnic._tsoesp) where it applies.
+                tx = fe.tx
+                tx.vni = v.vni
+                fsa = sa
+                fhash = 0
+                if sa == NULL:      # device-terminated: the uplink SA by the inner flow hash
+                    fhash = sn_flow_hash(f, flen)
+                    fsa = fe.sas[0] if self.ul_single else fe.sas[fhash % fe.n_sas]
+                r = sn_tso_esp_vxlan(f, flen, vh, &h, mss, fsa, sa == NULL, <uint32_t>fhash,
+                                     &tx, dests[0], &out.pkts[k], out.size - k,
+                                     out.headroom, &produced, c.drops,
+                                     L.ul.drops if sa == NULL else NULL)
+                if r != SN_TSOESP_GENERIC:     # done (else: the stages below)
+                    c.tx_tso_frames += 1
+                    c.tx_segments += <uint32_t>r
+                    if sa != NULL:
+                        c.tx_esp += produced
+                    else:
+                        L.ul.tx_esp += produced
+                    c.tx_packets += produced
+                    out.count = k + produced
+                    return SN_OK
             for j in range(nseg):
                 out.pkts[k + j].off = out.headroom
                 out.pkts[k + j].drop = 0

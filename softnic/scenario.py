@@ -197,6 +197,15 @@ class Daemon:
         bad = [ln for ln in text.splitlines() if "Traceback" in ln or "broke ring" in ln]
         assert not bad, "\n".join(bad[:20]) + "\n" + text[-3000:]
 
+    def thread_names(self) -> set[str]:
+        """The kernel's names of the daemon's threads (a thread may end while read)."""
+        names = set()
+        for t in os.listdir(f"/proc/{self.pid}/task"):
+            with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+                with open(f"/proc/{self.pid}/task/{t}/comm") as f:
+                    names.add(f.read().strip())
+        return names
+
     def counts(self) -> tuple[int, int]:
         """(open fds, memfd mappings) of the daemon process."""
         fds = len(os.listdir(f"/proc/{self.pid}/fd"))

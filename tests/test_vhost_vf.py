@@ -204,7 +204,5 @@ def test_capture_on_a_vhost_vf_sees_both_directions(daemon, guest):
 
 def test_workers_are_named_in_the_kernel(daemon):
     """top -H and perf tell the workers apart."""
-    pid = daemon["d"].pid
-    names = {open(f"/proc/{pid}/task/{t}/comm").read().strip()
-             for t in os.listdir(f"/proc/{pid}/task")}
+    names = daemon["d"].thread_names()
     assert {"softnic-tx0", "softnic-rx"} <= names
