@@ -826,7 +826,22 @@ cdef class Datapath:
             room = v.mtu
         return room
 
-    cdef int _finish_tx(self, fp_counters *c, fp_uplink_counters *ulc, sn_pkt *p, sn_sa *sa,
+    cdef inline sn_sa *_ul_sa(self, const fp_vtep *e, uint32_t hash, int lane) noexcept nogil:
+        """The uplink SA towards VTEP e for a packet of this flow hash in this lane. With
+        at least as many SAs as lanes, each lane owns its own (SA i belongs to lane
+        i % lanes) and picks among them by flow hash: no two workers then share a
+        sequence counter, so none sends an SA's numbers out of order (a peer's
+        anti-replay window would drop what came too late) and none contends for it.
+        With fewer SAs than lanes they are shared, picked by flow hash alone."""
+        cdef uint32_t n = e.n_sas, lanes = self.n_lanes, owned
+        if self.ul_single:
+            return e.sas[0]
+        if n >= lanes:
+            owned = (n - lane + lanes - 1) // lanes
+            return e.sas[lane + lanes * (hash % owned)]
+        return e.sas[hash % n]
+
+    cdef int _finish_tx(self, fp_counters *c, _Lane L, sn_pkt *p, sn_sa *sa,
                         uint32_t l2len, const sn_vxlan_tx *tx, uint64_t *hash,
                         uint32_t vt) noexcept nogil:
         """ESP (host-terminated), VXLAN, ESP (device-terminated) for one packet. The
@@ -849,12 +864,12 @@ cdef class Datapath:
         if self.ul_mode != FP_UL_OFF:
             if e.n_sas == 0:
                 return SN_DROP_NO_SA
-            ul = e.sas[0] if self.ul_single else e.sas[p.hash % e.n_sas]
+            ul = self._ul_sa(e, p.hash, L.index)
             r = sn_esp_encap(ul, p, 0)
             if r != SN_OK:
-                ulc.drops[r] += 1
+                L.ul.drops[r] += 1
                 return r
-            ulc.tx_esp += 1
+            L.ul.tx_esp += 1
         p.port = vt
         return SN_OK
 
@@ -1001,7 +1016,7 @@ cdef class Datapath:
                 fhash = 0
                 if sa == NULL:      # device-terminated: the uplink SA by the inner flow hash
                     fhash = sn_flow_hash(f, flen)
-                    fsa = fe.sas[0] if self.ul_single else fe.sas[fhash % fe.n_sas]
+                    fsa = self._ul_sa(fe, <uint32_t>fhash, L.index)
                 r = sn_tso_esp_vxlan(f, flen, vh, &h, mss, fsa, sa == NULL, <uint32_t>fhash,
                                      &tx, dests[0], &out.pkts[k], out.size - k,
                                      out.headroom, &produced, c.drops,
@@ -1109,7 +1124,7 @@ cdef class Datapath:
             fhash = 0
             for i in range(produced):
                 p = &out.pkts[k + d * produced + i]
-                r = self._finish_tx(c, &L.ul, p, sa, h.l2len, &tx, &fhash, dests[d])
+                r = self._finish_tx(c, L, p, sa, h.l2len, &tx, &fhash, dests[d])
                 if r != SN_OK:
                     c.drops[r] += 1
                     continue
