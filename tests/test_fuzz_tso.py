@@ -31,7 +31,8 @@ def test_mutated_seeds(seed, edits):
 def test_bounded_mutation_run():
     labels = run_for(tso.one, tso.SEEDS, seconds=4)
     ops = {label.split(":")[0] for label in labels}
-    assert ops == {"parse", "csum", "tso", "batch", "clamp"}
+    assert ops == {"parse", "csum", "tso", "batch", "clamp", "onepass"}
+    assert any(label.endswith(":fused") for label in labels)     # the one-pass path ran
     assert "tso:ok" in labels and "tso:bad_vnet_hdr" in labels
 
 

@@ -1,6 +1,7 @@
 """The TX offloads and the frame parser (virtio 1.x §5.1.6.2, RFC 9293 §3.1 as NICs
 segment, RFC 791 / RFC 8200 headers): softnic._parse.parse, softnic._tso.csum_complete,
-segment, segment_batch and mss_clamp, with hostile virtio-net headers.
+segment, segment_batch and mss_clamp, and the one-pass TSO -> ESP -> VXLAN of
+softnic._tsoesp inside the data plane, with hostile virtio-net headers.
 
 Frames are built here (Ethernet with up to two VLAN tags, IPv4 with options or IPv6 with
 hop-by-hop / destination-options headers, TCP with options, payload, Ethernet padding),
@@ -12,15 +13,21 @@ dpkt parses with valid IPv4 and TCP checksums (our own RFC 1071 sum), sequence n
 that advance by the payload, FIN/PSH only last, CWR only first, payloads that
 reassemble to the original. For anything else: a drop reason, or output that is still
 valid per segment. csum_complete may change only the two checksum bytes, and their
-RFC 1071 sum over [csum_start:] must verify.
+RFC 1071 sum over [csum_start:] must verify. The one-pass path must do exactly what the
+stage-by-stage path does with the same frame: the same drop reason and counters, the
+same packets up to the ESP sequence number, and ciphertexts that `cryptography`'s
+AES-GCM opens to the same plaintexts.
 """
 
 from __future__ import annotations
 
 import struct
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 import softnic._parse as _parse
 import softnic._tso as _tso
+import softnic._tsoesp as _tsoesp
 from softnic._batch import Batch
 
 from .common import REASONS, Reader, check_ip, check_reason, expect, inet_sum
@@ -168,7 +175,7 @@ def n_in(drops: dict[str, int], n: int, inb: Batch, outb: Batch) -> bool:
 
 def one(data: bytes) -> str:
     r = Reader(data)
-    op = r.u8() % 5
+    op = r.u8() % 6
     fr = Frame(r)
     mss = r.choice((536, 1448, 1460, 8960, MIN_MSS, 100)) if r.u8() % 4 else r.uint(2)
     cap = 0 if r.u8() % 3 else r.choice((MIN_MSS, 1000, 1400, r.uint(2)))
@@ -255,6 +262,8 @@ def one(data: bytes) -> str:
         got_segs = [outb.get(i) for i in range(outb.count)]
         expect(got_segs == want_segs, "segment_batch disagrees with segment/csum_complete")
         return "batch:" + ",".join(sorted(drops)) if drops else "batch:ok"
+    if op == 5:
+        return one_pass(vh, frame)
     try:
         out = _tso.mss_clamp(frame, r.uint(2))
     except ValueError as e:
@@ -265,4 +274,78 @@ def one(data: bytes) -> str:
 
 SEEDS = [bytes([op, tags, v6, 3, 5, 1, 100, 9, 0x18, 1, 2, 3, 4, 5, 6, 7, 8, 0, 0, 1, 1, 1,
                 1, 1, 1]) + bytes(16)
-         for op in range(5) for tags in (0, 1, 2) for v6 in (0, 1)]
+         for op in range(6) for tags in (0, 1, 2) for v6 in (0, 1)]
+
+
+# ---- the one-pass path beside the stages ------------------------------------------------
+
+SPI, KEY = 0x1000, bytes(range(20))            # AES-128 key || salt (RFC 4106)
+_HOSTS: list = []
+
+
+def _hosts() -> list:
+    """Two data planes alike (kept across cases: both see the same sequence of frames),
+    the frames' addresses protected by a tunnel-mode SA, their MAC behind a VTEP."""
+    if not _HOSTS:
+        from softnic._esp import SecurityAssociation
+        from softnic._fastpath import Datapath
+
+        for _ in range(2):
+            dp = Datapath("10.99.0.1", 1500)
+            dp.set_vf(0, "02:00:00:00:00:01", 100, ipsec="offload")
+            dp.fdb_add(100, "00:00:00:00:00:00", "10.99.0.2")
+            sa = SecurityAssociation(SPI, "tunnel", "10.0.0.1", "10.0.0.2", "aes-gcm", KEY)
+            dp.sa_add(0, "out", sa)
+            dp.policy_set(0, [{"dir": "out", "src": "10.0.0.1", "dst": "10.0.0.2",
+                               "action": "protect", "spi": SPI}])
+            _HOSTS.append((dp, sa))
+    return _HOSTS
+
+
+def _esp_at(pkt: bytes) -> int:
+    """Offset of the ESP header in outer IPv4 / UDP / VXLAN / Ethernet (+VLAN) / IPv4
+    (tunnel mode's outer header: no options), or -1 if the packet carries no ESP."""
+    off = 36 + 12
+    while pkt[off:off + 2] in (b"\x81\x00", b"\x88\xa8", b"\x91\x00"):
+        off += 4
+    if pkt[9] != 17 or pkt[off:off + 2] != b"\x08\x00" or len(pkt) < off + 2 + 20 + 16 \
+            or pkt[off + 2 + 9] != 50:
+        return -1
+    return off + 2 + 20
+
+
+def _open(pkt: bytes) -> bytes:
+    """The plaintext of the packet's ESP, by `cryptography`'s AES-GCM (RFC 4106)."""
+    e = _esp_at(pkt)
+    nonce = KEY[16:] + pkt[e + 8:e + 16]
+    return AESGCM(KEY[:16]).decrypt(nonce, pkt[e + 16:], pkt[e:e + 8])
+
+
+def one_pass(vh: bytes, frame: bytes) -> str:
+    res = []
+    taken = _tsoesp.frames()
+    for on, (dp, sa) in zip((False, True), _hosts(), strict=True):
+        inb = Batch(1, slot_size=8192 + 64, headroom=64)
+        inb.push((vh + frame)[:8192])
+        out = Batch(512, slot_size=1500 + 576)
+        loc = Batch(8, slot_size=1500 + 576)
+        _tsoesp.set_enabled(on)
+        try:
+            expect(dp.tx_burst(0, inb, 0, out, loc) == 1, "tx_burst left the frame")
+        finally:
+            _tsoesp.set_enabled(True)
+        pkts = [out.get(i) for i in range(out.count)]
+        res.append((inb.drop_reason(0), pkts, dp.vf_counters(0), sa.stats()["seq"]))
+    (g_reason, g_pkts, g_count, g_seq), (f_reason, f_pkts, f_count, f_seq) = res
+    expect(f_reason == g_reason, f"one pass: {f_reason}, stages: {g_reason}")
+    expect(f_count == g_count and f_seq == g_seq, f"counters {f_count} != {g_count}")
+    expect([len(p) for p in f_pkts] == [len(p) for p in g_pkts], "packet lengths differ")
+    for f, g in zip(f_pkts, g_pkts, strict=True):
+        e = _esp_at(g)
+        if e >= 0:
+            expect(f[:e + 8] == g[:e + 8], "headers differ up to the ESP sequence number")
+            expect(_open(f) == _open(g), "plaintexts differ")
+        else:
+            expect(f == g, "unprotected packets differ")
+    # Which path the "on" run took: the one-pass module, or (not covered) the stages.
+    return f"onepass:{g_reason}:" + ("fused" if _tsoesp.frames() > taken else "stages")
