@@ -74,6 +74,10 @@ ctypedef struct sn_sa:
 
 
 cdef int sn_esp_encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil
+# The same, with the SA's packet/byte accounting left to the caller where it may be (an SA
+# without lifetime limits): a TX lane sums a burst and adds once per SA, not per packet.
+cdef int sn_esp_encap_deferred(sn_sa *sa, sn_pkt *p, uint32_t l2len,
+                               uint32_t *deferred) noexcept nogil
 # Building blocks of sn_esp_encap for a caller that frames ESP itself (one reservation
 # and one accounting per TSO frame). seq_reserve: up to n numbers, the first in *first;
 # returns how many (fewer than n: SEQ_EXHAUSTED raised). account_out: npkts packets of

@@ -352,7 +352,7 @@ cdef uint32_t sn_esp_max_ip_len(const sn_sa *sa, uint32_t mtu, uint32_t hdr_len)
     return hdr_len + room - 2
 
 
-cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
+cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len, uint32_t *deferred) noexcept nogil:
     cdef uint8_t *base = p.data + p.off
     cdef uint8_t *ip
     cdef uint8_t *h
@@ -514,7 +514,11 @@ cdef int _encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     p.off = new_off
     p.len = l2len + outer_len + udp + esp_total
     p.flags |= SN_PKT_ESP
-    sn_esp_account_out(sa, 1, pl)
+    if deferred != NULL and not (sa.soft_bytes or sa.hard_bytes or sa.soft_packets
+                                 or sa.hard_packets):
+        deferred[0] = pl            # the caller accounts for it (sn_esp_encap_deferred)
+    else:
+        sn_esp_account_out(sa, 1, pl)
     return SN_OK
 
 
@@ -532,7 +536,22 @@ cdef int sn_esp_encap(sn_sa *sa, sn_pkt *p, uint32_t l2len) noexcept nogil:
     lifetime), CRYPTO (engine failure; the packet may then be partly rewritten). On every
     other failure p is untouched and no sequence number is consumed.
     """
-    cdef int rc = _encap(sa, p, l2len)
+    cdef int rc = _encap(sa, p, l2len, NULL)
+    if rc != SN_OK:
+        _a_add64(&sa.drops[rc], 1)
+    return rc
+
+
+cdef int sn_esp_encap_deferred(sn_sa *sa, sn_pkt *p, uint32_t l2len,
+                               uint32_t *deferred) noexcept nogil:
+    """sn_esp_encap for a caller that accounts for packets in bulk: on SN_OK for an SA
+    without lifetime limits, *deferred is the packet's plaintext bytes, not yet counted
+    (the caller owes sn_esp_account_out(sa, 1, *deferred), or one call for several);
+    otherwise *deferred is 0 and the packet is counted here, as limits are checked per
+    packet."""
+    cdef int rc
+    deferred[0] = 0
+    rc = _encap(sa, p, l2len, deferred)
     if rc != SN_OK:
         _a_add64(&sa.drops[rc], 1)
     return rc

@@ -36,7 +36,8 @@ from softnic._batch cimport Batch
 from softnic._esp cimport (
     SecurityAssociation,
     sn_esp_decap,
-    sn_esp_encap,
+    sn_esp_account_out,
+    sn_esp_encap_deferred,
     sn_esp_max_ip_len,
     sn_esp_read_spi,
     sn_sa,
@@ -138,6 +139,7 @@ cdef enum:
     FP_MIRROR_UPLINK = 0xFFFF   # the scope of uplink frames in the mirror
     FP_MAX_QP = 64              # vhost-user queue pairs per VF (the config's limit)
     FP_MAX_LANES = 16           # TX workers
+    FP_ACCT = 4                 # SAs a lane accounts for per burst before it adds early
 
     FP_MODE_OFF = 0
     FP_MODE_OFFLOAD = 1
@@ -307,6 +309,34 @@ cdef class _Lane:
     cdef uint8_t *vbufs[FP_VH_PENDING]
     cdef uint32_t vcaps[FP_VH_PENDING]
     cdef uint32_t vgot[FP_VH_PENDING]
+    # Packets and bytes protected in this burst, per SA, added to the SAs at its end: two
+    # atomic adds per SA and burst instead of per packet (the SA's cache line is shared
+    # by every lane that uses it). Empty between bursts, so an SA is never freed with
+    # counts pending here.
+    cdef sn_sa *acct_sa[FP_ACCT]
+    cdef uint64_t acct_pkts[FP_ACCT]
+    cdef uint64_t acct_bytes[FP_ACCT]
+    cdef int n_acct
+
+    cdef inline void account(self, sn_sa *sa, uint32_t nbytes) noexcept nogil:
+        cdef int i
+        for i in range(self.n_acct):
+            if self.acct_sa[i] == sa:
+                self.acct_pkts[i] += 1
+                self.acct_bytes[i] += nbytes
+                return
+        if self.n_acct == FP_ACCT:
+            self.settle()
+        self.acct_sa[self.n_acct] = sa
+        self.acct_pkts[self.n_acct] = 1
+        self.acct_bytes[self.n_acct] = nbytes
+        self.n_acct += 1
+
+    cdef void settle(self) noexcept nogil:
+        cdef int i
+        for i in range(self.n_acct):
+            sn_esp_account_out(self.acct_sa[i], self.acct_pkts[i], self.acct_bytes[i])
+        self.n_acct = 0
 
     def __cinit__(self, int index, int burst, uint32_t out_slot, uint32_t snaplen):
         self.index = index
@@ -850,10 +880,13 @@ cdef class Datapath:
         cdef int r
         cdef fp_vtep *e = &self.vteps[vt]
         cdef sn_sa *ul
+        cdef uint32_t owed
         if sa != NULL:
-            r = sn_esp_encap(sa, p, l2len)
+            r = sn_esp_encap_deferred(sa, p, l2len, &owed)
             if r != SN_OK:
                 return r
+            if owed:
+                L.account(sa, owed)
             c.tx_esp += 1
         if hash[0] == 0:                # bit 32 marks "computed": any 32-bit value is valid
             hash[0] = sn_flow_hash(p.data + p.off, p.len) | (<uint64_t>1 << 32)
@@ -865,10 +898,12 @@ cdef class Datapath:
             if e.n_sas == 0:
                 return SN_DROP_NO_SA
             ul = self._ul_sa(e, p.hash, L.index)
-            r = sn_esp_encap(ul, p, 0)
+            r = sn_esp_encap_deferred(ul, p, 0, &owed)
             if r != SN_OK:
                 L.ul.drops[r] += 1
                 return r
+            if owed:
+                L.account(ul, owed)
             L.ul.tx_esp += 1
         p.port = vt
         return SN_OK
@@ -1149,12 +1184,14 @@ cdef class Datapath:
                              inb.pkts[i].len - SN_VNET_HDR_LEN, False)
             r = self._tx_frame(L, vfi, &inb.pkts[i], out, loc)
             if r == -1:
+                L.settle()
                 return i
             c.tx_frames += 1
             c.tx_bytes += inb.pkts[i].len
             if r != SN_OK:
                 inb.pkts[i].drop = r
                 c.drops[r] += 1
+        L.settle()
         return inb.count
 
     def tx_burst(self, int vf, Batch inb not None, int start, Batch out not None,

@@ -138,3 +138,34 @@ def test_each_lane_owns_its_uplink_sas():
         assert a.tx_burst(0, inb, 0, out, loc, qp=qp) == len(inb)
         used[lane] |= {int(IP(out.get(i))[ESP].spi) for i in range(out.count)}
     assert used == {0: {spis[0], spis[2]}, 1: {spis[1], spis[3]}}
+
+
+@pytest.mark.parametrize("lifetime", [None, {"hard_packets": 40}])
+def test_sa_counts_every_packet_and_keeps_its_limits(lifetime):
+    """A lane adds an SA's packets and bytes once per burst; after the burst they are all
+    there, across both lanes. An SA with a lifetime limit is counted per packet, so its
+    hard limit stops it exactly (the packet that reaches it still goes, as in Linux)."""
+    from test_pipeline import plain_input
+
+    a = _host(VTEP_A, 2)
+    a.fdb_add(100, MAC_B, VTEP_B)
+    sa = SecurityAssociation(SPI, "tunnel", VM_A, VM_B, "aes-gcm", KEY, lifetime=lifetime)
+    a.sa_add(0, "out", sa)
+    a.policy_set(0, [{"dir": "out", "src": VM_A, "dst": VM_B, "action": "protect",
+                      "spi": SPI}])
+    sizes = [100 + 7 * i for i in range(30)]
+    for qp in (0, 1):
+        inb = Batch(len(sizes), slot_size=2048, headroom=64)
+        for n in sizes:
+            inb.push(plain_input(tcp_frame(bytes(n))))
+        out = Batch(64, slot_size=1500 + 576)
+        loc = Batch(8, slot_size=1500 + 576)
+        assert a.tx_burst(0, inb, 0, out, loc, qp=qp) == len(sizes)
+    st = sa.stats()
+    if lifetime is None:
+        # Tunnel mode counts the inner IP packet: 20 + 20 + payload bytes each.
+        assert st["packets"] == 2 * len(sizes)
+        assert st["bytes"] == 2 * sum(40 + n for n in sizes)
+    else:
+        assert st["packets"] == 40 and st["expired"]
+        assert st["drops"] == {"sa_expired": 2 * len(sizes) - 40}
