@@ -6,8 +6,8 @@
 # the control plane (softnic._esp.SecurityAssociation allocates and frees it); the data
 # plane only reads configuration and updates sequence, replay, lifetime and counter fields.
 #
-# Threads. Outbound: any number of TX workers may call sn_esp_encap (and the segment
-# path's sn_esp_seq_reserve / sn_esp_account_out) on one SA at once (two queues of one VM
+# Threads. Outbound: any number of TX workers may call sn_esp_encap(_deferred) (and the
+# segment path's sn_esp_seq_reserve / sn_esp_account_out) on one SA at once (two queues of one VM
 # share its SA), without a lock: sequence numbers are reserved by compare-and-swap (each
 # used once, never past the end of the space), `packets`/`bytes`/`drops` are atomic
 # adds, `dead`, `soft_done` and `near_done` are set by atomic exchange so each event is
