@@ -866,10 +866,10 @@ cdef class Datapath:
         cdef uint32_t n = e.n_sas, lanes = self.n_lanes, owned
         if self.ul_single:
             return e.sas[0]
-        if n >= lanes:
-            owned = (n - lane + lanes - 1) // lanes
-            return e.sas[lane + lanes * (hash % owned)]
-        return e.sas[hash % n]
+        if lanes == 1 or n < lanes:
+            return e.sas[hash % n]
+        owned = (n - lane + lanes - 1) // lanes
+        return e.sas[lane + lanes * (hash % owned)]
 
     cdef int _finish_tx(self, fp_counters *c, _Lane L, sn_pkt *p, sn_sa *sa,
                         uint32_t l2len, const sn_vxlan_tx *tx, uint64_t *hash,

@@ -157,7 +157,6 @@ cdef class Underlay:
     cdef uint8_t laddr[16]         # local address (network order; v4 in the first 4)
     cdef list txqs
     cdef TxQueue txq0              # default queue of send_burst / send_pkts
-    cdef sn_txq *q0
     # RX channels, used by one receiving thread at a time
     cdef sn_rx_chan chans[3]
     cdef int n_chans

@@ -621,7 +621,6 @@ cdef class Underlay:
         self.rr = 0
         self.txqs = []
         self.txq0 = self.tx_queue()
-        self.q0 = &self.txq0.q
 
     def __dealloc__(self):
         cdef int i
@@ -655,7 +654,7 @@ cdef class Underlay:
 
     cdef int send_pkts(self, sn_pkt *pkts, int n) noexcept nogil:
         """sn_ul_send on the default TX queue (the one sending thread of simple users)."""
-        return sn_ul_send(&self.ul, self.q0, pkts, n)
+        return self.txq0.send_pkts(pkts, n)
 
     def add_rx(self, int fd, int kind, int lport=0):
         """Receive from `fd` (kind SN_CH_UDP / SN_CH_NATT / SN_CH_ESP = 0 / 1 / 2)."""
@@ -885,15 +884,9 @@ cdef class Underlay:
     # ------------------------------------------------------------ Python surface
 
     def send_burst(self, Batch batch not None, int start=0, int n=-1):
-        """Send slots [start, start+n) (n < 0: to the end); returns datagrams sent."""
-        cdef int done
-        if n < 0:
-            n = batch.count - start
-        if start < 0 or n < 0 or start + n > batch.count:
-            raise IndexError("slots outside the batch")
-        with nogil:
-            done = self.send_pkts(batch.pkts + start, n)
-        return done
+        """Send slots [start, start+n) (n < 0: to the end) on the default TX queue;
+        returns datagrams sent."""
+        return self.txq0.send_burst(batch, start, n)
 
     def recv_burst(self, Batch batch not None, int max=-1):
         """Append received packets to `batch` (up to `max`); returns how many."""

@@ -756,6 +756,50 @@ class Guest:
         return f"<Guest mac={self.mac} netdev={self.netdev_id} {state}>"
 
 
+# ---- a TCP exchange between a guest and a host-side peer (for tests)
+
+# The host side, run with ``python -c`` (in a namespace): accept one connection, send N
+# random bytes while receiving until EOF, then print both digests as JSON.
+EXCHANGE_SERVER = r"""
+import hashlib, json, os, socket, sys, threading
+addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((addr, port)); s.listen(1); s.settimeout(120)
+print("ready", flush=True)
+c, _ = s.accept(); c.settimeout(60)
+payload = os.urandom(n)
+t = threading.Thread(target=c.sendall, args=(payload,)); t.start()
+got = bytearray()
+while True:
+    d = c.recv(65536)
+    if not d:
+        break
+    got += d
+t.join(); c.close()
+print(json.dumps({"sent": hashlib.sha256(payload).hexdigest(), "sent_len": n,
+                  "recv": hashlib.sha256(got).hexdigest(), "recv_len": len(got)}), flush=True)
+"""
+# What a guest script prints of the bytes it sent (TX) and received (RX): sha256, length.
+TX_RE = re.compile(r"^TX ([0-9a-f]{64}) (\d+)$", re.M)
+RX_RE = re.compile(r"^RX ([0-9a-f]{64}) (\d+)$", re.M)
+
+
+def exchange_server_argv(addr: str, port: int, n: int) -> list[str]:
+    """The command of EXCHANGE_SERVER listening on addr:port, sending n bytes."""
+    return [sys.executable, "-c", EXCHANGE_SERVER, addr, str(port), str(n)]
+
+
+def wait_listening(server: subprocess.Popen[str], timeout: float = 20) -> None:
+    """Return once the exchange server (started with stdout=PIPE, text=True) listens."""
+    import select
+
+    assert server.stdout is not None
+    ready, _, _ = select.select([server.stdout], [], [], timeout)
+    if not ready or server.stdout.readline().strip() != "ready":
+        raise GuestError("the exchange server did not start")
+
+
 def print_cmdline(guest: Guest, file=None) -> str:  # type: ignore[no-untyped-def]
     """Print (and return) the guest's exact QEMU command line, shell-quoted."""
     line = shlex.join(guest.cmdline())

@@ -96,6 +96,24 @@ vni = {vni}
 """
 
 
+def collect_events(monitor: Iterator[dict[str, Any]], until: str
+                   ) -> tuple[list[dict[str, Any]], threading.Event]:
+    """Read a Client.monitor() stream in a thread: every event goes into the list; the
+    Event is set when one of type `until` arrives (and the reading stops there)."""
+    events: list[dict[str, Any]] = []
+    got = threading.Event()
+
+    def watch() -> None:
+        for ev in monitor:
+            events.append(ev)
+            if ev.get("type") == until:
+                got.set()
+                return
+
+    threading.Thread(target=watch, daemon=True).start()
+    return events, got
+
+
 @contextlib.contextmanager
 def guest_and_vm(tmp: Path, prefix: str, guest_mac: str, guest_ip: str, vm_mac: str,
                  vm_ip: str, vni: int, **cfg: Any) -> Iterator[dict[str, Any]]:
@@ -314,15 +332,20 @@ class Overlay:
         os.chmod(path, 0o600)
         return path
 
+    def _daemon_argv(self, side: str, cfg: str) -> list[str]:
+        """The command that runs host `side`'s daemon on config file cfg."""
+        return [sys.executable, "-m", "softnic.daemon", "run", "-c", cfg]
+
     def _start_daemon(self, side: str) -> None:
+        """Start (or restart) host `side`'s daemon and wait for its admin socket; the log
+        keeps every run's output."""
         cfg = self._config(side)
         log = os.path.join(self.tmp, f"{side}.log")
         self.logs[side] = log
         env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        out = open(log, "w")
-        p = self.host(side).ns.popen([sys.executable, "-m", "softnic.daemon", "run", "-c", cfg],
-                                     stdout=out, stderr=subprocess.STDOUT, env=env)
-        out.close()
+        with open(log, "a") as out:
+            p = self.host(side).ns.popen(self._daemon_argv(side, cfg), stdout=out,
+                                         stderr=subprocess.STDOUT, env=env)
         self.daemons[side] = p
 
         def up() -> bool:

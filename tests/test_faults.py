@@ -14,7 +14,6 @@ import random
 import signal
 import subprocess
 import sys
-import threading
 import time
 
 import dpkt
@@ -26,7 +25,7 @@ why = can_netns()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(why is not None, reason=why or "")]
 
 if why is None:
-    from softnic.scenario import KEYS, VMS, Overlay, Sniffer
+    from softnic.scenario import KEYS, VMS, Overlay, Sniffer, collect_events
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NO_HDR = bytes(12)
@@ -84,33 +83,11 @@ if why is None:
                 f.write("\n" + "\n".join(lines))
             return path
 
-        def _start_daemon(self, side: str) -> None:
-            # As Overlay._start_daemon, through LAUNCHER (see above) on host A.
+        def _daemon_argv(self, side: str, cfg: str) -> list[str]:
+            # Host A's daemon runs through LAUNCHER (see above).
             if side != "a":
-                return super()._start_daemon(side)
-            from softnic.client import Client
-
-            cfg = self._config(side)
-            log = os.path.join(self.tmp, f"{side}.log")
-            self.logs[side] = log
-            env = dict(os.environ, PYTHONPATH=REPO + os.pathsep
-                       + os.environ.get("PYTHONPATH", ""))
-            with open(log, "a") as out:
-                p = self.host(side).ns.popen([sys.executable, "-c", LAUNCHER, cfg],
-                                             stdout=out, stderr=subprocess.STDOUT, env=env)
-            self.daemons[side] = p
-
-            def up() -> bool:
-                if p.poll() is not None:
-                    raise RuntimeError(f"softnic on host {side} exited: {self.log(side)}")
-                try:
-                    with Client(self.sockets[side], timeout=2) as c:
-                        c.version()
-                    return True
-                except Exception:
-                    return False
-
-            wait_until(up, timeout=30, step=0.1)
+                return super()._daemon_argv(side, cfg)
+            return [sys.executable, "-c", LAUNCHER, cfg]
 
         def _install(self, side: str) -> None:
             self.install_live(side)
@@ -235,19 +212,8 @@ def test_sequence_exhaustion_stops_the_sa_without_wrapping(overlay):
     key = os.urandom(20).hex()
     common = dict(src=a.addr, dst=b.addr, spi=EXHAUST_SPI, mode="tunnel", alg="aes-gcm",
                   key=key, icv_bits=128, replay_window=1024)
-    events: list[dict] = []
-    got = threading.Event()
     with ov.client("a") as ca:
-        mon = ca.monitor()
-
-        def watch():
-            for ev in mon:
-                events.append(ev)
-                if ev.get("type") == "sa-seq-exhausted":
-                    got.set()
-                    return
-
-        threading.Thread(target=watch, daemon=True).start()
+        events, got = collect_events(ca.monitor(), "sa-seq-exhausted")
         time.sleep(0.2)
         # b accepts it under pair 1's inbound policy (reqid 1); on a, its own reqid and a
         # narrower policy (UDP to port 6000) keep pair 1's other traffic on SPI 0x1001.

@@ -11,12 +11,10 @@ import gzip
 import json
 import os
 import re
-import select
 import shlex
 import shutil
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -215,30 +213,6 @@ def test_device_opts_reach_the_negotiated_features(img: G.GuestImage) -> None:
         assert not f >> bit & 1, (bit, hex(f))
 
 
-# Host side of the TCP exchange, run inside the test namespace: accept one connection,
-# send N random bytes while receiving until EOF, then print both digests as JSON.
-_SERVER = r"""
-import hashlib, json, os, socket, sys, threading
-addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((addr, port)); s.listen(1); s.settimeout(90)
-print("ready", flush=True)
-c, _ = s.accept(); c.settimeout(60)
-payload = os.urandom(n)
-t = threading.Thread(target=c.sendall, args=(payload,)); t.start()
-got = bytearray()
-while True:
-    d = c.recv(65536)
-    if not d:
-        break
-    got += d
-t.join(); c.close()
-print(json.dumps({"sent": hashlib.sha256(payload).hexdigest(), "sent_len": n,
-                  "recv": hashlib.sha256(got).hexdigest(), "recv_len": len(got)}), flush=True)
-"""
-
-
 @pytest.fixture
 def tap_netns():
     if os.geteuid() != 0:
@@ -265,13 +239,11 @@ def tap_netns():
 def test_guest_on_tap_pings_and_exchanges_tcp(img: G.GuestImage, tap_netns: str) -> None:
     n = 1 << 20
     server = subprocess.Popen(
-        ["ip", "netns", "exec", tap_netns, sys.executable, "-c", _SERVER, "10.77.0.1", "5555", str(n)],
+        ["ip", "netns", "exec", tap_netns, *G.exchange_server_argv("10.77.0.1", 5555, n)],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        assert server.stdout is not None
-        ready, _, _ = select.select([server.stdout], [], [], 20)
-        assert ready and server.stdout.readline().strip() == "ready"
+        G.wait_listening(server)
         script = f"""
 ip addr add 10.77.0.2/24 dev $SN_IF
 ping -c 3 -W 5 10.77.0.1 || exit 10
@@ -293,8 +265,7 @@ echo "RX $(sha256sum < /tmp/rx | cut -d' ' -f1) $(wc -c < /tmp/rx)"
     assert rc == 0, out[-3000:]
     text = g.script_output
     assert "3 packets transmitted, 3 packets received" in text, text
-    tx = re.search(r"^TX ([0-9a-f]{64}) (\d+)$", text, re.M)
-    rx = re.search(r"^RX ([0-9a-f]{64}) (\d+)$", text, re.M)
+    tx, rx = G.TX_RE.search(text), G.RX_RE.search(text)
     assert tx and rx, text
     res = json.loads(sout.strip().splitlines()[-1])
     # host -> guest: what the host sent is what busybox hashed in the guest

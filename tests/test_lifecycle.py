@@ -19,7 +19,7 @@ why = can_netns()
 pytestmark = [pytest.mark.netns, pytest.mark.skipif(why is not None, reason=why or "")]
 
 if why is None:
-    from softnic.scenario import KEYS, VMS, Overlay
+    from softnic.scenario import KEYS, VMS, Overlay, collect_events
 
 N_PACKETS = 6000
 RATE = 1500           # packets per second: well under anything that could drop on a veth
@@ -115,19 +115,8 @@ def test_ten_rekeys_under_traffic_lose_nothing(overlay):
 def test_hard_expiry_stops_the_sa_and_raises_an_event(overlay):
     ov = overlay
     a, b = VMS["a2"], VMS["b2"]
-    events = []
     with ov.client("a") as ca:
-        mon = ca.monitor()
-        got = threading.Event()
-
-        def watch():
-            for ev in mon:
-                events.append(ev)
-                if ev.get("type") == "sa-hard-expire":
-                    got.set()
-                    return
-
-        threading.Thread(target=watch, daemon=True).start()
+        events, got = collect_events(ca.monitor(), "sa-hard-expire")
         time.sleep(0.2)
         with ov.client("a") as c2:
             c2.sa_add(scope=a.name, dir="out", src=a.addr, dst=b.addr, spi=0x5001, reqid=9,

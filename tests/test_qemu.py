@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import select
 import subprocess
 import sys
 import time
@@ -54,39 +53,13 @@ def vhost_netdev(sock: str, server: bool = False) -> list[str]:
     return ["-chardev", chardev, "-netdev", "vhost-user,id=n0,chardev=c0"]
 
 
-# Host side of a TCP exchange, run in a namespace: accept one connection, send N random
-# bytes while receiving until EOF, then print both digests as JSON.
-SERVER = r"""
-import hashlib, json, os, socket, sys, threading
-addr, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((addr, port)); s.listen(1); s.settimeout(120)
-print("ready", flush=True)
-c, _ = s.accept(); c.settimeout(60)
-payload = os.urandom(n)
-t = threading.Thread(target=c.sendall, args=(payload,)); t.start()
-got = bytearray()
-while True:
-    d = c.recv(65536)
-    if not d:
-        break
-    got += d
-t.join(); c.close()
-print(json.dumps({"sent": hashlib.sha256(payload).hexdigest(),
-                  "recv": hashlib.sha256(got).hexdigest(), "recv_len": len(got)}), flush=True)
-"""
-
-TX_RE = re.compile(r"^TX ([0-9a-f]{64}) (\d+)$", re.M)
-RX_RE = re.compile(r"^RX ([0-9a-f]{64}) (\d+)$", re.M)
+TX_RE, RX_RE = G.TX_RE, G.RX_RE
 
 
 def start_server(ns: Netns, addr: str, port: int, n: int) -> subprocess.Popen[str]:
-    p = ns.popen([sys.executable, "-c", SERVER, addr, str(port), str(n)],
+    p = ns.popen(G.exchange_server_argv(addr, port, n),
                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert p.stdout is not None
-    ready, _, _ = select.select([p.stdout], [], [], 20)
-    assert ready and p.stdout.readline().strip() == "ready"
+    G.wait_listening(p)
     return p
 
 

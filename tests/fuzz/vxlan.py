@@ -179,20 +179,7 @@ def one(data: bytes) -> str:
     if op == 0:
         vni = r.uint(3)
         pkt, v6, l4 = outer(r, frame, vni)
-        damaged = False
-        k = r.u8() % 8
-        b = bytearray(pkt)
-        if k == 4:
-            b = b[:r.below(len(b))]
-        elif k == 5:
-            b[r.below(len(b))] ^= 1 << (r.u8() % 8)
-        elif k == 6:
-            i = r.below(min(len(b), l4 + 16))
-            b[i:i + 2] = r.take(2)
-        elif k == 7:
-            b += r.take(r.u8() % 32)             # bytes after the IP packet: not the frame's
-        damaged = k in (4, 5, 6)
-        pkt = bytes(b)
+        pkt, damaged = _damage(r, pkt, l4)
         try:
             got_vni, inner, info = _vxlan.decap(pkt)
         except ValueError as e:
