@@ -33,7 +33,8 @@ def run(path: str, ready: threading.Event | None = None,
         return 2
     stop = stop or threading.Event()
     try:
-        dp = Dataplane(tx_workers=cfg.daemon.tx_workers, seq_state=cfg.daemon.seq_state)
+        dp = Dataplane(tx_workers=cfg.daemon.tx_workers, seq_state=cfg.daemon.seq_state,
+                       vhost_max_memory=cfg.daemon.vhost_max_memory_mib << 20)
     except OSError as e:
         print(f"softnic: seq_state: {e}", file=sys.stderr)
         return 2

@@ -561,6 +561,10 @@ class Daemon:
     metrics_listen: str | None = None   # "127.0.0.1:9101" -> HTTP /metrics
     tx_workers: int | None = None       # None: one per CPU but one (for RX), 1..8
     seq_state: str | None = None        # file keeping outbound sequence numbers over restarts
+    # Guest memory one vhost-user frontend may map, MiB (vhost.memory.DEFAULT_MAX_MEMORY):
+    # a few times a large guest; 256 VFs at it map 16 TiB, 1/8 of an x86-64 process's
+    # 128 TiB of address space, so frontends together cannot exhaust the daemon's.
+    vhost_max_memory_mib: int = 65536
 
     def __post_init__(self) -> None:
         _str(self.admin_socket, "admin_socket", r"/[^\x00]{1,106}",
@@ -573,6 +577,7 @@ class Daemon:
             _seti(self, "tx_workers", 1, 16)
         if self.seq_state is not None:
             _str(self.seq_state, "seq_state", r"/[^\x00]{1,4000}", "an absolute path")
+        _seti(self, "vhost_max_memory_mib", 1, 1 << 22)
         if self.metrics_listen is not None:
             m = re.fullmatch(r"\[?([0-9a-fA-F.:]+)\]?:(\d+)", str(self.metrics_listen))
             if not m:
