@@ -1,7 +1,8 @@
 """`softnic run -c CONFIG.toml`: the daemon in the foreground.
 
-Start order: configuration (validated whole; an error names the field and nothing
-starts), the instance lock beside the admin socket (a second daemon on the
+Start order: core dumps off (the process holds keys), configuration (validated whole; a
+file holding keys must be private, config.load(private=True); an error names the field
+and nothing starts), the instance lock beside the admin socket (a second daemon on the
 same socket stops there, in one line, having touched nothing), the data plane with every
 object of the file, the admin socket, the metrics listener, then the workers.
 SIGINT/SIGTERM stop it cleanly (every TAP, socket and thread released; only files this
@@ -11,6 +12,7 @@ process made are removed); SIGHUP reloads the file, applying only what changed.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import fcntl
 import grp
@@ -31,6 +33,18 @@ from softnic.model import Daemon
 from vhost import sockfile
 
 log = logging.getLogger("softnic")
+
+PR_SET_DUMPABLE = 4  # prctl(2)
+
+
+def no_core_dumps() -> bool:
+    """prctl(PR_SET_DUMPABLE, 0): no core file of this process (it would hold every key),
+    and no ptrace or /proc/PID/mem access by anyone but root. True if it took."""
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
 
 class AlreadyRunning(Exception):
     def __init__(self, pid: int | None) -> None:
@@ -120,8 +134,10 @@ def socket_owner(d: Daemon) -> tuple[int, int, int]:
 
 def run(path: str, ready: threading.Event | None = None,
         stop: threading.Event | None = None) -> int:
+    if not no_core_dumps():
+        log.warning("could not turn core dumps off (prctl PR_SET_DUMPABLE)")
     try:
-        cfg = configmod.load(path)
+        cfg = configmod.load(path, private=True)
     except (configmod.ConfigError, OSError) as e:
         print(f"softnic: {e}", file=sys.stderr)
         return 2
@@ -162,7 +178,7 @@ def _run_locked(path: str, cfg: configmod.Config, perms: tuple[int, int, int],
     admin = metrics = None
     try:
         try:
-            ctl = Controller(dp, cfg, loader=lambda: configmod.load(path))
+            ctl = Controller(dp, cfg, loader=lambda: configmod.load(path, private=True))
         except ControlError as e:
             print(f"softnic: {e}", file=sys.stderr)
             return 2
@@ -225,7 +241,7 @@ def main(argv: list[str] | None = None) -> int:
                         else logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.cmd == "check":
         try:
-            cfg = configmod.load(args.config)
+            cfg = configmod.load(args.config, private=True)
         except (configmod.ConfigError, OSError) as e:
             print(f"softnic: {e}", file=sys.stderr)
             return 2

@@ -44,15 +44,34 @@ class ValidationError(ValueError):
 
 class Secret:
     """Key bytes that never show themselves: not in repr/str/format, not in JSON, not in
-    pickles. Only `reveal()` returns the bytes (for the datapath's crypto setup)."""
+    pickles. Only `reveal()` gives the bytes (for the datapath's crypto setup), as a
+    read-only view of the one buffer that holds them.
+
+    The bytes live in a bytearray, the one Python object that can be overwritten in
+    place: `wipe()` zeroes it, and so does the collector when the last reference goes
+    (an SA deleted, a config replaced by a reload). What Python cannot wipe is the hex
+    text a key arrives as (TOML and JSON parsing make immutable str objects); that is
+    freed, not zeroed, so core dumps stay off (softnic.daemon) and only root can read
+    the daemon's memory."""
 
     __slots__ = ("_b",)
 
-    def __init__(self, data: bytes) -> None:
-        self._b = bytes(data)
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._b = bytearray(data)
 
-    def reveal(self) -> bytes:
-        return self._b
+    def reveal(self) -> memoryview:
+        return memoryview(self._b).toreadonly()
+
+    def wipe(self) -> None:
+        # Same-length slice assignment overwrites the buffer in place (no reallocation
+        # that would leave the old bytes behind), even while a view of it exists.
+        self._b[:] = bytes(len(self._b))
+
+    def __del__(self) -> None:
+        try:
+            self.wipe()
+        except (AttributeError, TypeError):  # half-built, or at interpreter shutdown
+            pass
 
     def __len__(self) -> int:
         return len(self._b)
@@ -83,7 +102,8 @@ class Secret:
 
     @classmethod
     def from_hex(cls, value: Any, field: str) -> Secret:
-        """Parse "0x..." / "..." hex. The error never echoes the value."""
+        """Parse "0x..." / "..." hex. The error never echoes the value. The raw bytes are
+        made straight into the Secret's own buffer (no intermediate bytes object)."""
         if isinstance(value, Secret):
             return value
         if not isinstance(value, str):
@@ -91,7 +111,9 @@ class Secret:
         s = value[2:] if value[:2] in ("0x", "0X") else value
         if not s or len(s) % 2 or not re.fullmatch(r"[0-9a-fA-F]+", s):
             raise ValidationError(field, "must be an even number of hex digits (0x...)")
-        return cls(bytes.fromhex(s))
+        out = cls.__new__(cls)
+        out._b = bytearray.fromhex(s)
+        return out
 
 
 REDACTED = "<redacted>"

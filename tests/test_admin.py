@@ -1246,3 +1246,76 @@ def test_accept_errors_do_not_end_the_listeners():
     finally:
         shutil.rmtree(d, ignore_errors=True)
 
+
+# --- the real daemon: keys stay in (issue 10, item 16) ------------------------------------------
+
+
+def memory_count(pid, needles):
+    """How often each byte string occurs in the writable memory of process `pid` (heap,
+    anonymous maps, stacks: where Python and C keep data), read through /proc/PID/mem."""
+    counts = dict.fromkeys(needles, 0)
+    keep = max(len(x) for x in needles) - 1
+    with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+        for line in maps:
+            w = line.split()
+            if not w[1].startswith("rw") or (len(w) > 5 and w[5] in ("[vvar]", "[vsyscall]")):
+                continue
+            lo, hi = (int(x, 16) for x in w[0].split("-"))
+            tail = b""
+            for at in range(lo, hi, 1 << 24):
+                try:
+                    mem.seek(at)
+                    chunk = tail + mem.read(min(1 << 24, hi - at))
+                except OSError:
+                    break
+                for x in needles:
+                    counts[x] += chunk.count(x)
+                tail = chunk[-keep:]
+                for x in needles:       # what the tail holds is counted again next time
+                    counts[x] -= tail.count(x)
+    return counts
+
+
+@needs_netns
+def test_a_deleted_sa_leaves_no_key_bytes_in_the_daemon():
+    """SAs added with `softnicctl sa add ... @FILE` and then deleted: while they exist the
+    daemon holds their key bytes (the scan finds them); once deleted, not one copy of
+    any of them is left anywhere in its memory. Nothing printed holds a key."""
+    d = short_dir()
+    path = os.path.join(d, "g1.sock")
+    keys = [os.urandom(20) for _ in range(6)]
+    try:
+        with RealDaemon(d, vhost_vf("g1", path, 1), ready=[path]) as dm:
+            out = []
+            for i, key in enumerate(keys):
+                kf = os.path.join(d, f"k{i}")
+                with open(kf, "w") as f:
+                    f.write(key.hex() + "\n")
+                r = subprocess.run(
+                    [sys.executable, "-m", "softnic.cli", "-s", dm.sock, "sa", "add", "vf",
+                     "g1", "dir", "out" if i % 2 else "in", "src", "10.0.0.1", "dst",
+                     "10.0.0.2", "proto", "esp", "spi", str(0x1000 + i), "mode", "tunnel",
+                     "aead", "rfc4106(gcm(aes))", "@" + kf, "128"],
+                    capture_output=True, text=True, timeout=30, cwd=REPO)
+                assert r.returncode == 0, r.stderr
+                out += [r.stdout, r.stderr]
+                os.unlink(kf)
+            held = memory_count(dm.pid, keys)
+            assert all(held[k] >= 1 for k in keys), "the scan does not see live keys"
+            for i in range(len(keys)):
+                r = subprocess.run([sys.executable, "-m", "softnic.cli", "-s", dm.sock, "sa",
+                                    "del", "vf", "g1", "spi", str(0x1000 + i)],
+                                   capture_output=True, text=True, timeout=30, cwd=REPO)
+                assert r.returncode == 0, r.stderr
+                out += [r.stdout, r.stderr]
+            with Client(dm.sock) as c:
+                assert c.sa_list() == []
+            left = memory_count(dm.pid, keys)
+            if any(left.values()):
+                pytest.fail(f"{sum(1 for v in left.values() if v)} of {len(keys)} deleted"
+                            " keys are still in the daemon's memory")
+        text = dm.tail() + "".join(out)
+        if any(k.hex() in text.lower() for k in keys):
+            pytest.fail("key material in the output")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

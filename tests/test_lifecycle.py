@@ -292,3 +292,69 @@ def test_a_second_daemon_never_harms_the_first():
         ns2.close()
         shutil.rmtree(d, ignore_errors=True)
 
+
+def _core_pattern():
+    with open("/proc/sys/kernel/core_pattern") as f:
+        return f.read().strip()
+
+
+def test_the_daemon_dumps_no_core():
+    """A crash of the daemon (SIGSEGV, with core files allowed by its limits) writes no
+    core: it would hold every key. The daemon's output holds none either."""
+    import resource
+    import signal
+
+    from softnic.client import Client
+    from softnic.topo import Netns, wait_until
+
+    ta = _admin_helpers()
+    d = ta.short_dir()
+    key = os.urandom(20)
+    sock = os.path.join(d, "a.sock")
+    cfg = os.path.join(d, "c.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[daemon]\nadmin_socket = "{sock}"\n' + ta.UPLINK_LO
+                + ta.vhost_vf("g1", os.path.join(d, "g1.sock"), 1) + f"""
+[[sa]]
+scope = "g1"
+dir = "out"
+src = "10.0.0.1"
+dst = "10.0.0.2"
+spi = 0x1000
+alg = "aes-gcm"
+key = "0x{key.hex()}"
+""")
+    os.chmod(cfg, 0o600)
+    ns = Netns(prefix="sncd")
+    log = open(os.path.join(d, "log"), "w+")
+    try:
+        # The daemon runs in d, where the kernel's default core pattern would put a core.
+        p = ns.popen([sys.executable, "-m", "softnic.daemon", "run", "-c", cfg], cwd=d,
+                     stdout=log, stderr=subprocess.STDOUT,
+                     env=dict(os.environ, PYTHONPATH=REPO))
+
+        def up():
+            assert p.poll() is None, open(log.name).read()
+            try:
+                with Client(sock, timeout=1) as c:
+                    return c.sa_list()
+            except Exception:
+                return False
+
+        wait_until(up, timeout=30, step=0.1)
+        resource.prlimit(p.pid, resource.RLIMIT_CORE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        os.kill(p.pid, signal.SIGSEGV)
+        _, status = os.waitpid(p.pid, 0)      # the raw status: Popen drops the core flag
+        p.returncode = -signal.SIGSEGV
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        cores = [n for n in os.listdir(d) if n.startswith("core")]
+        if not _core_pattern().startswith("|"):
+            assert cores == [], cores
+        assert not os.WCOREDUMP(status), "the daemon dumped core"
+        text = open(log.name).read()
+        assert key.hex() not in text and key.hex().upper() not in text
+    finally:
+        log.close()
+        ns.close()
+        shutil.rmtree(d, ignore_errors=True)
