@@ -176,6 +176,21 @@ def _run_locked(path: str, cfg: configmod.Config, perms: tuple[int, int, int],
         print(f"softnic: seq_state: {e}", file=sys.stderr)
         return 2
     admin = metrics = None
+    ctl: Controller | None = None
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        if ctl is not None:
+            ctl.request_reload()
+
+    # Before anything is served: a SIGTERM while the daemon starts (its admin socket may
+    # already answer) is a clean stop once the start is done, not a death half-way.
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, on_stop)
+        signal.signal(signal.SIGTERM, on_stop)
+        signal.signal(signal.SIGHUP, on_hup)
     try:
         try:
             ctl = Controller(dp, cfg, loader=lambda: configmod.load(path, private=True))
@@ -201,16 +216,6 @@ def _run_locked(path: str, cfg: configmod.Config, perms: tuple[int, int, int],
                      metrics.port)
         dp.start()
 
-        def on_stop(signum: int, frame: FrameType | None) -> None:
-            stop.set()
-
-        def on_hup(signum: int, frame: FrameType | None) -> None:
-            ctl.request_reload()
-
-        if threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, on_stop)
-            signal.signal(signal.SIGTERM, on_stop)
-            signal.signal(signal.SIGHUP, on_hup)
         log.info("softnic running: %d VF(s), admin socket %s", len(cfg.vfs),
                  cfg.daemon.admin_socket)
         print(f"softnic: running, admin socket {cfg.daemon.admin_socket}", flush=True)
