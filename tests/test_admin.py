@@ -1,7 +1,9 @@
 """The controller and the admin socket, through the real Unix socket: every verb, every
 validation error (names its field, changes nothing), atomic rollback, reload diffs, socket
 mode and peer credentials, hostile framing, concurrency with stalled clients, events,
-capture (read back with dpkt), Prometheus text, and key redaction over everything."""
+capture (read back with dpkt), Prometheus text, and key redaction over everything. Then
+the real daemon (issue 10): the socket paths a request may touch, listeners that outlive
+idle floods and accept() errors, and key bytes gone from its memory once an SA is."""
 
 import base64
 import grp

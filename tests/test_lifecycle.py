@@ -1,6 +1,8 @@
 """SA lifecycle through the real daemons and admin sockets (issue 4): make-before-break
 rekeys under traffic with nothing lost or duplicated, hard expiry with its event, and
 captures of the underlay that a pcap reader (dpkt) and an ESP oracle (scapy) accept.
+The daemon's own lifecycle (issue 10): a second daemon leaves the first alone, and a
+crash dumps no core.
 """
 
 import os
