@@ -76,8 +76,10 @@ class Dataplane:
     """softnic.control.Datapath over softnic._fastpath.Datapath."""
 
     def __init__(self, tx_workers: int | None = None, seq_state: str | None = None,
+                 vhost_socket: tuple[int, int, int] = (0o600, -1, -1),
                  vhost_max_memory: int | None = DEFAULT_MAX_MEMORY) -> None:
         self.tx_workers = tx_workers or default_tx_workers()
+        self.vhost_socket = vhost_socket    # (mode, uid, gid) of server-mode VF sockets
         # Guest memory one vhost-user VF may map, in bytes (None: no cap).
         self.vhost_max_memory = vhost_max_memory
         # Outbound sequence numbers kept over restarts (softnic.seqstate), if asked for.
@@ -209,7 +211,7 @@ class Dataplane:
         port.vhost = dev
         self._ports[vf.name] = port
         try:
-            dev.start()
+            dev.start(*self.vhost_socket)
         except Exception:
             del self._ports[vf.name]
             fp.del_vf(index)
