@@ -369,6 +369,49 @@ def test_full_eventfd_and_pipes_cannot_block_the_workers(host, g2):
     _g1_works(host)
 
 
+def test_a_call_fd_made_blocking_again_is_cut_short(host, g2):
+    """The backend makes a call eventfd O_NONBLOCK, but on the file description the
+    frontend shares: g1 clears the flag again and fills the counter, so the RX worker's
+    next notification would sleep until g1 reads -- under the RX lock, and with it every
+    TX lane and every admin change. The watchdog interrupts that write: g1's ring breaks
+    (`call_blocked`, a vf-broken event), g2 keeps pinging the VM and the admin socket
+    answers. (Without the watchdog the RX worker slept for good.)"""
+    from vhost.protocol import U64, Req
+    from vhost.testing import VhostUserFrontend
+
+    events = _watch_events(host, ["vf-broken"])
+    call = os.eventfd(0)
+    flood = None
+    fe = VhostUserFrontend(host["g1"]).connect()
+    try:
+        fe.start()
+        assert _pinged(fe, G1_MAC, G1_IP, 1)
+        fe.request(Req.SET_VRING_CALL, U64.pack(0), fds=[call])
+        # The daemon holds the same description: the flag it set is cleared here.
+        os.set_blocking(call, True)
+        os.write(call, (0xFFFF_FFFF_FFFF_FFFE).to_bytes(8, "little"))
+        flood = host["vm"].popen([sys.executable, "-c", UDP_FLOOD, G1_IP])
+        deadline = time.monotonic() + 60
+        while not any(q.get("broken") for q in _queues(host, "g1")[:1]):
+            assert time.monotonic() < deadline, _queues(host, "g1")
+            assert _alive(host)
+            fe.recv(0)
+            time.sleep(0.02)
+        assert _pinged(g2), "g2 cannot reach the VM while g1's call fd blocks"
+        _admin_works(host)
+        wait_until(lambda: any(e.get("reason") == "call_blocked" for e in events),
+                   timeout=30)
+        assert _queues(host, "g1")[0].get("notify_failed", 0) >= 1
+    finally:
+        if flood is not None:
+            flood.kill()
+            flood.wait()
+        fe.close()
+        os.close(call)
+    assert _alive(host)
+    _g1_works(host)
+
+
 # ---- 3: bounded guest memory ------------------------------------------------------------------
 
 def test_guest_memory_beyond_the_cap_is_refused(host, g2):

@@ -61,14 +61,15 @@ cdef enum:  # vh_vq_err
     VQ_ERR_ADDR = 9              # buffer address not translatable (outside guest memory)
     VQ_ERR_RING_ADDR = 10        # desc/avail/used ring not inside one region
     VQ_ERR_MEM_FAULT = 11        # guest memory faulted (SIGBUS/SIGSEGV): its file shrank
-    VQ_ERR_FIRST_DROP = 12
-    VQ_ERR_ZERO_LEN = 12         # zero-length descriptor
-    VQ_ERR_ORDER = 13            # writable before readable, or wrong direction for the queue
-    VQ_ERR_TOO_SHORT = 14        # TX chain shorter than the virtio-net header
-    VQ_ERR_TOO_LONG = 15         # TX chain longer than the caller's buffer
-    VQ_ERR_RX_TOO_BIG = 16       # RX frame does not fit the chain (no MRG_RXBUF)
-    VQ_ERR_RX_RUNT = 17          # RX frame from the caller shorter than the 12-byte header
-    VQ_ERR_MAX = 18
+    VQ_ERR_CALL_BLOCKED = 12     # a notification had to wait: call fd made blocking, full
+    VQ_ERR_FIRST_DROP = 13
+    VQ_ERR_ZERO_LEN = 13         # zero-length descriptor
+    VQ_ERR_ORDER = 14            # writable before readable, or wrong direction for the queue
+    VQ_ERR_TOO_SHORT = 15        # TX chain shorter than the virtio-net header
+    VQ_ERR_TOO_LONG = 16         # TX chain longer than the caller's buffer
+    VQ_ERR_RX_TOO_BIG = 17       # RX frame does not fit the chain (no MRG_RXBUF)
+    VQ_ERR_RX_RUNT = 18          # RX frame from the caller shorter than the 12-byte header
+    VQ_ERR_MAX = 19
 
 cdef struct vh_region:
     uint64_t gpa                 # guest physical address of the region
@@ -106,7 +107,7 @@ cdef struct vh_vq:
     uint64_t frames              # frames moved
     uint64_t bytes               # bytes moved (with the virtio-net header)
     uint64_t notifies            # notifications due (call eventfd writes if a call fd)
-    uint64_t notify_failed       # of which the call eventfd refused (counter full, error)
+    uint64_t notify_failed       # of which the call eventfd refused or had to be interrupted
     uint64_t batches             # calls that moved at least one chain
     const vh_mem *mem            # the table the rings were translated in (the guard's)
 

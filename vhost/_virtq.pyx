@@ -22,7 +22,7 @@ from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
 from posix.mman cimport MAP_FAILED, MAP_SHARED, PROT_READ, PROT_WRITE, mmap, munmap
-from posix.unistd cimport close, sysconf, write
+from posix.unistd cimport close, sysconf
 
 cdef extern from "unistd.h":
     enum: _SC_PAGESIZE
@@ -155,6 +155,152 @@ cdef extern from *:
         return 0;
     }
 
+    /* Writes to a guest's eventfds (call, err) never wait for the guest. The fd was made
+       O_NONBLOCK when it was handed over, but on a file description the frontend shares:
+       it can clear the flag again and leave the counter full, and write() would then
+       sleep until the guest reads. So each such write is announced in the writing
+       thread's slot (the slot's generation is odd while inside write()), and a watchdog
+       thread that finds the same write still in progress on two looks in a row
+       (VH_WATCH_PERIOD_NS apart) interrupts it with VH_WATCH_SIG, whose handler does
+       nothing and is installed without SA_RESTART: write() returns EINTR. An eventfd
+       write that does not sleep never sees a signal, so EINTR means exactly "it had to
+       wait". Cost per notification: two atomic adds on a thread-local slot. */
+    #include <errno.h>
+    #include <sys/syscall.h>
+    #include <time.h>
+    #include <unistd.h>
+
+    #define VH_WATCH_SLOTS 256
+    #define VH_WATCH_PERIOD_NS 10000000L          /* 10 ms: a stuck write ends in <= 20 */
+    #define VH_WATCH_SIG (SIGRTMIN + 6)
+
+    typedef struct {
+        pid_t tid;                /* owner's kernel thread id, 0 = free */
+        uint64_t gen;             /* odd while the owner is inside write(); never reset */
+        uint64_t seen;            /* the watchdog's last look (its own field) */
+    } vh_watch_slot;
+
+    static vh_watch_slot vh_watch_tab[VH_WATCH_SLOTS];
+    static __thread vh_watch_slot *vh_watch_mine __attribute__((tls_model("initial-exec")));
+    static pthread_mutex_t vh_watch_lock = PTHREAD_MUTEX_INITIALIZER;
+    static pthread_key_t vh_watch_key;
+    static int vh_watch_running;
+    static volatile uint64_t vh_watch_interrupts;
+
+    static void vh_watch_nop(int sig) { (void)sig; }
+
+    static void vh_watch_release(void *p) {
+        __atomic_store_n(&((vh_watch_slot *)p)->tid, 0, __ATOMIC_RELEASE);
+    }
+
+    static void *vh_watch_main(void *arg) {
+        struct timespec period = {0, VH_WATCH_PERIOD_NS};
+        sigset_t all;
+        pid_t pid = getpid(), tid;
+        uint64_t g;
+        int i;
+        (void)arg;
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, NULL);   /* process signals go to others */
+        for (;;) {
+            nanosleep(&period, NULL);
+            for (i = 0; i < VH_WATCH_SLOTS; i++) {
+                vh_watch_slot *s = &vh_watch_tab[i];
+                tid = __atomic_load_n(&s->tid, __ATOMIC_ACQUIRE);
+                if (tid == 0)
+                    continue;
+                g = __atomic_load_n(&s->gen, __ATOMIC_ACQUIRE);
+                /* Looked at again just before the signal: a thread inside write() cannot
+                   exit, so the tid is still that thread's. */
+                if ((g & 1) && g == s->seen &&
+                        __atomic_load_n(&s->gen, __ATOMIC_ACQUIRE) == g &&
+                        syscall(SYS_tgkill, pid, tid, VH_WATCH_SIG) == 0)
+                    __atomic_fetch_add(&vh_watch_interrupts, 1, __ATOMIC_RELAXED);
+                s->seen = g;
+            }
+        }
+        return NULL;
+    }
+
+    static void vh_watch_after_fork(void) {
+        /* The child has none of the parent's threads: no watchdog, no slot owners. */
+        int i;
+        vh_watch_running = 0;
+        vh_watch_mine = NULL;
+        for (i = 0; i < VH_WATCH_SLOTS; i++)
+            vh_watch_tab[i].tid = 0;
+    }
+
+    static int vh_watch_start(void) {
+        static int key_made, atfork_done;
+        struct sigaction sa;
+        pthread_attr_t attr;
+        pthread_t t;
+        int r = 0;
+        pthread_mutex_lock(&vh_watch_lock);
+        if (!vh_watch_running) {
+            if (!key_made)
+                key_made = pthread_key_create(&vh_watch_key, vh_watch_release) == 0;
+            if (!atfork_done)
+                atfork_done = pthread_atfork(NULL, NULL, vh_watch_after_fork) == 0;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_handler = vh_watch_nop;        /* no SA_RESTART: the write gets EINTR */
+            sigemptyset(&sa.sa_mask);
+            if (!key_made || sigaction(VH_WATCH_SIG, &sa, NULL) != 0) {
+                r = -1;
+            } else {
+                pthread_attr_init(&attr);
+                pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+                pthread_attr_setstacksize(&attr, 64 * 1024);
+                r = pthread_create(&t, &attr, vh_watch_main, NULL) == 0 ? 0 : -1;
+                pthread_attr_destroy(&attr);
+                vh_watch_running = r == 0;
+            }
+        }
+        pthread_mutex_unlock(&vh_watch_lock);
+        return r;
+    }
+
+    /* This thread's slot, claimed on its first guest write; NULL if the watchdog could
+       not start or every slot is taken (the write then goes unwatched). */
+    static vh_watch_slot *vh_watch_slot_get(void) {
+        pid_t me, none;
+        int i;
+        if (vh_watch_mine != NULL)
+            return vh_watch_mine;
+        if (vh_watch_start() != 0)
+            return NULL;
+        me = (pid_t)syscall(SYS_gettid);
+        for (i = 0; i < VH_WATCH_SLOTS; i++) {
+            none = 0;
+            if (__atomic_compare_exchange_n(&vh_watch_tab[i].tid, &none, me, 0,
+                                            __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)) {
+                vh_watch_mine = &vh_watch_tab[i];
+                pthread_setspecific(vh_watch_key, vh_watch_mine);   /* freed at exit */
+                return vh_watch_mine;
+            }
+        }
+        return NULL;
+    }
+
+    /* Adds 1 to the guest's eventfd `fd`. 1: done; 0: refused (counter full with
+       O_NONBLOCK, or any error); -1: it had to wait and was interrupted. */
+    static int vh_eventfd_signal(int fd) {
+        uint64_t one = 1;
+        vh_watch_slot *s = vh_watch_slot_get();
+        ssize_t r;
+        int e;
+        if (s != NULL)
+            __atomic_fetch_add(&s->gen, 1, __ATOMIC_RELEASE);
+        r = write(fd, &one, 8);
+        e = errno;
+        if (s != NULL)
+            __atomic_fetch_add(&s->gen, 1, __ATOMIC_RELEASE);
+        if (r == 8)
+            return 1;
+        return r < 0 && e == EINTR ? -1 : 0;
+    }
+
     /* memcpy where src or dst is guest memory of `mem`: 0, or the signal it faulted. */
     static int vh_guarded_copy(const void *mem, void *dst, const void *src, size_t n) {
         vh_copy_args c;
@@ -173,6 +319,8 @@ cdef extern from *:
     int vh_guard_call(const void *mem, vh_body_fn body, void *args, int *faulted) noexcept nogil
     int vh_guarded_copy(const void *mem, void *dst, const void *src, size_t n) noexcept nogil
     uint64_t vh_guard_recovered
+    int vh_eventfd_signal(int fd) noexcept nogil
+    uint64_t vh_watch_interrupts
 
 
 cdef int _in_guest(const void *m, uintptr_t addr) noexcept nogil:
@@ -207,6 +355,11 @@ def guard_recovered():
     return vh_guard_recovered
 
 
+def watch_interrupts():
+    """Writes to a guest eventfd that had to wait and were cut short (whole process)."""
+    return vh_watch_interrupts
+
+
 install_guard()
 
 
@@ -222,7 +375,7 @@ def fs_magic(int fd):
 VQ_ERRORS = (
     "ok", "avail_idx_jump", "bad_head", "bad_next", "chain_loop", "indirect_len",
     "indirect_addr", "indirect_nested", "indirect_not_negotiated", "bad_addr", "ring_addr",
-    "guest_memory_fault", "zero_len", "desc_order", "tx_too_short", "tx_too_long",
+    "guest_memory_fault", "call_blocked", "zero_len", "desc_order", "tx_too_short", "tx_too_long",
     "rx_too_big", "rx_runt",
 )
 FATAL_ERRORS = VQ_ERRORS[1:VQ_ERR_FIRST_DROP]
@@ -399,7 +552,7 @@ cdef void _notify(vh_vq *vq) noexcept nogil:
     cdef uint16_t old
     cdef uint16_t ev
     cdef bint need
-    cdef uint64_t one = 1
+    cdef int r
     vh_mb()   # our used idx store must be visible before we read the guest's wish
     if vq.event_idx:
         old = vq.signalled_used
@@ -413,9 +566,15 @@ cdef void _notify(vh_vq *vq) noexcept nogil:
         vq.notifies += 1
         # The call fd is the guest's eventfd, made O_NONBLOCK when it was handed over: a
         # counter the guest left full (or any error) is a counted notification lost,
-        # never a wait on this thread.
-        if vq.call_fd >= 0 and write(vq.call_fd, &one, 8) != 8:
-            vq.notify_failed += 1
+        # never a wait on this thread. A write that waited anyway (the frontend cleared
+        # O_NONBLOCK on the description it shares with us) was cut short by the watchdog
+        # and breaks the ring: that guest's notifications can no longer be trusted.
+        if vq.call_fd >= 0:
+            r = vh_eventfd_signal(vq.call_fd)
+            if r != 1:
+                vq.notify_failed += 1
+                if r < 0:
+                    break_ring(vq, VQ_ERR_CALL_BLOCKED)
 
 
 cdef int _avail_count(vh_vq *vq) noexcept nogil:
@@ -895,10 +1054,9 @@ cdef class Virtq:
     def signal_err(self):
         """Tells the frontend the ring broke (its err eventfd, O_NONBLOCK). Control
         thread only. False if there is no err fd or it refused the write."""
-        cdef uint64_t one = 1
         if self.q.err_fd < 0:
             return False
-        return write(self.q.err_fd, &one, 8) == 8
+        return vh_eventfd_signal(self.q.err_fd) == 1
 
     cdef bint _translate(self) noexcept:
         cdef uint64_t num = self.q.num
