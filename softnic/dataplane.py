@@ -371,15 +371,21 @@ class Dataplane:
     def add_fdb(self, entry: model.FdbEntry) -> None:
         with self._lock:
             fp = self._need_fp()
-            fp.fdb_add(entry.vni, None if entry.mac == "flood" else entry.mac,
-                       str(entry.remote))
+            if entry.mac == "accept":
+                fp.peer_add(entry.vni, str(entry.remote))
+            else:
+                fp.fdb_add(entry.vni, None if entry.mac == "flood" else entry.mac,
+                           str(entry.remote))
             self._fdb[entry.ident] = entry
 
     def del_fdb(self, entry: model.FdbEntry) -> None:
         with self._lock:
             fp = self._need_fp()
-            fp.fdb_del(entry.vni, None if entry.mac == "flood" else entry.mac,
-                       str(entry.remote))
+            if entry.mac == "accept":
+                fp.peer_del(entry.vni, str(entry.remote))
+            else:
+                fp.fdb_del(entry.vni, None if entry.mac == "flood" else entry.mac,
+                           str(entry.remote))
             self._fdb.pop(entry.ident, None)
 
     def stats(self) -> dict[str, Any]:
