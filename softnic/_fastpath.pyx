@@ -401,6 +401,7 @@ cdef class Datapath:
     cdef readonly int n_lanes
     cdef PyThread_type_lock lane_locks[FP_MAX_LANES]
     cdef dict sa_refs          # (scope, spi, dir) -> (SecurityAssociation, fp_sa_ref address)
+    cdef fp_sa_ref *no_sa      # what a protect policy whose SA is missing points at
     cdef dict vtep_index       # packed address -> index
     cdef dict floods           # vni -> [vtep index]: the flood lists, as installed in fdb
     cdef dict static_fdb       # (vni, mac bytes) -> vtep index: the static unicast entries
@@ -421,7 +422,8 @@ cdef class Datapath:
         self.vteps = NULL
         self.n_lanes = 0
         self.rx_lock = PyThread_allocate_lock()
-        if self.rx_lock == NULL:
+        self.no_sa = <fp_sa_ref *>PyMem_Calloc(1, sizeof(fp_sa_ref))
+        if self.rx_lock == NULL or self.no_sa == NULL:
             raise MemoryError()
 
     def __init__(self, local, uint32_t underlay_mtu=1500, str ipsec="off",
@@ -491,6 +493,7 @@ cdef class Datapath:
             for _sa, ref in self.sa_refs.values():
                 PyMem_Free(<void *><size_t>ref)
         PyMem_Free(self.rx_mirror_ts)
+        PyMem_Free(self.no_sa)
         if self.rx_lock != NULL:
             PyThread_free_lock(self.rx_lock)
 
@@ -852,11 +855,14 @@ cdef class Datapath:
         self._refresh()
 
     def policy_set(self, int vf, list policies):
-        """Replace a VF's policies (both directions). Each is a dict: dir (in|out), src,
-        dst (networks), action (protect|bypass|discard), proto, sport, dport (None = any),
-        priority (lower first), spi (protect: the SA of this VF and direction). An inbound
-        protect policy accepts any SA with the same reqid as its own SA (make-before-break
-        rekeys), or that SA alone when its reqid is 0."""
+        """Replace a VF's policies (both directions) in one step: the whole list is
+        validated first, then swapped in under every lock, so a burst sees the old table
+        or the new one, never a mix. Each is a dict: dir (in|out), src, dst (networks),
+        action (protect|bypass|discard), proto, sport, dport (None = any), priority
+        (lower first), spi (protect: the SA of this VF and direction; None: the SA is not
+        there, and what the policy matches is dropped, no_sa). An inbound protect policy
+        accepts any SA with the same reqid as its own SA (make-before-break rekeys), or
+        that SA alone when its reqid is 0."""
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             raise ValueError("scope: no such VF")
         if len(policies) > FP_MAX_POLICY:
@@ -866,10 +872,14 @@ cdef class Datapath:
             direction = d.get("dir", "out")
             handle = 0
             if d["action"] == "protect":
-                entry = self.sa_refs.get((vf, int(d["spi"]), direction))
-                if entry is None:
-                    raise ValueError("spi: no SA with this SPI for this VF and direction")
-                handle = entry[1]
+                # No SA (yet): the rule points at a reference without one, so outbound
+                # it drops (no_sa) and inbound nothing can match it.
+                handle = <size_t>self.no_sa
+                if d.get("spi") is not None:
+                    entry = self.sa_refs.get((vf, int(d["spi"]), direction))
+                    if entry is None:
+                        raise ValueError("spi: no SA with this SPI for this VF and direction")
+                    handle = entry[1]
             staged.add(0, src=d["src"], dst=d["dst"], proto=d.get("proto"),
                        sport=d.get("sport"), dport=d.get("dport"), action=d["action"],
                        dir=direction, priority=int(d.get("priority", 0)), sa=handle)
