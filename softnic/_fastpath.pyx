@@ -5,7 +5,11 @@ Pipeline order (DESIGN.md, and the seed's questions):
   TX host-terminated   : policy -> TSO / checksum completion -> ESP (VF's SA) -> VXLAN
   TX device-terminated : TSO / checksum completion -> VXLAN -> ESP (uplink SA, per VTEP)
   RX                   : the reverse; anti-replay and the ICV before anything is trusted,
-                         the inbound policy after decryption.
+                         only VTEPs admitted for the VNI, the inbound policy after
+                         decryption; a broadcast to every VF of its VNI.
+  Local (VF to VF here): the sender's outbound policy, then the receiver's inbound
+                         processing as on RX (_vf_inbound), protected frames through the
+                         sender's SA and the receiver's.
 Segment size is derived from the underlay MTU minus the exact ESP + VXLAN overhead, so
 nothing is ever fragmented in the underlay (RFC 7348 §4.3).
 
@@ -1338,10 +1342,13 @@ cdef class Datapath:
             PyThread_release_lock(L.lock)
         return r
 
-    cdef int _rx_packet(self, sn_pkt *p, Batch extra) noexcept nogil:
+    cdef int _rx_packet(self, sn_pkt *p, Batch extra,
+                        const sn_peer_slot **last) noexcept nogil:
         """One outer IP packet from the underlay -> a frame for a VF (virtio-net header in
         front, .port = VF index); a broadcast or multicast frame also leaves a copy in
         `extra` for every further VF of its VNI, each through that VF's own checks.
+        *last: the admission the previous packet of this burst matched (a burst mostly
+        comes from one VTEP; the table cannot change under the RX lock).
         Returns SN_OK, a drop reason counted on the uplink (> 0), or minus one counted on
         the VF (< 0)."""
         cdef uint8_t *b = p.data + p.off
@@ -1391,9 +1398,13 @@ cdef class Datapath:
         # Who may speak for this VNI: a VTEP the configuration names for it. Anyone who
         # reaches the VXLAN port could otherwise put frames (ARP, ND, which pass in every
         # mode) into a VM, and learning would even let them redirect its traffic.
-        peer = sn_peer_lookup(&self.peers.t, info.vni, info.family, info.src)
-        if peer == NULL:
-            return SN_DROP_UNKNOWN_VTEP
+        peer = last[0]
+        if peer == NULL or peer.vni != info.vni or peer.family != info.family or \
+                memcmp(peer.addr, info.src, 16) != 0:
+            peer = sn_peer_lookup(&self.peers.t, info.vni, info.family, info.src)
+            if peer == NULL:
+                return SN_DROP_UNKNOWN_VTEP
+            last[0] = peer
         b = p.data + p.off
 
         # The VF: by VNI and destination MAC; a group address goes to each VF of the VNI.
@@ -1587,12 +1598,13 @@ cdef class Datapath:
         (the caller delivers in order, then goes on). Returns the index after the last
         packet processed; *ok gets the survivors in inb."""
         cdef int i, r, before
+        cdef const sn_peer_slot *last = NULL
         for i in range(start, inb.count):
             if inb.pkts[i].drop:
                 continue
             self.ul.rx_packets += 1
             before = extra.count
-            r = self._rx_packet(&inb.pkts[i], extra)
+            r = self._rx_packet(&inb.pkts[i], extra, &last)
             if r > 0:
                 self.ul.drops[r] += 1
                 inb.pkts[i].drop = r
