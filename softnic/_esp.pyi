@@ -15,8 +15,10 @@ class SecurityAssociation:
     src: Any
     dst: Any
     encap: tuple[int, int] | None
-    def __init__(self, spi: int, mode: str, src: str, dst: str, alg: str, key: bytes,
-                 auth_key: bytes | None = ..., icv_len: int = ..., esn: bool = ...,
+    def __init__(self, spi: int, mode: str, src: str, dst: str, alg: str,
+                 key: bytes | bytearray | memoryview,
+                 auth_key: bytes | bytearray | memoryview | None = ...,
+                 icv_len: int = ..., esn: bool = ...,
                  replay_window: int = ..., seq: int = ...,
                  encap: tuple[int, int] | None = ...,
                  lifetime: dict[str, int] | None = ..., engine: str = ...) -> None: ...

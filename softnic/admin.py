@@ -17,22 +17,21 @@ Key bytes are never in a reply, an event or a log line; requests are logged by m
 from __future__ import annotations
 
 import base64
-import errno
 import grp
-import http.server
 import json
 import logging
 import os
 import queue
 import select
+import selectors
 import socket
-import stat
 import struct
-import tempfile
 import threading
 import time
 from collections.abc import Callable
 from typing import Any
+
+from vhost import sockfile
 
 from . import __version__
 from .control import ControlError, Controller, scrub
@@ -122,6 +121,7 @@ class AdminServer:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._gid: int | None = None
+        self._file: sockfile.SocketFile | None = None
         self._methods: dict[str, Callable[[Any], Any]] = {
             "version": self._version,
             "vf.add": lambda p: self.ctl.add_vf(_build(VF, p)),
@@ -163,45 +163,13 @@ class AdminServer:
         log.info("admin socket listening on %s", self.path)
 
     def _bind(self) -> socket.socket:
-        parent = os.path.dirname(os.path.abspath(self.path)) or "/"
-        os.makedirs(parent, mode=0o755, exist_ok=True)
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            pass
-        else:
-            if not stat.S_ISSOCK(st.st_mode):
-                raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-            probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                probe.connect(self.path)
-                raise OSError(errno.EADDRINUSE, f"{self.path}: another daemon is listening")
-            except (ConnectionRefusedError, FileNotFoundError):
-                os.unlink(self.path)  # stale socket of a dead daemon
-            finally:
-                probe.close()
-        # Bind inside a fresh 0700 directory, fix the mode, then rename into place: there
-        # is no moment at which the socket is reachable with a wider mode.
-        tmpdir = tempfile.mkdtemp(prefix=".admin-", dir=parent)
-        tmp = os.path.join(tmpdir, "s")
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.bind(tmp)
-            if self._gid is not None:
-                os.chown(tmp, -1, self._gid)
-                os.chmod(tmp, 0o660)
-            else:
-                os.chmod(tmp, 0o600)
-            s.listen(64)
-            os.rename(tmp, self.path)
-        except BaseException:
-            s.close()
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-            raise
-        finally:
-            os.rmdir(tmpdir)
-        return s
+        # vhost.sockfile: bound in a private directory with its final mode, then moved into
+        # place; a dead daemon's leftover socket is replaced, a live one or anything that
+        # is not a socket of ours is refused (OSError) and left alone.
+        sock, self._file = sockfile.listen(
+            self.path, mode=0o660 if self._gid is not None else 0o600,
+            gid=-1 if self._gid is None else self._gid, backlog=64, create_dir=True)
+        return sock
 
     def stop(self) -> None:
         self._stopping.set()
@@ -220,11 +188,9 @@ class AdminServer:
                 pass
         if self._thread is not None:
             self._thread.join(5)
-        try:
-            if stat.S_ISSOCK(os.lstat(self.path).st_mode):
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        if self._file is not None:
+            self._file.remove()  # only if the path still holds the socket we made
+            self._file = None
 
     def __enter__(self) -> AdminServer:
         self.start()
@@ -237,19 +203,33 @@ class AdminServer:
 
     def _accept_loop(self) -> None:
         assert self._sock is not None
+        last_error = 0.0
         while not self._stopping.is_set():
             try:
                 conn, _ = self._sock.accept()
-            except OSError:
+            except (InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as e:
                 if self._stopping.is_set():
                     return
-                time.sleep(0.05)  # EMFILE and friends: back off, keep serving
+                # EMFILE and friends: the client waits in the backlog; back off and take
+                # it once there is room (said at most once a second).
+                now = time.monotonic()
+                if now - last_error >= 1.0:
+                    log.warning("admin: accept failed: %s (still listening)",
+                                e.strerror or e)
+                    last_error = now
+                time.sleep(0.05)
                 continue
             if not self._slots.acquire(blocking=False):
                 self._refuse(conn, "busy", "too many connections")
                 continue
-            threading.Thread(target=self._conn_main, args=(conn,), name="admin-conn",
-                             daemon=True).start()
+            try:
+                threading.Thread(target=self._conn_main, args=(conn,), name="admin-conn",
+                                 daemon=True).start()
+            except RuntimeError:  # no thread to be had: this client is refused, not all
+                self._slots.release()
+                self._refuse(conn, "busy", "cannot serve a connection now")
 
     def _refuse(self, conn: socket.socket, code: str, message: str) -> None:
         try:
@@ -564,42 +544,50 @@ class AdminServer:
         self._send(conn, {"id": rid, "end": {"packets": sent, "dropped": dropped[0]}})
 
 
+class _HttpConn:
+    __slots__ = ("sock", "deadline", "buf", "out")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.deadline = deadline
+        self.buf = bytearray()
+        self.out: memoryview | None = None
+
+
 class MetricsServer:
-    """Optional HTTP listener for Prometheus: GET /metrics. Bind it to loopback or a
-    management network; it serves counters only, never configuration or keys."""
+    """Optional HTTP listener for Prometheus: GET /metrics (an HTTP/1.0 subset of RFC 9112:
+    one request per connection, then close). It serves counters only, never configuration
+    or keys; a bare port in the config is bound to loopback.
 
-    def __init__(self, controller: Controller, host: str, port: int) -> None:
-        ctl = controller
+    It must never cost the daemon more than a few descriptors, whoever connects: one thread
+    and one selector serve every connection (an idle client costs a socket, never a
+    thread); at most `max_clients` are open at once and any more are closed on arrival; a
+    client has `timeout` seconds to send its request head (at most `max_request` bytes) and
+    `timeout` more to read the answer, then it is closed. An accept() error (EMFILE,
+    ENFILE, ENOBUFS) pauses accepting for a moment, never ends the listener."""
 
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-                if self.path.split("?")[0] != "/metrics":
-                    self.send_error(404)
-                    return
-                try:
-                    body = ctl.metrics_text().encode()
-                except ControlError:
-                    self.send_error(503)
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "text/plain; version=0.0.4")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, fmt: str, *args: Any) -> None:
-                log.debug("metrics: " + fmt, *args)
-
+    def __init__(self, controller: Controller, host: str, port: int, *,
+                 max_clients: int = 32, timeout: float = 5.0,
+                 max_request: int = 8192) -> None:
+        self.ctl = controller
+        self.max_clients = max_clients
+        self.timeout = timeout
+        self.max_request = max_request
+        self.refused = 0           # connections closed on arrival: the cap was reached
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-
-        class Server(http.server.ThreadingHTTPServer):
-            address_family = family
-            daemon_threads = True
-
-        self.httpd = Server((host, port), Handler)
-        self.httpd.timeout = 5
-        self._thread = threading.Thread(target=self.httpd.serve_forever, name="metrics",
-                                        daemon=True)
+        self._lsock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+        try:
+            self._lsock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self._lsock.bind((host, port))
+            self._lsock.listen(128)
+            self._lsock.setblocking(False)
+        except BaseException:
+            self._lsock.close()
+            raise
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="metrics", daemon=True)
 
     @classmethod
     def from_config(cls, controller: Controller, daemon: Daemon) -> MetricsServer | None:
@@ -611,11 +599,147 @@ class MetricsServer:
 
     @property
     def port(self) -> int:
-        return int(self.httpd.server_address[1])
+        return int(self._lsock.getsockname()[1])
 
     def start(self) -> None:
         self._thread.start()
 
     def stop(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
+        self._stopping.set()
+        try:
+            self._wake_w.send(b"x")
+        except OSError:
+            pass
+        if self._thread.is_alive():
+            self._thread.join(5)
+        for s in (self._lsock, self._wake_r, self._wake_w):
+            s.close()
+
+    # --- the loop -----------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sel = selectors.DefaultSelector()
+        conns: dict[int, _HttpConn] = {}
+        sel.register(self._wake_r, selectors.EVENT_READ, None)
+        sel.register(self._lsock, selectors.EVENT_READ, None)
+        paused_until: float | None = None
+        last_error = 0.0
+        try:
+            while not self._stopping.is_set():
+                now = time.monotonic()
+                if paused_until is not None and now >= paused_until:
+                    sel.register(self._lsock, selectors.EVENT_READ, None)
+                    paused_until = None
+                wake = min([c.deadline for c in conns.values()]
+                           + ([paused_until] if paused_until is not None else [])
+                           + [now + 1.0])
+                for key, mask in sel.select(max(0.0, wake - now)):
+                    now = time.monotonic()
+                    if key.fileobj is self._wake_r:
+                        continue
+                    if key.fileobj is self._lsock:
+                        err = self._accept(sel, conns, now)
+                        if err is not None:
+                            # The pending clients wait in the backlog (no descriptor of
+                            # ours); try again shortly.
+                            sel.unregister(self._lsock)
+                            paused_until = now + 0.1
+                            if now - last_error >= 1.0:
+                                log.warning("metrics: accept failed: %s (still listening)",
+                                            err.strerror or err)
+                                last_error = now
+                        continue
+                    c = key.data
+                    if c.sock.fileno() in conns:
+                        self._io(sel, conns, c, mask, now)
+                now = time.monotonic()
+                for c in [c for c in conns.values() if c.deadline <= now]:
+                    self._close(sel, conns, c)     # too slow to ask, or to read the answer
+        finally:
+            for c in list(conns.values()):
+                self._close(sel, conns, c)
+            sel.close()
+
+    def _accept(self, sel: selectors.BaseSelector, conns: dict[int, _HttpConn],
+                now: float) -> OSError | None:
+        for _ in range(64):      # then let the open connections have their turn
+            try:
+                s, _ = self._lsock.accept()
+            except BlockingIOError:
+                return None
+            except (InterruptedError, ConnectionAbortedError):
+                continue
+            except OSError as e:
+                return e
+            if len(conns) >= self.max_clients:
+                self.refused += 1
+                s.close()
+                continue
+            s.setblocking(False)
+            c = _HttpConn(s, now + self.timeout)
+            conns[s.fileno()] = c
+            sel.register(s, selectors.EVENT_READ, c)
+        return None
+
+    def _close(self, sel: selectors.BaseSelector, conns: dict[int, _HttpConn],
+               c: _HttpConn) -> None:
+        conns.pop(c.sock.fileno(), None)
+        try:
+            sel.unregister(c.sock)
+        except (KeyError, ValueError):
+            pass
+        c.sock.close()
+
+    def _io(self, sel: selectors.BaseSelector, conns: dict[int, _HttpConn], c: _HttpConn,
+            mask: int, now: float) -> None:
+        try:
+            if c.out is None:
+                data = c.sock.recv(4096)
+                if not data:
+                    self._close(sel, conns, c)
+                    return
+                c.buf += data
+                end = c.buf.find(b"\r\n\r\n")
+                if end < 0:
+                    end = c.buf.find(b"\n\n")
+                if end < 0 and len(c.buf) <= self.max_request:
+                    return
+                c.out = memoryview(self._answer(bytes(c.buf[:max(end, 0)])
+                                                if end >= 0 else None))
+                c.deadline = now + self.timeout
+                sel.modify(c.sock, selectors.EVENT_WRITE, c)
+            n = c.sock.send(c.out)
+            c.out = c.out[n:]
+            if not c.out:
+                self._close(sel, conns, c)
+        except (BlockingIOError, InterruptedError):
+            pass
+        except OSError:
+            self._close(sel, conns, c)
+
+    def _answer(self, head: bytes | None) -> bytes:
+        if head is None:
+            return self._response(431, "Request Header Fields Too Large", b"")
+        words = head.split(b"\r\n", 1)[0].split(b"\n", 1)[0].split()
+        if len(words) != 3 or not words[2].startswith(b"HTTP/"):
+            return self._response(400, "Bad Request", b"")
+        method, target = words[0], words[1]
+        if method not in (b"GET", b"HEAD"):
+            return self._response(405, "Method Not Allowed", b"")
+        if target.split(b"?")[0] != b"/metrics":
+            return self._response(404, "Not Found", b"")
+        try:
+            body = self.ctl.metrics_text().encode()
+        except ControlError:
+            return self._response(503, "Service Unavailable", b"")
+        except Exception:  # noqa: BLE001 - a bug answers 500, the listener lives on
+            log.exception("metrics: building the answer failed")
+            return self._response(500, "Internal Server Error", b"")
+        return self._response(200, "OK", body, head_only=method == b"HEAD")
+
+    @staticmethod
+    def _response(code: int, reason: str, body: bytes, head_only: bool = False) -> bytes:
+        ctype = "text/plain; version=0.0.4" if code == 200 else "text/plain"
+        head = (f"HTTP/1.0 {code} {reason}\r\nContent-Type: {ctype}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n").encode()
+        return head if head_only else head + body

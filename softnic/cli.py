@@ -108,6 +108,15 @@ def _read_secret(word: str) -> str:
             from None
 
 
+def _warn_inline_key(field: str) -> None:
+    """A key typed as a word of the command line is in this process's argv, which every
+    local user can read (ps, /proc/PID/cmdline) while it runs, and often in a shell
+    history: say so, once per key, and how to avoid it."""
+    sys.stderr.write(f"softnicctl: warning: {field} given on the command line, where every"
+                     " local user can read it (ps, /proc/PID/cmdline): give it as @FILE or"
+                     " - (a line of stdin) instead\n")
+
+
 def _vf_params(name: str, words: list[str]) -> dict[str, Any]:
     p: dict[str, Any] = {"name": name}
     keys = {"kind": "kind", "mac": "mac", "vni": "vni", "mtu": "mtu", "ipsec": "ipsec",
@@ -202,7 +211,8 @@ class Ctl:
                 raise Usage(f"unknown vf verb '{verb[:20]}'")
         elif obj == "sa":
             if verb == "add":
-                self._changed(c.call("sa.add", **parse_state(args, _read_secret)))
+                self._changed(c.call("sa.add", **parse_state(args, _read_secret,
+                                                             _warn_inline_key)))
             elif verb in ("del", "get"):
                 p = parse_state_id(args)
                 if verb == "del":

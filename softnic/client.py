@@ -45,7 +45,9 @@ def _hexkeys(params: dict[str, Any]) -> dict[str, Any]:
     out = dict(params)
     for k in ("key", "auth_key"):
         if isinstance(out.get(k), bytes | bytearray | memoryview):
-            out[k] = "0x" + bytes(out[k]).hex()
+            # Hex straight from the caller's buffer: no raw copy is made here (a caller
+            # holding its key in a bytearray can wipe it afterwards).
+            out[k] = "0x" + memoryview(out[k]).hex()
     return out
 
 

@@ -7,6 +7,8 @@ the line and column. A config that fails validation starts nothing.
 
 from __future__ import annotations
 
+import os
+import stat
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -40,12 +42,29 @@ def loads(text: str, source: str = "") -> Config:
         raise ConfigError(source, e.field, e.message) from None
 
 
-def load(path: str | Path) -> Config:
-    """Read, parse and validate a config file. Raises ConfigError."""
+def load(path: str | Path, *, private: bool = False) -> Config:
+    """Read, parse and validate a config file. Raises ConfigError.
+
+    private (what the daemon asks for): a file that holds keys must be readable by its
+    owner only (mode 0600 or stricter) and owned by root or the daemon's user, or it is
+    refused: anyone else who can read it has the keys. Checked on the open file, so the
+    file read is the file checked."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        with open(p, "rb") as f:
+            st = os.fstat(f.fileno())
+            data = f.read()
+        text = data.decode("utf-8")
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(str(p), "", f"cannot read: {getattr(e, 'strerror', None) or e}") \
             from None
-    return loads(text, str(p))
+    cfg = loads(text, str(p))
+    if private and cfg.sas:  # keys are only ever in SAs
+        mode = stat.S_IMODE(st.st_mode)
+        if mode & 0o077:
+            raise ConfigError(str(p), "", f"holds keys but others may read it (mode "
+                              f"{mode:04o}): make it 0600 or stricter (chmod 600 {p})")
+        if st.st_uid not in (0, os.geteuid()):
+            raise ConfigError(str(p), "", f"holds keys but is owned by uid {st.st_uid}:"
+                              " it must belong to root or the daemon's user")
+    return cfg

@@ -73,8 +73,10 @@ class _Port:
 class Dataplane:
     """softnic.control.Datapath over softnic._fastpath.Datapath."""
 
-    def __init__(self, tx_workers: int | None = None, seq_state: str | None = None) -> None:
+    def __init__(self, tx_workers: int | None = None, seq_state: str | None = None,
+                 vhost_socket: tuple[int, int, int] = (0o600, -1, -1)) -> None:
         self.tx_workers = tx_workers or default_tx_workers()
+        self.vhost_socket = vhost_socket    # (mode, uid, gid) of server-mode VF sockets
         # Outbound sequence numbers kept over restarts (softnic.seqstate), if asked for.
         self._seq = SeqState(seq_state) if seq_state else None
         self._fp: FastPath | None = None
@@ -194,7 +196,7 @@ class Dataplane:
         port = _Port(index, vf, None, dev)
         self._ports[vf.name] = port
         try:
-            dev.start()
+            dev.start(*self.vhost_socket)
         except Exception:
             del self._ports[vf.name]
             fp.del_vf(index)

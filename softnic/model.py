@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import hmac
 import ipaddress
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
@@ -43,15 +44,34 @@ class ValidationError(ValueError):
 
 class Secret:
     """Key bytes that never show themselves: not in repr/str/format, not in JSON, not in
-    pickles. Only `reveal()` returns the bytes (for the datapath's crypto setup)."""
+    pickles. Only `reveal()` gives the bytes (for the datapath's crypto setup), as a
+    read-only view of the one buffer that holds them.
+
+    The bytes live in a bytearray, the one Python object that can be overwritten in
+    place: `wipe()` zeroes it, and so does the collector when the last reference goes
+    (an SA deleted, a config replaced by a reload). What Python cannot wipe is the hex
+    text a key arrives as (TOML and JSON parsing make immutable str objects); that is
+    freed, not zeroed, so core dumps stay off (softnic.daemon) and only root can read
+    the daemon's memory."""
 
     __slots__ = ("_b",)
 
-    def __init__(self, data: bytes) -> None:
-        self._b = bytes(data)
+    def __init__(self, data: bytes | bytearray | memoryview) -> None:
+        self._b = bytearray(data)
 
-    def reveal(self) -> bytes:
-        return self._b
+    def reveal(self) -> memoryview:
+        return memoryview(self._b).toreadonly()
+
+    def wipe(self) -> None:
+        # Same-length slice assignment overwrites the buffer in place (no reallocation
+        # that would leave the old bytes behind), even while a view of it exists.
+        self._b[:] = bytes(len(self._b))
+
+    def __del__(self) -> None:
+        try:
+            self.wipe()
+        except (AttributeError, TypeError):  # half-built, or at interpreter shutdown
+            pass
 
     def __len__(self) -> int:
         return len(self._b)
@@ -82,7 +102,8 @@ class Secret:
 
     @classmethod
     def from_hex(cls, value: Any, field: str) -> Secret:
-        """Parse "0x..." / "..." hex. The error never echoes the value."""
+        """Parse "0x..." / "..." hex. The error never echoes the value. The raw bytes are
+        made straight into the Secret's own buffer (no intermediate bytes object)."""
         if isinstance(value, Secret):
             return value
         if not isinstance(value, str):
@@ -90,7 +111,9 @@ class Secret:
         s = value[2:] if value[:2] in ("0x", "0X") else value
         if not s or len(s) % 2 or not re.fullmatch(r"[0-9a-fA-F]+", s):
             raise ValidationError(field, "must be an even number of hex digits (0x...)")
-        return cls(bytes.fromhex(s))
+        out = cls.__new__(cls)
+        out._b = bytearray.fromhex(s)
+        return out
 
 
 REDACTED = "<redacted>"
@@ -557,14 +580,19 @@ class FdbEntry:
 
 @dataclass(frozen=True)
 class Daemon:
-    """Process settings: where the admin socket lives and who may use it."""
+    """Process settings: where the admin socket lives and who may use it, where the
+    vhost-user sockets live and who may connect to them."""
 
     admin_socket: str = "/run/softnic/admin.sock"
     admin_group: str | None = None
     admin_max_clients: int = 64
-    metrics_listen: str | None = None   # "127.0.0.1:9101" -> HTTP /metrics
+    metrics_listen: str | None = None   # "127.0.0.1:9101" -> HTTP /metrics; "9101": loopback
     tx_workers: int | None = None       # None: one per CPU but one (for RX), 1..8
     seq_state: str | None = None        # file keeping outbound sequence numbers over restarts
+    vhost_socket_dir: str | None = None    # None: the admin socket's directory
+    vhost_socket_user: str | None = None   # owner of server-mode VF sockets (None: the daemon)
+    vhost_socket_group: str | None = None  # their group (None: the daemon's)
+    vhost_socket_mode: int | None = None   # None: 0660 with a group, else 0600
 
     def __post_init__(self) -> None:
         _str(self.admin_socket, "admin_socket", r"/[^\x00]{1,106}",
@@ -578,11 +606,54 @@ class Daemon:
         if self.seq_state is not None:
             _str(self.seq_state, "seq_state", r"/[^\x00]{1,4000}", "an absolute path")
         if self.metrics_listen is not None:
-            m = re.fullmatch(r"\[?([0-9a-fA-F.:]+)\]?:(\d+)", str(self.metrics_listen))
+            listen = self.metrics_listen
+            if isinstance(listen, int) and not isinstance(listen, bool):
+                listen = str(listen)
+            if isinstance(listen, str) and re.fullmatch(r":?\d+", listen):
+                # A port alone is served on loopback: exposing counters to a network is
+                # a choice to write out (ADDRESS:PORT).
+                listen = "127.0.0.1:" + listen.lstrip(":")
+            m = re.fullmatch(r"\[?([0-9a-fA-F.:]+)\]?:(\d+)", str(listen))
             if not m:
-                raise ValidationError("metrics_listen", "must be ADDRESS:PORT")
+                raise ValidationError("metrics_listen", "must be PORT or ADDRESS:PORT")
             _addr(m.group(1), "metrics_listen")
             _int(int(m.group(2)), "metrics_listen", 0, 65535)  # 0: any free port
+            object.__setattr__(self, "metrics_listen", listen)
+        if self.vhost_socket_dir is not None:
+            _str(self.vhost_socket_dir, "vhost_socket_dir", r"/[^\x00]{0,90}",
+                 "an absolute path (at most 91 bytes: a socket path is at most 107)")
+            object.__setattr__(self, "vhost_socket_dir",
+                               os.path.normpath(self.vhost_socket_dir))
+        for f in ("vhost_socket_user", "vhost_socket_group"):
+            if getattr(self, f) is not None:
+                _str(getattr(self, f), f, r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,31}\$?",
+                     "a user or group name")
+        if self.vhost_socket_mode is not None:
+            _seti(self, "vhost_socket_mode", 0, 0o770)
+            if self.vhost_socket_mode & 0o007:
+                # Whoever can connect may become a VM's network device.
+                raise ValidationError("vhost_socket_mode", "must give others no access"
+                                      " (at most 0o770)")
+            if not self.vhost_socket_mode & 0o200:
+                raise ValidationError("vhost_socket_mode", "must let the owner connect"
+                                      " (0o200)")
+
+    @property
+    def vhost_dir(self) -> str:
+        """The directory every vhost-user VF socket must be in."""
+        return self.vhost_socket_dir or os.path.normpath(os.path.dirname(self.admin_socket))
+
+    @property
+    def vhost_mode(self) -> int:
+        """The file mode of server-mode VF sockets."""
+        if self.vhost_socket_mode is not None:
+            return self.vhost_socket_mode
+        return 0o660 if self.vhost_socket_group is not None else 0o600
+
+    @property
+    def lock_file(self) -> str:
+        """The file a running daemon holds locked (flock) beside its admin socket."""
+        return self.admin_socket + ".lock"
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any], prefix: str = "daemon") -> Daemon:
@@ -616,6 +687,8 @@ class Config:
                     raise ValidationError(f"vf[{i}].{what}",
                                           f"duplicate of vf[{j}] ({self.vfs[j].name})")
                 seen[(what, key)] = i
+            if vf.socket is not None:
+                self._check_vhost_socket(vf.socket, f"vf[{i}].socket")
         ul_family = self.uplink.local.version if self.uplink else None
         sa_ids: dict[tuple[str, str, int], int] = {}
         for i, sa in enumerate(self.sas):
@@ -664,6 +737,20 @@ class Config:
                 raise ValidationError(f"{p}.mac", f"duplicate of fdb[{fdb_ids[e.ident]}]")
             fdb_ids[e.ident] = i
         return self
+
+    def _check_vhost_socket(self, path: str, field: str) -> None:
+        """A VF socket is a plain name directly in [daemon] vhost_socket_dir, and none of
+        the daemon's own files: the daemon binds (or connects to) only what is there, and
+        vhost.sockfile refuses whatever it did not make."""
+        d = self.daemon
+        parent, name = os.path.split(path)
+        if os.path.normpath(path) != path or parent != d.vhost_dir:
+            raise ValidationError(field, f"must be a file directly in {d.vhost_dir}"
+                                  " ([daemon] vhost_socket_dir)")
+        if name.startswith("."):
+            raise ValidationError(field, "must not start with '.' (softnic's own files)")
+        if path in (d.admin_socket, d.lock_file, d.seq_state):
+            raise ValidationError(field, "is a file of the daemon's own")
 
     def replace(self, **kw: Any) -> Config:
         return replace(self, **kw)

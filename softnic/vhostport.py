@@ -41,9 +41,13 @@ class VhostVF(VhostNetDevice):
         else:
             self.endpoint = VhostUserServer(socket_path, self, queue_pairs=queue_pairs)
 
-    def start(self) -> None:
+    def start(self, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:
+        """Listen (server mode: the socket gets mode, uid and gid, -1 for the daemon's,
+        before it is reachable) or start connecting (client mode). vhost.sockfile's rules
+        apply either way: nothing is followed through a symlink, and in server mode only
+        a dead socket of ours is replaced (OSError for anything else at the path)."""
         if isinstance(self.endpoint, VhostUserServer):
-            self.endpoint.start(mode=0o660)
+            self.endpoint.start(mode=mode, uid=uid, gid=gid)
         else:
             self.endpoint.start()
 

@@ -37,10 +37,12 @@ class XfrmError(ValidationError):
 
 class _Words:
     def __init__(self, argv: Sequence[str],
-                 read_secret: Callable[[str], str] | None = None) -> None:
+                 read_secret: Callable[[str], str] | None = None,
+                 inline_key: Callable[[str], None] | None = None) -> None:
         self.w = list(argv)
         self.i = 0
         self.read_secret = read_secret
+        self.inline_key = inline_key
 
     def more(self) -> bool:
         return self.i < len(self.w)
@@ -62,6 +64,8 @@ class _Words:
             # local user can read in /proc/PID/cmdline.
             tok = self.read_secret(tok).strip()
             tok = tok if tok[:2] in ("0x", "0X") else "0x" + tok
+        elif self.inline_key is not None:
+            self.inline_key(field)  # the key was a word of argv: visible in ps
         s = tok[2:] if tok[:2] in ("0x", "0X") else ""
         if not s or len(s) % 2 or any(c not in "0123456789abcdefABCDEF" for c in s):
             raise XfrmError(field, "must be an even number of hex digits after 0x")
@@ -112,10 +116,12 @@ def _common_id(w: _Words, out: dict[str, Any], tok: str) -> bool:
 
 
 def parse_state(argv: Sequence[str],
-                read_secret: Callable[[str], str] | None = None) -> dict[str, Any]:
+                read_secret: Callable[[str], str] | None = None,
+                inline_key: Callable[[str], None] | None = None) -> dict[str, Any]:
     """`ip xfrm state add` words -> SA params (model.SA.from_dict shape). With
-    `read_secret`, a key word `@FILE` or `-` is replaced by read_secret(word) (hex)."""
-    w = _Words(argv, read_secret)
+    `read_secret`, a key word `@FILE` or `-` is replaced by read_secret(word) (hex);
+    `inline_key(field)` is called for each key given as a word itself."""
+    w = _Words(argv, read_secret, inline_key)
     out: dict[str, Any] = {}
     while w.more():
         tok = w.take("", "")

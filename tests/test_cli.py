@@ -144,6 +144,26 @@ def test_keys_from_file_and_stdin(env):
     assert r.returncode == 2 and "key file /nonexistent" in r.stderr
 
 
+def test_a_key_on_the_command_line_is_warned_about(env):
+    """A key typed into argv is readable by every local user while softnicctl runs (ps,
+    /proc/PID/cmdline): softnicctl says so, once per key, and points to @FILE or stdin; a
+    key from a file or stdin draws no warning. No output holds the key."""
+    r = ctl(env, CBC_UPLINK)
+    warnings = [ln for ln in r.stderr.splitlines() if "warning" in ln]
+    assert len(warnings) == 2, r.stderr       # the cipher key and the auth key
+    assert all("@FILE" in w and "ps" in w for w in warnings)
+    assert "key given on the command line" in warnings[0]
+    assert "auth_key given on the command line" in warnings[1]
+    kf = os.path.join(env.dir, "k.hex")
+    with open(kf, "w") as f:
+        f.write(K16 + "\n")
+    line = CBC_UPLINK.replace(K32, "-").replace(K16, "@" + kf).replace("0x2001", "0x2002")
+    r = subprocess.run(cmd(env, line), input=K32[2:] + "\n", capture_output=True, text=True,
+                       timeout=30, cwd=ROOT)
+    check_output_clean(r.stdout, r.stderr)
+    assert r.returncode == 0 and "warning" not in r.stderr, r.stderr
+
+
 def test_policy_and_fdb_verbs(env):
     ctl(env, GCM_OUT)
     ctl(env, "policy add vf vm1 src 10.0.0.1/32 dst 10.0.0.3/32 proto tcp dport 443 dir out "
@@ -381,3 +401,90 @@ def test_qemu_args_multiqueue_shape():
     dev = _opts(argv[argv.index("-device") + 1])[1]
     assert dev["mq"] == "on" and dev["vectors"] == "10"
     assert "<driver queues='4'>" in cli.libvirt_interface(vf)
+
+
+# --- config files that hold keys (issue 10, item 16) -----------------------------------------
+
+SA_CFG = f"""
+[uplink]
+local = "127.0.0.1"
+[[vf]]
+name = "vm1"
+kind = "tap"
+mac = "02:00:00:00:00:01"
+vni = 100
+[[sa]]
+scope = "vm1"
+dir = "out"
+src = "10.0.0.1"
+dst = "10.0.0.3"
+spi = 0x1001
+alg = "aes-gcm"
+key = "{K}"
+"""
+
+
+def _daemon_cmd(verb, cfg):
+    return [sys.executable, "-m", "softnic.daemon", verb, "-c", cfg]
+
+
+def test_config_files_with_keys_must_be_private(tmp_path):
+    """`softnic run` and `softnic check` refuse a config file that holds keys unless only
+    its owner may read it (0600 or stricter) and that owner is root or the daemon's user;
+    one line, no key in it, nothing started. A file without keys may be 0644."""
+    from softnic.topo import Netns
+
+    cfg = str(tmp_path / "softnic.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[daemon]\nadmin_socket = "{tmp_path}/a.sock"\n' + SA_CFG)
+    with Netns(prefix="snmo") as ns:
+        for mode in (0o644, 0o640, 0o604, 0o660):
+            os.chmod(cfg, mode)
+            for verb in ("run", "check"):
+                r = subprocess.run(ns.exec_argv(_daemon_cmd(verb, cfg)), capture_output=True,
+                                   text=True, timeout=60, cwd=ROOT)
+                check_output_clean(r.stdout, r.stderr)
+                assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+                assert f"mode {mode:04o}" in r.stderr and "chmod 600" in r.stderr
+        assert not os.path.exists(tmp_path / "a.sock")
+        os.chmod(cfg, 0o600)
+        if os.geteuid() == 0:
+            os.chown(cfg, 65534, -1)
+            r = subprocess.run(ns.exec_argv(_daemon_cmd("check", cfg)), capture_output=True,
+                               text=True, timeout=60, cwd=ROOT)
+            assert r.returncode == 2 and "owned by uid 65534" in r.stderr, r.stderr
+            os.chown(cfg, 0, -1)
+        for mode in (0o600, 0o400):
+            os.chmod(cfg, mode)
+            r = subprocess.run(_daemon_cmd("check", cfg), capture_output=True, text=True,
+                               timeout=60, cwd=ROOT)
+            assert r.returncode == 0 and ": ok (" in r.stdout, r.stderr
+    nokeys = str(tmp_path / "nokeys.toml")
+    with open(nokeys, "w") as f:
+        f.write(SA_CFG.split("[[sa]]")[0])
+    os.chmod(nokeys, 0o644)
+    r = subprocess.run(_daemon_cmd("check", nokeys), capture_output=True, text=True,
+                       timeout=60, cwd=ROOT)
+    assert r.returncode == 0, r.stderr
+
+
+def test_reload_refuses_a_key_file_others_can_read():
+    """The running daemon re-reads its file on `softnicctl reload` by the same rule: a
+    file made readable by others is refused (the error says why) and nothing changes."""
+    from test_admin import RealDaemon
+
+    d = short_dir()
+    try:
+        with RealDaemon(d, SA_CFG.split("[uplink]", 1)[1].split("\n", 2)[2]) as dm:
+            e = Env()
+            e.sock = dm.sock
+            before = js(e, "sa list")
+            os.chmod(dm.cfg, 0o644)
+            r = ctl(e, "reload", rc=1)
+            assert "mode 0644" in r.stderr and "chmod 600" in r.stderr
+            assert js(e, "sa list") == before and js(e, "version")["consistent"]
+            os.chmod(dm.cfg, 0o600)
+            assert ctl(e, "reload").stdout.strip() == "no change"
+        check_output_clean(dm.tail(), "")
+    finally:
+        shutil.rmtree(d, ignore_errors=True)

@@ -5,6 +5,7 @@ unique for the test, and the daemon lists what the file declares."""
 import glob
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -63,8 +64,18 @@ def test_example_config_runs(path, tmp_path):
         host.close()
 
 
-def test_check_command_validates_every_example():
+def test_check_command_validates_every_example(tmp_path):
+    """Each example, installed as a config holding keys must be (`install -m 600`),
+    passes `softnic check`; a copy others may read is refused with the command to fix it
+    (git keeps no mode but the executable bit, so the checkout's own files are 0644)."""
     for path in EXAMPLES:
-        r = subprocess.run([sys.executable, "-m", "softnic.daemon", "check", "-c", path],
+        private = tmp_path / os.path.basename(path)
+        shutil.copyfile(path, private)
+        os.chmod(private, 0o600)
+        r = subprocess.run([sys.executable, "-m", "softnic.daemon", "check", "-c", str(private)],
                            capture_output=True, text=True, cwd=REPO)
         assert r.returncode == 0 and ": ok (" in r.stdout, r.stderr
+        os.chmod(private, 0o644)
+        r = subprocess.run([sys.executable, "-m", "softnic.daemon", "check", "-c", str(private)],
+                           capture_output=True, text=True, cwd=REPO)
+        assert r.returncode == 2 and f"chmod 600 {private}" in r.stderr, r.stderr

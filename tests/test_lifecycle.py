@@ -1,9 +1,13 @@
 """SA lifecycle through the real daemons and admin sockets (issue 4): make-before-break
 rekeys under traffic with nothing lost or duplicated, hard expiry with its event, and
 captures of the underlay that a pcap reader (dpkt) and an ESP oracle (scapy) accept.
+The daemon's own lifecycle (issue 10): a second daemon leaves the first alone, and a
+crash dumps no core.
 """
 
 import os
+import pathlib
+import shutil
 import struct
 import subprocess
 import sys
@@ -213,3 +217,146 @@ def test_reload_adds_a_vf_without_touching_the_others(overlay):
             assert {(s["scope"], s["dir"], s["spi"]) for s in c.sa_list()} == sas_before
     finally:
         extra.close()
+
+
+# --- a second daemon, core dumps (issue 10, items 14 and 16) -------------------------------
+
+def _admin_helpers():
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import test_admin
+
+    return test_admin
+
+
+def _run_second(ns, cfg, timeout=60):
+    """`softnic run -c cfg` in `ns`, expected to give up: (returncode, stderr). If it runs
+    instead, it is stopped and the test fails."""
+    env = dict(os.environ, PYTHONPATH=REPO)
+    p = ns.popen([sys.executable, "-m", "softnic.daemon", "run", "-c", str(cfg)],
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        out, err = p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        p.terminate()
+        out, err = p.communicate(timeout=30)
+        pytest.fail(f"the second daemon kept running: {err[-2000:]}")
+    return p.returncode, err
+
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_second_daemon_never_harms_the_first():
+    """A second `softnic run` on the same admin socket stops in one line naming the first
+    one's pid and touches nothing: the first daemon's admin socket and VF socket are the
+    same files and it stays manageable. A second daemon with its own admin socket but the
+    first one's VF socket gives up too, and leaves that socket alone. Once the first stops,
+    its lock goes with it and a new daemon starts."""
+    from softnic.scenario import Daemon
+    from softnic.topo import Netns
+
+    ta = _admin_helpers()
+    d = ta.short_dir()
+    path = os.path.join(d, "g1.sock")
+    body = ta.UPLINK_LO + ta.vhost_vf("g1", path, 1)
+    ns1, ns2 = Netns(prefix="snsi"), Netns(prefix="snsi")
+    try:
+        first = Daemon(ns1, body, pathlib.Path(d), name="d", ready=[path]).start()
+        before = {p: os.lstat(p) for p in (first.sock, path)}
+        rc, err = _run_second(ns2, first.cfg)
+        lines = err.strip().splitlines()
+        assert rc != 0 and len(lines) == 1, err
+        assert f"already running, pid {first.pid}" in lines[0] and "Traceback" not in err
+
+        other = pathlib.Path(d) / "e.toml"
+        other.write_text(f'[daemon]\nadmin_socket = "{d}/e.admin.sock"\n' + body)
+        os.chmod(other, 0o600)
+        rc, err = _run_second(ns2, other)
+        assert rc != 0 and "Traceback" not in err and "listening" in err, err
+
+        for p, st in before.items():
+            now = os.lstat(p)
+            assert (now.st_dev, now.st_ino, now.st_mtime_ns) == (st.st_dev, st.st_ino,
+                                                                 st.st_mtime_ns), p
+        assert not os.path.exists(f"{d}/e.admin.sock")
+        with first.client() as c:
+            assert [v["name"] for v in c.vf_list()] == ["g1"]
+        assert ta.vf_serves(path)
+        first.stop()
+        assert first.proc.returncode == 0
+        assert not os.path.exists(first.sock) and not os.path.exists(first.sock + ".lock")
+        first.start()
+        assert ta.vf_serves(path)
+        first.stop()
+        first.assert_clean_log()
+    finally:
+        ns1.close()
+        ns2.close()
+        shutil.rmtree(d, ignore_errors=True)
+
+
+def _core_pattern():
+    with open("/proc/sys/kernel/core_pattern") as f:
+        return f.read().strip()
+
+
+def test_the_daemon_dumps_no_core():
+    """A crash of the daemon (SIGSEGV, with core files allowed by its limits) writes no
+    core: it would hold every key. The daemon's output holds none either."""
+    import resource
+    import signal
+
+    from softnic.client import Client
+    from softnic.topo import Netns, wait_until
+
+    ta = _admin_helpers()
+    d = ta.short_dir()
+    key = os.urandom(20)
+    sock = os.path.join(d, "a.sock")
+    cfg = os.path.join(d, "c.toml")
+    with open(cfg, "w") as f:
+        f.write(f'[daemon]\nadmin_socket = "{sock}"\n' + ta.UPLINK_LO
+                + ta.vhost_vf("g1", os.path.join(d, "g1.sock"), 1) + f"""
+[[sa]]
+scope = "g1"
+dir = "out"
+src = "10.0.0.1"
+dst = "10.0.0.2"
+spi = 0x1000
+alg = "aes-gcm"
+key = "0x{key.hex()}"
+""")
+    os.chmod(cfg, 0o600)
+    ns = Netns(prefix="sncd")
+    log = open(os.path.join(d, "log"), "w+")
+    try:
+        # The daemon runs in d, where the kernel's default core pattern would put a core.
+        p = ns.popen([sys.executable, "-m", "softnic.daemon", "run", "-c", cfg], cwd=d,
+                     stdout=log, stderr=subprocess.STDOUT,
+                     env=dict(os.environ, PYTHONPATH=REPO))
+
+        def up():
+            assert p.poll() is None, open(log.name).read()
+            try:
+                with Client(sock, timeout=1) as c:
+                    return c.sa_list()
+            except Exception:
+                return False
+
+        wait_until(up, timeout=30, step=0.1)
+        resource.prlimit(p.pid, resource.RLIMIT_CORE,
+                         (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
+        os.kill(p.pid, signal.SIGSEGV)
+        _, status = os.waitpid(p.pid, 0)      # the raw status: Popen drops the core flag
+        p.returncode = -signal.SIGSEGV
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGSEGV
+        cores = [n for n in os.listdir(d) if n.startswith("core")]
+        if not _core_pattern().startswith("|"):
+            assert cores == [], cores
+        assert not os.WCOREDUMP(status), "the daemon dumped core"
+        text = open(log.name).read()
+        assert key.hex() not in text and key.hex().upper() not in text
+    finally:
+        log.close()
+        ns.close()
+        shutil.rmtree(d, ignore_errors=True)

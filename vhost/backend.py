@@ -15,6 +15,7 @@ with queue_started(), and taken back with queue_stopped() before anything they u
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import select
@@ -22,6 +23,7 @@ import socket
 import threading
 import time
 
+from vhost import sockfile
 from vhost._virtq import MAX_QUEUE_SIZE as VH_MAX_QUEUE_SIZE
 from vhost._virtq import Virtq
 from vhost.memory import MAX_SLOTS, GuestMemory
@@ -566,17 +568,14 @@ class VhostUserServer(_Endpoint):
     """Server mode: listens on a Unix socket path; QEMU connects (chardev socket without
     server=on). One frontend at a time; a second is refused with a log line."""
 
-    def start(self, mode: int | None = None) -> VhostUserServer:
-        """Binds and listens; mode (e.g. 0o660) restricts who may connect as frontend."""
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-        self._lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        self._lsock.bind(self.path)
-        if mode is not None:
-            os.chmod(self.path, mode)
-        self._lsock.listen(4)
+    def start(self, mode: int | None = None, *, uid: int = -1, gid: int = -1
+              ) -> VhostUserServer:
+        """Binds and listens (vhost.sockfile's rules: a leftover socket of ours is
+        replaced, anything else at the path is refused with OSError, nothing is followed
+        through a symlink); mode (default 0600), uid and gid (-1: unchanged) decide who
+        may connect as frontend, and are set before the socket is reachable."""
+        self._lsock, self._file = sockfile.listen(
+            self.path, mode=0o600 if mode is None else mode, uid=uid, gid=gid, backlog=4)
         self._thread = threading.Thread(target=self._run, name=f"vhost-{self.name}",
                                         daemon=True)
         self._thread.start()
@@ -584,11 +583,26 @@ class VhostUserServer(_Endpoint):
 
     def _run(self) -> None:
         conn_thread: threading.Thread | None = None
+        last_error = 0.0
         try:
             while not self._stop.is_set():
                 if not _readable(self._lsock.fileno(), 0.1):
                     continue
-                sock, _ = self._lsock.accept()
+                try:
+                    sock, _ = self._lsock.accept()
+                except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                    continue  # the frontend gave up before we took it: nothing to do
+                except OSError as e:
+                    # EMFILE/ENFILE/ENOBUFS/ENOMEM: the process or the host is short of
+                    # something. The connection waits in the backlog; the listener lives
+                    # on and takes it once there is room (logged at most once a second).
+                    now = time.monotonic()
+                    if now - last_error >= 1.0:
+                        log.warning("%s: accept failed: %s (the listener keeps waiting)",
+                                    self.name, e.strerror or e)
+                        last_error = now
+                    self._stop.wait(0.05)
+                    continue
                 if conn_thread is not None:
                     # the previous frontend may be going away right now (QEMU restart)
                     conn_thread.join(timeout=1.0)
@@ -596,9 +610,15 @@ class VhostUserServer(_Endpoint):
                     log.warning("%s: refusing a second frontend", self.name)
                     sock.close()
                     continue
-                conn_thread = threading.Thread(target=self._serve, args=(sock,),
-                                               name=f"vhost-{self.name}-conn", daemon=True)
-                conn_thread.start()
+                t = threading.Thread(target=self._serve, args=(sock,),
+                                     name=f"vhost-{self.name}-conn", daemon=True)
+                try:
+                    t.start()
+                except RuntimeError:  # no thread to be had: refuse this one, keep listening
+                    log.warning("%s: cannot start a connection thread", self.name)
+                    sock.close()
+                    continue
+                conn_thread = t
         finally:
             self._lsock.close()
             if conn_thread is not None:
@@ -607,10 +627,7 @@ class VhostUserServer(_Endpoint):
                 if b is not None:
                     b.close()
                 conn_thread.join()
-            try:
-                os.unlink(self.path)
-            except OSError:
-                pass
+            self._file.remove()  # only the socket this server made, if it is still there
 
 
 class VhostUserClient(_Endpoint):
@@ -629,12 +646,18 @@ class VhostUserClient(_Endpoint):
 
     def _run(self) -> None:
         delay = self.backoff_min
+        said = 0
         while not self._stop.is_set():
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
             try:
-                sock.connect(self.path)
-            except OSError:
-                sock.close()
+                # Never through a symlink, and only to a socket (vhost.sockfile.connect).
+                sock = sockfile.connect(self.path)
+            except OSError as e:
+                # No frontend yet (ENOENT, ECONNREFUSED) is routine; anything else at the
+                # path (a file, a symlink) is said once, and then waited out.
+                if e.errno not in (errno.ENOENT, errno.ECONNREFUSED) and e.errno != said:
+                    log.warning("%s: not connecting to %s: %s", self.name, self.path,
+                                e.strerror or e)
+                said = e.errno or 0
                 self._stop.wait(delay)
                 delay = min(delay * 2, self.backoff_max)
                 continue
