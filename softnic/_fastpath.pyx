@@ -113,7 +113,6 @@ from softnic._tso cimport sn_csum_complete, sn_tcp_mss_clamp, sn_tso_segment
 from softnic._tsoesp cimport SN_TSOESP_GENERIC, sn_tso_esp_vxlan
 from vhost._virtq cimport (
     Virtq,
-    vh_mem,
     vh_vq,
     vq_enable_kicks,
     vq_pop_chains,
@@ -131,6 +130,26 @@ from softnic._vxlan cimport (
 )
 
 from softnic._batch import DROP_REASONS
+
+cdef extern from *:
+    """
+    #include <errno.h>
+    #include <sys/uio.h>
+    #include <unistd.h>
+    #ifndef RWF_NOWAIT
+    #define RWF_NOWAIT 0x00000008
+    #endif
+    /* Reads an eventfd's count without waiting, whatever its O_NONBLOCK flag says
+       (RWF_NOWAIT); on a kernel without it, a plain read of the fd vhost made
+       O_NONBLOCK. */
+    static void fp_read_eventfd(int fd) {
+        uint64_t v;
+        struct iovec io = {&v, sizeof v};
+        if (preadv2(fd, &io, 1, -1, RWF_NOWAIT) < 0 && (errno == EOPNOTSUPP || errno == EINVAL))
+            (void)!read(fd, &v, sizeof v);
+    }
+    """
+    void fp_read_eventfd(int fd) noexcept nogil
 
 cdef enum:
     FP_MAX_VF = 256
@@ -186,7 +205,7 @@ ctypedef struct fp_vf:
     vh_vq *vq_rx[FP_MAX_QP]     # and its RX rings, both by queue pair
     vh_vq *rxq[FP_MAX_QP]       # the running RX rings, packed: received flows spread here
     uint32_t n_rxq              # 0: no guest ring running
-    const vh_mem *mem           # vhost-user: the guest's memory table
+    int kick_fd[FP_MAX_QP]      # the guest's TX kick eventfd of each pair (if vq_tx set)
     uint8_t guest_csum          # VIRTIO_NET_F_GUEST_CSUM: DATA_VALID/NEEDS_CSUM allowed
     uint8_t guest_tso           # VIRTIO_NET_F_GUEST_TSO4/6: coalesced frames allowed
     uint8_t mergeable           # VIRTIO_NET_F_MRG_RXBUF
@@ -1707,48 +1726,54 @@ cdef class Datapath:
         return res
 
     # ---- vhost-user VFs ---------------------------------------------------------------
+    # A guest's rings enter and leave the fast path in one place, _vhost_set, under every
+    # lock: when it returns no burst is inside them, and none will look at the old ones.
+    # Each ring is used with the memory table it was translated in (vh_vq.mem), so a ring
+    # and the memory it points into can never come from two connections.
 
     def attach_vhost(self, int vf, int qp, Virtq rx not None, Virtq tx not None,
                      bint mergeable, bint guest_csum, bint guest_tso):
         """Serve queue pair `qp` of VF `vf` from a guest's rings (rx = the guest's receive
-        queue). Features are the device's: the same for every pair."""
+        queue; tx.kick_fd its TX kick eventfd, read by vhost_drain_kick). Features are the
+        device's: the same for every pair."""
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             raise ValueError("no such VF")
         if qp < 0 or qp >= FP_MAX_QP:
             raise ValueError(f"queue pair: must be 0..{FP_MAX_QP - 1}")
-        self._lock()
-        try:
-            v = &self.vfs[vf]
-            v.vq_rx[qp] = &rx.q
-            v.vq_tx[qp] = &tx.q
-            v.mem = &rx.mem.m
-            v.mergeable = mergeable
-            v.guest_csum = guest_csum
-            v.guest_tso = guest_tso and guest_csum
-            self.vhost_refs[(vf, qp)] = (rx, tx)
-            self._pack_rxq(vf)
-        finally:
-            self._unlock()
+        self._vhost_set(vf, qp, rx, tx, mergeable, guest_csum, guest_tso)
 
     def detach_vhost(self, int vf, int qp=-1):
         """Stop using queue pair `qp` (-1: every pair) of the guest's rings; when this
         returns no burst touches them."""
-        cdef int i
         if vf < 0 or vf >= FP_MAX_VF:
             raise ValueError("no such VF")
         if qp < -1 or qp >= FP_MAX_QP:
             raise ValueError(f"queue pair: must be 0..{FP_MAX_QP - 1}")
+        self._vhost_set(vf, qp, None, None, False, False, False)
+
+    cdef void _vhost_set(self, int vf, int qp, Virtq rx, Virtq tx, bint mergeable,
+                         bint guest_csum, bint guest_tso):
+        """rx/tx None: detach qp (-1: all). vhost_refs keeps attached Virtqs alive."""
+        cdef int i
+        cdef fp_vf *v
         self._lock()
         try:
             v = &self.vfs[vf]
             for i in range(FP_MAX_QP):
-                if qp < 0 or i == qp:
+                if (qp < 0 or i == qp) and rx is None:
                     v.vq_rx[i] = NULL
                     v.vq_tx[i] = NULL
+                    v.kick_fd[i] = -1
                     self.vhost_refs.pop((vf, i), None)
+            if rx is not None:
+                v.vq_rx[qp] = &rx.q
+                v.vq_tx[qp] = &tx.q
+                v.kick_fd[qp] = tx.kick_fd
+                v.mergeable = mergeable
+                v.guest_csum = guest_csum
+                v.guest_tso = guest_tso and guest_csum
+                self.vhost_refs[(vf, qp)] = (rx, tx)
             self._pack_rxq(vf)
-            if v.n_rxq == 0:
-                v.mem = NULL
         finally:
             self._unlock()
 
@@ -1781,13 +1806,30 @@ cdef class Datapath:
                 vq_enable_kicks(self.vfs[vf].vq_tx[qp], enable)
             PyThread_release_lock(L.lock)
 
+    def vhost_drain_kick(self, int vf, int qp):
+        """Consume the kick count of TX ring `qp` (its eventfd was readable). Under the
+        pair's lane lock: the fd is read only while attached, so never after the backend
+        closed it and the number went to another file. Never waits (RWF_NOWAIT: the
+        guest shares the open file description and may clear O_NONBLOCK on it)."""
+        cdef _Lane L
+        cdef int fd
+        if vf < 0 or vf >= FP_MAX_VF or qp < 0 or qp >= FP_MAX_QP:
+            raise ValueError("no such queue")
+        L = self._lane(vf, qp)
+        with nogil:
+            PyThread_acquire_lock(L.lock, WAIT_LOCK)
+            fd = self.vfs[vf].kick_fd[qp]
+            if self.vfs[vf].vq_tx[qp] != NULL and fd >= 0:
+                fp_read_eventfd(fd)
+            PyThread_release_lock(L.lock)
+
     cdef int _vhost_read(self, _Lane L, int vf, int qp, Batch inb) noexcept nogil:
         cdef int i, n
         cdef fp_vf *v = &self.vfs[vf]
         for i in range(inb.size):
             L.vbufs[i] = inb.pkts[i].data + inb.headroom
             L.vcaps[i] = inb.pkts[i].cap - inb.headroom
-        n = vq_pop_chains(v.vq_tx[qp], v.mem, L.vbufs, L.vcaps, L.vgot, inb.size)
+        n = vq_pop_chains(v.vq_tx[qp], v.vq_tx[qp].mem, L.vbufs, L.vcaps, L.vgot, inb.size)
         for i in range(n):
             inb.pkts[i].off = inb.headroom
             inb.pkts[i].len = L.vgot[i]
@@ -1961,7 +2003,8 @@ cdef class Datapath:
         v = &self.vfs[vf]
         if ring < 0 or <uint32_t>ring >= v.n_rxq:
             return
-        done = vq_push_frames(v.rxq[ring], v.mem, self.vframes, self.vlens, n, v.mergeable)
+        done = vq_push_frames(v.rxq[ring], v.rxq[ring].mem, self.vframes, self.vlens, n,
+                              v.mergeable)
         if done < n:
             v.c.drops[<int>SN_DROP_RING_FULL] += n - done
 

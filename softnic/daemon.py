@@ -171,7 +171,8 @@ def _run_locked(path: str, cfg: configmod.Config, perms: tuple[int, int, int],
         return 2
     try:
         dp = Dataplane(tx_workers=cfg.daemon.tx_workers, seq_state=cfg.daemon.seq_state,
-                       vhost_socket=perms)
+                       vhost_socket=perms,
+                       vhost_max_memory=cfg.daemon.vhost_max_memory_mib << 20)
     except OSError as e:
         print(f"softnic: seq_state: {e}", file=sys.stderr)
         return 2

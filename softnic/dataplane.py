@@ -28,6 +28,7 @@ from softnic.seqstate import SeqState
 from softnic.tap import TapPort
 from softnic.uplink import Uplink
 from softnic.vhostport import VhostVF
+from vhost.memory import DEFAULT_MAX_MEMORY
 
 log = logging.getLogger("softnic.dataplane")
 
@@ -68,15 +69,19 @@ class _Port:
         self.tap = tap
         self.vhost = vhost
         self.kick_fds: dict[int, int] = {}    # queue pair -> the guest's TX kick eventfd
+        self.closing = False                  # being deleted: no queue pair comes up again
 
 
 class Dataplane:
     """softnic.control.Datapath over softnic._fastpath.Datapath."""
 
     def __init__(self, tx_workers: int | None = None, seq_state: str | None = None,
-                 vhost_socket: tuple[int, int, int] = (0o600, -1, -1)) -> None:
+                 vhost_socket: tuple[int, int, int] = (0o600, -1, -1),
+                 vhost_max_memory: int | None = DEFAULT_MAX_MEMORY) -> None:
         self.tx_workers = tx_workers or default_tx_workers()
         self.vhost_socket = vhost_socket    # (mode, uid, gid) of server-mode VF sockets
+        # Guest memory one vhost-user VF may map, in bytes (None: no cap).
+        self.vhost_max_memory = vhost_max_memory
         # Outbound sequence numbers kept over restarts (softnic.seqstate), if asked for.
         self._seq = SeqState(seq_state) if seq_state else None
         self._fp: FastPath | None = None
@@ -88,6 +93,10 @@ class Dataplane:
         self._fdb: dict[Any, model.FdbEntry] = {}
         self._sink: Callable[[dict[str, Any]], None] = lambda ev: None
         self._lock = threading.RLock()
+        # Guest rings coming up or going down (a vhost-user connection's thread), against
+        # the TX workers' fd tables and a VF being closed. Never held while waiting for
+        # a connection thread: del_vf holds _lock, not this, while it joins one.
+        self._rings_lock = threading.Lock()
         self._stop = threading.Event()
         # Per TX worker: its epoll and what each fd in it is (port, queue pair).
         self._tx_epolls = [select.epoll() for _ in range(self.tx_workers)]
@@ -190,10 +199,16 @@ class Dataplane:
     def _add_vhost_vf(self, fp: FastPath, vf: model.VF, index: int) -> None:
         assert vf.socket is not None
         fp.set_vf(index, vf.mac, vf.vni, vf.mtu, vf.ipsec, -1)
-        dev = VhostVF(vf.name, index, vf.socket, vf.vhost_mode or "server",
-                      attach=fp.attach_vhost, detach=fp.detach_vhost, kick=self._set_kick,
-                      event=lambda ev: self._sink(ev), queue_pairs=vf.queues or 1)
-        port = _Port(index, vf, None, dev)
+        port = _Port(index, vf, None)
+        # The device reaches this port, never an index looked up later: a VF deleted and
+        # re-added reuses its index, and a late call must not land on the new one.
+        dev = VhostVF(vf.name, vf.socket, vf.vhost_mode or "server",
+                      up=lambda qp, rx, tx, mrg, csum, tso: self._rings_up(
+                          port, qp, rx, tx, mrg, csum, tso),
+                      down=lambda qp: self._rings_down(port, qp),
+                      event=lambda ev: self._sink(ev), queue_pairs=vf.queues or 1,
+                      max_memory=self.vhost_max_memory)
+        port.vhost = dev
         self._ports[vf.name] = port
         try:
             dev.start(*self.vhost_socket)
@@ -217,17 +232,40 @@ class Dataplane:
                 except (OSError, ValueError):
                     pass
 
-    def _set_kick(self, index: int, qp: int, fd: int | None) -> None:
-        """Watch (or stop watching) a guest's TX kick eventfd of one queue pair."""
-        port = next((p for p in self._ports.values() if p.index == index), None)
-        if port is None:
-            return
+    # The one way a guest's rings enter and leave the data plane. Up: the rings go to
+    # the fast path (under its locks), then their kick eventfd into the lane's epoll.
+    # Down: the reverse, and it returns only once no burst can touch the rings and no
+    # worker holds their kick fd, which the backend closes next (a stale fd number would
+    # be read by the worker after the kernel gave it to something else).
+
+    def _rings_up(self, port: _Port, qp: int, rx: Any, tx: Any, mergeable: bool,
+                  guest_csum: bool, guest_tso: bool) -> None:
+        fp = self._need_fp()
+        with self._rings_lock:
+            if port.closing:
+                return              # the VF is going away; its backend is being stopped
+            self._rings_off(port, qp, fp)
+            fp.attach_vhost(port.index, qp, rx, tx, mergeable, guest_csum, guest_tso)
+            if tx.kick_fd >= 0:
+                try:
+                    self._watch(port, qp, tx.kick_fd)
+                except Exception:
+                    fp.detach_vhost(port.index, qp)
+                    raise
+                port.kick_fds[qp] = tx.kick_fd
+
+    def _rings_down(self, port: _Port, qp: int) -> None:
+        fp = self._fp
+        with self._rings_lock:
+            self._rings_off(port, qp, fp)
+
+    def _rings_off(self, port: _Port, qp: int, fp: FastPath | None) -> None:
+        """Caller holds _rings_lock."""
         old = port.kick_fds.pop(qp, None)
         if old is not None:
             self._unwatch(old)
-        if fd is not None and fd >= 0:
-            self._watch(port, qp, fd)
-            port.kick_fds[qp] = fd
+        if fp is not None:
+            fp.detach_vhost(port.index, qp)
 
     def del_vf(self, name: str) -> None:
         with self._lock:
@@ -243,12 +281,14 @@ class Dataplane:
     def _close_port(self, name: str) -> None:
         port = self._ports.pop(name)
         if port.vhost is not None:
-            port.vhost.stop()           # stops the queues first: detach happens there
+            with self._rings_lock:
+                port.closing = True
+            port.vhost.stop()           # every queue pair goes down (_rings_down) first
+            with self._rings_lock:      # and should one not have (a bug), here
+                for qp in list(port.kick_fds):
+                    self._rings_off(port, qp, self._fp)
         if self._fp is not None:
             self._fp.del_vf(port.index)
-        for fd in port.kick_fds.values():
-            self._unwatch(fd)
-        port.kick_fds.clear()
         if port.tap is not None:
             self._unwatch(port.tap.fileno())
             port.tap.close()
@@ -500,11 +540,10 @@ class Dataplane:
                 entry = fds.get(fd)
                 if entry is None:
                     continue
-                if entry[0].vhost is not None:
-                    try:
-                        os.read(fd, 8)          # the kick eventfd: readable, so no wait
-                    except OSError:
-                        pass
+                if entry[0].vhost is not None and self._fp is not None:
+                    # under the lane's lock, and only while the rings are attached: the
+                    # fd number is not read once the backend may have closed it
+                    self._fp.vhost_drain_kick(entry[0].index, entry[1])
                 hot[fd] = entry
             for fd, entry in list(hot.items()):
                 if fds.get(fd) is not entry:        # the queue went away meanwhile

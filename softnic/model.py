@@ -593,6 +593,10 @@ class Daemon:
     vhost_socket_user: str | None = None   # owner of server-mode VF sockets (None: the daemon)
     vhost_socket_group: str | None = None  # their group (None: the daemon's)
     vhost_socket_mode: int | None = None   # None: 0660 with a group, else 0600
+    # Guest memory one vhost-user frontend may map, MiB (vhost.memory.DEFAULT_MAX_MEMORY):
+    # a few times a large guest; 256 VFs at it map 16 TiB, 1/8 of an x86-64 process's
+    # 128 TiB of address space, so frontends together cannot exhaust the daemon's.
+    vhost_max_memory_mib: int = 65536
 
     def __post_init__(self) -> None:
         _str(self.admin_socket, "admin_socket", r"/[^\x00]{1,106}",
@@ -605,6 +609,7 @@ class Daemon:
             _seti(self, "tx_workers", 1, 16)
         if self.seq_state is not None:
             _str(self.seq_state, "seq_state", r"/[^\x00]{1,4000}", "an absolute path")
+        _seti(self, "vhost_max_memory_mib", 1, 1 << 22)
         if self.metrics_listen is not None:
             listen = self.metrics_listen
             if isinstance(listen, int) and not isinstance(listen, bool):

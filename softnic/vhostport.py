@@ -1,10 +1,13 @@
 """A VF served to a QEMU guest over vhost-user: softnic's side of vhost.VhostNetDevice.
 
-The vhost package runs the protocol; this class hands the guest's rings to the fast path
-when a queue pair starts and takes them back (under the data plane's locks) before the
-backend unmaps guest memory. The VF offers `queues` pairs (VIRTIO_NET_F_MQ); each pair that
-the guest enables is served by the TX lane the data plane assigns it, and received flows
-are spread over the running RX rings by their hash.
+The vhost package runs the protocol; this class hands the guest's rings to the data plane
+when a queue pair starts and takes them back before the backend touches them again
+(reset, new memory table, unmapping, closing the eventfds). Both go through one pair of
+callbacks the data plane binds to this VF's port (`up`, `down`): the rings and the TX
+kick eventfd are attached and watched, or unwatched and detached, in one step under one
+lock, so no worker is ever left on a ring the backend has let go. The VF offers `queues`
+pairs (VIRTIO_NET_F_MQ); each pair the guest enables is served by the TX lane the data
+plane assigns it, and received flows are spread over the running RX rings by their hash.
 """
 
 from __future__ import annotations
@@ -13,33 +16,38 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
+from vhost._virtq import Virtq
 from vhost.backend import VhostNetDevice, VhostUserBackend, VhostUserClient, VhostUserServer
+from vhost.memory import DEFAULT_MAX_MEMORY
 from vhost.protocol import Feature
 
 log = logging.getLogger("softnic.vhost")
 
+#: up(qp, rx, tx, mergeable, guest_csum, guest_tso): serve queue pair qp from these rings
+Up = Callable[[int, Virtq, Virtq, bool, bool, bool], None]
+#: down(qp): stop serving queue pair qp; returns once no worker touches its rings
+Down = Callable[[int], None]
+
 
 class VhostVF(VhostNetDevice):
-    """The device behind one vhost-user VF socket."""
+    """The device behind one vhost-user VF socket. max_memory: bytes of guest memory a
+    frontend may map (None: no cap)."""
 
-    def __init__(self, name: str, index: int, socket_path: str, mode: str,
-                 attach: Callable[[int, int, Any, Any, bool, bool, bool], None],
-                 detach: Callable[[int, int], None],
-                 kick: Callable[[int, int, int | None], None],
-                 event: Callable[[dict[str, Any]], None], queue_pairs: int = 1) -> None:
+    def __init__(self, name: str, socket_path: str, mode: str, *, up: Up, down: Down,
+                 event: Callable[[dict[str, Any]], None], queue_pairs: int = 1,
+                 max_memory: int | None = DEFAULT_MAX_MEMORY) -> None:
         self.name = name
-        self.index = index
-        self._attach = attach
-        self._detach = detach
-        self._kick = kick
+        self._up = up
+        self._down = down
         self._event = event
         self.backend: VhostUserBackend | None = None
         self.running: set[int] = set()          # queue pairs handed to the data plane
         self.endpoint: VhostUserServer | VhostUserClient
+        kw: dict[str, Any] = {"queue_pairs": queue_pairs, "max_memory": max_memory}
         if mode == "client":
-            self.endpoint = VhostUserClient(socket_path, self, queue_pairs=queue_pairs)
+            self.endpoint = VhostUserClient(socket_path, self, **kw)
         else:
-            self.endpoint = VhostUserServer(socket_path, self, queue_pairs=queue_pairs)
+            self.endpoint = VhostUserServer(socket_path, self, **kw)
 
     def start(self, mode: int = 0o600, uid: int = -1, gid: int = -1) -> None:
         """Listen (server mode: the socket gets mode, uid and gid, -1 for the daemon's,
@@ -52,6 +60,7 @@ class VhostVF(VhostNetDevice):
             self.endpoint.start()
 
     def stop(self) -> None:
+        """Ends the connection and the listener; every queue pair is down on return."""
         self.endpoint.stop()
 
     # ---- VhostNetDevice ---------------------------------------------------------------
@@ -62,19 +71,20 @@ class VhostVF(VhostNetDevice):
 
     def queue_started(self, backend: VhostUserBackend, qp: int) -> None:
         rx, tx = backend.vq(2 * qp), backend.vq(2 * qp + 1)
-        self._attach(self.index, qp, rx, tx, backend.mergeable,
-                     backend.has(Feature.GUEST_CSUM),
-                     backend.has(Feature.GUEST_TSO4) or backend.has(Feature.GUEST_TSO6))
-        self._kick(self.index, qp, tx.kick_fd)
+        self._up(qp, rx, tx, backend.mergeable, backend.has(Feature.GUEST_CSUM),
+                 backend.has(Feature.GUEST_TSO4) or backend.has(Feature.GUEST_TSO6))
         up = not self.running
         self.running.add(qp)
         if up:
             self._event({"type": "vf-link", "vf": self.name, "state": "up"})
 
     def queue_stopped(self, backend: VhostUserBackend, qp: int) -> None:
-        self._kick(self.index, qp, None)
-        self._detach(self.index, qp)      # returns once no burst touches the rings
-        self.running.discard(qp)
+        # The backend resets and unmaps right after this returns: the rings are taken
+        # back first, whatever else fails.
+        try:
+            self._down(qp)
+        finally:
+            self.running.discard(qp)
         if not self.running:
             self._event({"type": "vf-link", "vf": self.name, "state": "down"})
 

@@ -35,3 +35,13 @@ def test_write_check_catches_a_stray_write():
         vring._check_writes(h, before, bytes(after), [(h.gpa_base + h.free_off + 100, 1)])
         with pytest.raises(Finding):
             vring._check_writes(h, before, bytes(after), [])
+
+
+@pytest.mark.parametrize("rx", [False, True])
+def test_vanishing_memory_case_faults_into_a_broken_ring(rx):
+    """The harness's vanishing-memory case with everything cut (the empty input chooses
+    a cut at 0): the device faults, and the guard leaves a broken ring, no crash."""
+    from fuzz.common import Reader
+
+    with RingHarness(num=8, buf_size=64, mem_size=vring.MEM) as h:
+        assert vring._vanish(Reader(b""), h, rx).endswith("vanish:guest_memory_fault")

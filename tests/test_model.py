@@ -347,6 +347,8 @@ CONFIG_BAD = [
     (BASE + '[[policy]]\nscope = "vm3"\ndir = "out"\nsrc = "0.0.0.0/0"\ndst = "0.0.0.0/0"\n'
      'action = "bypass"\n', "policy[0].scope"),
     (BASE + "[daemon]\nadmin_socket = \"relative.sock\"\n", "daemon.admin_socket"),
+    (BASE + "[daemon]\nvhost_max_memory_mib = 0\n", "daemon.vhost_max_memory_mib"),
+    (BASE + "[daemon]\nvhost_max_memory_mib = 4194305\n", "daemon.vhost_max_memory_mib"),
     (BASE + "[bogus]\n", "bogus"),
     (BASE.replace("[uplink]", "[uplink]\nmtu = 100"), "uplink.mtu"),
     ("vf = 3\n", "vf"),
@@ -377,3 +379,12 @@ def test_config_roundtrip_equality():
     b = loads(BASE)
     assert a == b and isinstance(a, Config)
     assert loads(BASE.replace("vni = 200", "vni = 201")) != a
+
+
+def test_vhost_memory_cap_defaults_to_64_gib():
+    from vhost.memory import DEFAULT_MAX_MEMORY
+
+    cfg = loads(BASE, "t.toml")
+    assert cfg.daemon.vhost_max_memory_mib << 20 == DEFAULT_MAX_MEMORY == 64 << 30
+    assert loads(BASE + "[daemon]\nvhost_max_memory_mib = 512\n",
+                 "t.toml").daemon.vhost_max_memory_mib == 512

@@ -2,6 +2,7 @@
 REPLY_ACK, every malformed / out-of-order case (a failure reply, or a disconnect of that
 device alone with a log line), client mode with reconnect."""
 
+import contextlib
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ from vhost.protocol import (
     STATE,
     U64,
     VERSION,
+    VRING_NOFD_MASK,
     Feature,
     ProtoFeature,
     Req,
@@ -28,7 +30,13 @@ from vhost.protocol import (
     bits,
     recv_reply,
 )
-from vhost.testing import VNET_HDR, LoopbackDevice, VhostUserFrontend, loopback_server
+from vhost.testing import (
+    VNET_HDR,
+    LoopbackDevice,
+    VhostUserFrontend,
+    guest_ram_fd,
+    loopback_server,
+)
 
 
 @pytest.fixture
@@ -174,7 +182,49 @@ NACK_CASES = {
                              REGION.pack(1 << 40, 1 << 20, 1 << 44, 1 << 50), "fd"),
     "remove unknown region": (Req.REM_MEM_REG, lambda fe: bytes(8) +
                               REGION.pack(1 << 40, 4096, 0, 0), None),
+    "kick without an fd (polling mode)": (
+        Req.SET_VRING_KICK, lambda fe: U64.pack(1 | VRING_NOFD_MASK), None),
+    "kick fd is a pipe": (Req.SET_VRING_KICK, lambda fe: U64.pack(1), "pipe"),
+    "call fd is a pipe": (Req.SET_VRING_CALL, lambda fe: U64.pack(0), "pipe"),
+    "call fd is a memfd": (Req.SET_VRING_CALL, lambda fe: U64.pack(0), "fd"),
+    "err fd is a socket": (Req.SET_VRING_ERR, lambda fe: U64.pack(0), "socket"),
+    "memory from an unsealed memfd": (Req.SET_MEM_TABLE, lambda fe: struct.pack("<II", 1, 0) +
+                                      REGION.pack(0, 1 << 20, 1 << 40, 0), "unsealed"),
+    "memory from a pipe": (Req.ADD_MEM_REG, lambda fe: bytes(8) +
+                           REGION.pack(1 << 40, 4096, 1 << 44, 0), "pipe"),
+    "memory beyond the cap (64 GiB)": (Req.SET_MEM_TABLE, lambda fe: struct.pack("<II", 1, 0) +
+                                       REGION.pack(0, 96 << 30, 1 << 40, 0), "huge"),
 }
+
+
+@contextlib.contextmanager
+def _fds_of(kind, fe):
+    """The fds a NACK case sends (the test's own copies, closed after)."""
+    mine = []
+    try:
+        if kind is None:
+            yield None
+            return
+        if kind in ("fd", "fd2"):
+            yield [fe.memfd] * (2 if kind == "fd2" else 1)
+            return
+        if kind == "pipe":
+            mine = list(os.pipe())
+            send = [mine[0]]
+        elif kind == "socket":
+            a, b = socket.socketpair()
+            mine = [a.detach(), b.detach()]
+            send = [mine[0]]
+        elif kind == "unsealed":
+            mine = [guest_ram_fd(1 << 20, seal=False)]
+            send = mine
+        elif kind == "huge":          # sparse: nothing is allocated
+            mine = [guest_ram_fd(96 << 30)]
+            send = mine
+        yield send
+    finally:
+        for fd in mine:
+            os.close(fd)
 
 
 @pytest.mark.parametrize("case", sorted(NACK_CASES))
@@ -185,9 +235,8 @@ def test_meaning_errors_get_a_failure_reply(server, fe, case, caplog):
         fe.set_mem_table()
     if req is Req.REM_MEM_REG:
         fe.set_mem_table()
-    fdlist = {None: None, "fd": [fe.memfd], "fd2": [fe.memfd, fe.memfd]}[fds]
     nfd = len(os.listdir("/proc/self/fd"))
-    with caplog.at_level(logging.WARNING, logger="vhost"):
+    with caplog.at_level(logging.WARNING, logger="vhost"), _fds_of(fds, fe) as fdlist:
         with pytest.raises(VhostError, match="rejected"):
             fe.request(req, payload(fe), fds=fdlist, ack=True)
     assert any("rejected" in r.getMessage() for r in caplog.records)
@@ -387,3 +436,143 @@ def test_server_socket_mode(tmp_path):
     finally:
         srv.stop()
     assert not os.path.exists(path)
+
+
+# ---- every fd a frontend sends is closed, whatever becomes of its message ----------------
+
+def _fresh(kind):
+    """A new fd of `kind` (the test closes its copy once sent)."""
+    if kind == "eventfd":
+        return os.eventfd(0)
+    if kind == "pipe":
+        r, w = os.pipe()
+        os.close(w)
+        return r
+    if kind == "socket":
+        a, b = socket.socketpair()
+        b.close()
+        return a.detach()
+    if kind == "unsealed":
+        return guest_ram_fd(1 << 20, seal=False)
+    if kind == "huge":
+        return guest_ram_fd(96 << 30)
+    return guest_ram_fd(1 << 20)      # "memfd": sealed, 1 MiB
+
+
+def _table(*regions):
+    return struct.pack("<II", len(regions), 0) + b"".join(REGION.pack(*r) for r in regions)
+
+
+ONE = (1 << 40, 1 << 20, 1 << 44, 0)       # a region of 1 MiB at guest address 1 TiB
+# (request, payload, fd kinds, flags). NEED_REPLY: a failure reply; without: a disconnect.
+# Everything here is malformed or refused; each carries fds.
+_ACK = VERSION | FLAG_NEED_REPLY
+FD_CASES = {
+    "table regions overlap": (Req.SET_MEM_TABLE, _table(ONE, ONE), ["memfd"] * 2, _ACK),
+    "table beyond its fd": (Req.SET_MEM_TABLE, _table((0, 4 << 20, 1 << 44, 0)), ["memfd"],
+                            _ACK),
+    "table from an unsealed memfd": (Req.SET_MEM_TABLE, _table(ONE), ["unsealed"], _ACK),
+    "table from a pipe": (Req.SET_MEM_TABLE, _table(ONE), ["pipe"], _ACK),
+    "table beyond the cap": (Req.SET_MEM_TABLE, _table((0, 96 << 30, 1 << 44, 0)), ["huge"],
+                             _ACK),
+    "region beyond its fd": (Req.ADD_MEM_REG, bytes(8) + REGION.pack(1 << 40, 2 << 20, 1 << 44,
+                                                                      0), ["memfd"], _ACK),
+    "region from an eventfd": (Req.ADD_MEM_REG, bytes(8) + REGION.pack(*ONE), ["eventfd"], _ACK),
+    "region overlaps the table": (Req.ADD_MEM_REG, bytes(8) + REGION.pack(0, 1 << 20, 1 << 45,
+                                                                          0), ["memfd"], _ACK),
+    "remove an unknown region": (Req.REM_MEM_REG, bytes(8) + REGION.pack(*ONE), ["memfd"], _ACK),
+    "dirty log base": (Req.SET_LOG_BASE, struct.pack("<QQ", 4096, 0), ["memfd"], _ACK),
+    "dirty log fd": (Req.SET_LOG_FD, b"", ["eventfd"], _ACK),
+    "kick of ring 9": (Req.SET_VRING_KICK, U64.pack(9), ["eventfd"], _ACK),
+    "kick from a socket": (Req.SET_VRING_KICK, U64.pack(1), ["socket"], _ACK),
+    "call from a pipe": (Req.SET_VRING_CALL, U64.pack(0), ["pipe"], _ACK),
+    "err from a memfd": (Req.SET_VRING_ERR, U64.pack(0), ["memfd"], _ACK),
+    "call of ring 200": (Req.SET_VRING_CALL, U64.pack(200), ["eventfd"], _ACK),
+    "call from a pipe, no ack": (Req.SET_VRING_CALL, U64.pack(0), ["pipe"], VERSION),
+    "fd with a NOFD kick": (Req.SET_VRING_KICK, U64.pack(1 | VRING_NOFD_MASK), ["eventfd"],
+                            _ACK),
+    "fds on GET_FEATURES": (Req.GET_FEATURES, b"", ["memfd", "eventfd"], VERSION),
+    "table with too few fds": (Req.SET_MEM_TABLE, _table(ONE, (1 << 41, 1 << 20, 1 << 46, 0)),
+                               ["memfd"], _ACK),
+    "eleven fds": (Req.SET_FEATURES, bytes(8), ["eventfd"] * 11, _ACK),
+    "backend request fd": (Req.SET_BACKEND_REQ_FD, b"", ["socket"], _ACK),
+    "inflight fd": (Req.SET_INFLIGHT_FD, bytes(24), ["memfd"], _ACK),
+    "unknown request": (77, b"", ["eventfd"], _ACK),
+}
+
+
+def test_fds_of_a_thousand_malformed_requests_are_all_closed(server, sock_path):
+    """1,000 requests that carry fds and are refused (a failure reply) or end the
+    connection (framing, no ack to carry the error): afterwards the process holds exactly
+    the fds it held before, and the device serves a well-behaved frontend."""
+    srv, dev = server
+    names = sorted(FD_CASES)
+    fe = None
+    outcomes: dict[str, set[str]] = {n: set() for n in names}
+
+    def nfds():
+        return len(os.listdir("/proc/self/fd"))
+
+    before = nfds()                 # no frontend connected: the server's listener only
+    try:
+        for i in range(1000):
+            if fe is None:
+                fe = VhostUserFrontend(sock_path).connect()
+                fe.negotiate()
+                fe.set_mem_table()
+            name = names[i % len(names)]
+            req, payload, kinds, flags = FD_CASES[name]
+            fds = [_fresh(k) for k in kinds]
+            try:
+                _raw(fe, HDR.pack(int(req), flags, len(payload)) + payload, fds)
+            finally:
+                for fd in fds:
+                    os.close(fd)
+            try:
+                if flags & FLAG_NEED_REPLY and req not in (Req.GET_FEATURES,):
+                    reply = recv_reply(fe.sock, int(req))
+                    assert U64.unpack(reply)[0] != 0, f"{name}: accepted"
+                    outcomes[name].add("nack")
+                    continue
+                assert_disconnected(fe)
+                outcomes[name].add("disconnect")
+            except (VhostError, ConnectionError, struct.error):
+                outcomes[name].add("disconnect")    # closed instead of answering
+            fe.close()
+            fe = None
+            assert wait_for(lambda: srv.backend is None)
+        if fe is not None:
+            fe.close()
+            fe = None
+        assert wait_for(lambda: srv.backend is None)
+        assert wait_for(lambda: nfds() == before), (before, nfds())
+    finally:
+        if fe is not None:
+            fe.close()
+    print({n: sorted(o) for n, o in outcomes.items()})
+    # the refusals that can carry an answer do
+    for name in ("table from an unsealed memfd", "table beyond the cap", "call from a pipe",
+                 "kick from a socket", "err from a memfd", "region from an eventfd"):
+        assert outcomes[name] == {"nack"}, (name, outcomes[name])
+    with VhostUserFrontend(sock_path) as good:
+        good.start()
+        echo_ok(good)
+
+
+def test_stop_never_waits_on_a_frontend_that_stays(tmp_path):
+    """stop() racing a connection just made (its backend not registered yet, so stop()
+    found none to close): the connection is closed instead of served, so stop() is never
+    left waiting on a frontend that does not go away (a VF delete would hang on it, the
+    admin lock held)."""
+    import threading
+
+    ep = VhostUserClient(str(tmp_path / "qemu.sock"), LoopbackDevice())
+    a, b = socket.socketpair()
+    try:
+        ep._stop.set()                     # what stop() does first
+        t = threading.Thread(target=ep._serve, args=(a,), daemon=True)
+        t.start()
+        t.join(5)
+        assert not t.is_alive(), "the endpoint serves a frontend after stop()"
+    finally:
+        b.close()

@@ -2,7 +2,11 @@
 memfd, no socket: every hostile-guest check of libvhost-user gives its own counted reason,
 and random descriptor tables match an independent Python model of virtio 1.1 §2.6."""
 
+import os
+import signal
 import struct
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
@@ -177,6 +181,100 @@ def test_echo_burst_event_idx_suppresses_interrupts():
         good_frame(tx)
         echo_burst(tx.vq, rx.vq, fb, True)
         assert tx.vq.counters()["notifies"] == 1
+
+
+def test_a_call_eventfd_the_guest_left_full_is_a_counted_failure():
+    """vq_notify never waits on the guest's eventfd: a counter at its maximum makes the
+    write fail at once (O_NONBLOCK, as vhost.backend leaves every call fd), counted."""
+    with RingHarness(num=8, buf_size=128) as h:
+        full = os.eventfd(0, os.EFD_NONBLOCK)
+        os.write(full, (0xFFFF_FFFF_FFFF_FFFE).to_bytes(8, "little"))
+        h.vq.set_call_fd(full)             # the Virtq owns it now
+        h.driver.refill()
+        assert h.vq.push([VNET_HDR + b"x" * 60]) == 1
+        c = h.vq.counters()
+        assert c["notifies"] == 1 and c["notify_failed"] == 1 and c["frames"] == 1
+        assert len(h.driver.recv(8, True)) == 1       # delivered all the same
+
+
+# --- guest memory that goes away --------------------------------------------------------
+
+GUARDED = {
+    "pop": lambda vq: vq.pop(),
+    "push": lambda vq: vq.push([VNET_HDR + b"y" * 60]),
+    "avail_count": lambda vq: vq.avail_count(),
+    "enable_kicks": lambda vq: vq.enable_kicks(True),
+}
+
+
+@pytest.mark.parametrize("entry", sorted(GUARDED))
+def test_each_entry_point_survives_guest_memory_that_vanished(entry):
+    """The guest's RAM file shrinks to nothing under a running ring: the next call of any
+    data-path entry point faults (SIGBUS) inside the guard, which breaks the ring with
+    guest_memory_fault and returns; the ring stays quiet afterwards."""
+    from vhost._virtq import guard_installed, guard_recovered
+
+    assert guard_installed()
+    with RingHarness(num=8, buf_size=128) as h:
+        good_frame(h)
+        assert h.vq.avail_count() == 1
+        recovered = guard_recovered()
+        os.ftruncate(h.memfd, 0)           # the frontend truncates its memory file
+        GUARDED[entry](h.vq)
+        assert h.vq.broken == "guest_memory_fault"
+        assert h.vq.counters()["guest_memory_fault"] == 1
+        assert guard_recovered() == recovered + 1
+        for call in GUARDED.values():      # a broken ring touches guest memory no more
+            call(h.vq)
+        assert guard_recovered() == recovered + 1
+        os.ftruncate(h.memfd, h.mem_size)  # RingHarness.close unmaps the frontend side
+
+
+FAULT_ELSEWHERE = """
+import faulthandler, mmap, os, sys
+import vhost._virtq as vq
+if sys.argv[1] == "late":
+    faulthandler.enable()          # installed after the guard: the guard goes first again
+    t = vq.MemTable()
+    fd = os.memfd_create("g", os.MFD_ALLOW_SEALING)
+    os.ftruncate(fd, 1 << 20)
+    t.add(fd, 0, 1 << 20, 1 << 40, 0)
+else:
+    faulthandler.enable()
+assert vq.guard_installed() or sys.argv[1] != "late"
+what = sys.argv[2]
+if what == "segv":
+    import ctypes
+    ctypes.string_at(16)                       # a bug of ours: nothing to do with guests
+elif what == "bus-in-guarded-copy":
+    # a guarded copy whose *source* faults: not guest memory, so not the guard's
+    t = vq.MemTable()
+    g = os.memfd_create("g", 0)
+    os.ftruncate(g, 1 << 20)
+    t.add(g, 0, 1 << 20, 1 << 40, 0)
+    f = os.memfd_create("ours", 0)
+    os.ftruncate(f, 1 << 20)
+    m = mmap.mmap(f, 1 << 20)
+    os.ftruncate(f, 0)
+    t.write(0, memoryview(m)[:4096])
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.parametrize("order", ["early", "late"])
+@pytest.mark.parametrize("what,sig", [("segv", signal.SIGSEGV),
+                                      ("bus-in-guarded-copy", signal.SIGBUS)])
+def test_faults_that_are_not_guest_memory_still_kill_with_a_traceback(order, what, sig):
+    """The guard takes only faults on guest memory inside a guarded call. Any other
+    SIGSEGV/SIGBUS, even one inside a guarded copy, goes to the handler that was there
+    (Python's faulthandler prints its traceback) and the process dies of that signal,
+    whether faulthandler was enabled before or after the guard."""
+    p = subprocess.run([sys.executable, "-c", FAULT_ELSEWHERE, order, what],
+                       capture_output=True, text=True, timeout=60,
+                       cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert "survived" not in p.stdout
+    assert p.returncode == -sig, (p.returncode, p.stderr[-2000:])
+    assert "Fatal Python error" in p.stderr, p.stderr[-2000:]
 
 
 # --- model-based fuzzing --------------------------------------------------------------

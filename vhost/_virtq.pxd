@@ -60,14 +60,15 @@ cdef enum:  # vh_vq_err
     VQ_ERR_INDIRECT_OFF = 8      # INDIRECT used but VIRTIO_RING_F_INDIRECT_DESC not negotiated
     VQ_ERR_ADDR = 9              # buffer address not translatable (outside guest memory)
     VQ_ERR_RING_ADDR = 10        # desc/avail/used ring not inside one region
-    VQ_ERR_FIRST_DROP = 11
-    VQ_ERR_ZERO_LEN = 11         # zero-length descriptor
-    VQ_ERR_ORDER = 12            # writable before readable, or wrong direction for the queue
-    VQ_ERR_TOO_SHORT = 13        # TX chain shorter than the virtio-net header
-    VQ_ERR_TOO_LONG = 14         # TX chain longer than the caller's buffer
-    VQ_ERR_RX_TOO_BIG = 15       # RX frame does not fit the chain (no MRG_RXBUF)
-    VQ_ERR_RX_RUNT = 16          # RX frame from the caller shorter than the 12-byte header
-    VQ_ERR_MAX = 17
+    VQ_ERR_MEM_FAULT = 11        # guest memory faulted (SIGBUS/SIGSEGV): its file shrank
+    VQ_ERR_FIRST_DROP = 12
+    VQ_ERR_ZERO_LEN = 12         # zero-length descriptor
+    VQ_ERR_ORDER = 13            # writable before readable, or wrong direction for the queue
+    VQ_ERR_TOO_SHORT = 14        # TX chain shorter than the virtio-net header
+    VQ_ERR_TOO_LONG = 15         # TX chain longer than the caller's buffer
+    VQ_ERR_RX_TOO_BIG = 16       # RX frame does not fit the chain (no MRG_RXBUF)
+    VQ_ERR_RX_RUNT = 17          # RX frame from the caller shorter than the 12-byte header
+    VQ_ERR_MAX = 18
 
 cdef struct vh_region:
     uint64_t gpa                 # guest physical address of the region
@@ -99,13 +100,15 @@ cdef struct vh_vq:
     uint8_t hdr_len              # guest's virtio-net header: 12 (VERSION_1/MRG_RXBUF) or 10
     uint8_t ready                # pointers valid and the ring is running
     uint8_t broken               # the vh_vq_err that stopped the ring, 0 = healthy
-    int call_fd                  # eventfd to interrupt the guest, -1 = none (polling guest)
-    int err_fd                   # eventfd signalled when the ring breaks, -1 = none
+    int call_fd                  # eventfd to interrupt the guest (O_NONBLOCK), -1 = none
+    int err_fd                   # eventfd the control thread signals when the ring breaks
     uint64_t err[VQ_ERR_MAX]     # per-reason counters (err[0] unused)
     uint64_t frames              # frames moved
     uint64_t bytes               # bytes moved (with the virtio-net header)
     uint64_t notifies            # notifications due (call eventfd writes if a call fd)
+    uint64_t notify_failed       # of which the call eventfd refused (counter full, error)
     uint64_t batches             # calls that moved at least one chain
+    const vh_mem *mem            # the table the rings were translated in (the guard's)
 
 
 # Guest-physical / frontend-virtual to our address. *plen is clamped to the bytes left in
@@ -149,7 +152,9 @@ cdef inline uint8_t *vh_uva_range(const vh_mem *m, uint64_t addr, uint64_t lengt
     return NULL
 
 
-# The data-path entry points (see their header comments in _virtq.pyx).
+# The data-path entry points (see their header comments in _virtq.pyx). Each runs under
+# a guard: a fault (SIGBUS, SIGSEGV) on the guest memory of `mem` breaks the ring
+# (VQ_ERR_MEM_FAULT) and returns as if the ring had been empty; the process lives on.
 cdef int vq_pop_chains(vh_vq *vq, const vh_mem *mem, uint8_t **bufs, const uint32_t *caps,
                        uint32_t *lens, int max_chains) noexcept nogil
 cdef int vq_push_frames(vh_vq *vq, const vh_mem *mem, const uint8_t **frames,

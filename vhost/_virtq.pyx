@@ -7,8 +7,17 @@
 # the memory table is read-only to them). The control path (vhost.backend) only changes
 # a queue or the memory table after the device has stopped the queue's worker
 # (VhostNetDevice.queue_stopped returns).
+#
+# Guest memory can vanish under a mapping: a frontend that shrinks the file behind a
+# region (ftruncate of a tmpfs file; vhost.memory refuses memfds that are not sealed
+# against it) makes our next load or store there raise SIGBUS. Every entry point that
+# touches guest memory therefore runs under a per-thread guard (vh_guard_call below): a
+# SIGBUS or SIGSEGV whose address lies in the guest memory the thread is working on
+# jumps back to the entry point, which breaks that ring (VQ_ERR_MEM_FAULT) and returns as
+# if the ring were empty. Any other fault goes to the handler installed before ours
+# (Python's faulthandler, a sanitizer) or to the default action, as if we were not there.
 
-from libc.errno cimport errno
+from libc.errno cimport EFAULT, errno
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy, memmove, memset
@@ -18,10 +27,203 @@ from posix.unistd cimport close, sysconf, write
 cdef extern from "unistd.h":
     enum: _SC_PAGESIZE
 
+cdef extern from "<sys/vfs.h>":
+    cdef struct statfs:
+        long f_type
+    int fstatfs(int fd, statfs *buf) nogil
+
+cdef extern from *:
+    """
+    #include <pthread.h>
+    #include <setjmp.h>
+    #include <signal.h>
+    #include <string.h>
+
+    typedef int (*vh_in_guest_fn)(const void *mem, uintptr_t addr);
+    typedef int (*vh_body_fn)(void *args);
+
+    /* One guarded call on this thread's stack; they nest (a guarded call inside a
+       guarded call sees the inner one first). */
+    typedef struct vh_guard {
+        sigjmp_buf env;
+        const void *mem;
+        struct vh_guard *prev;
+    } vh_guard;
+
+    /* initial-exec TLS: the handler must not call __tls_get_addr, which may allocate
+       (and a fault can hit inside malloc). */
+    static __thread vh_guard *vh_guard_top __attribute__((tls_model("initial-exec")));
+    static __thread int vh_guard_sig __attribute__((tls_model("initial-exec")));
+    static vh_in_guest_fn vh_guard_test;
+    static struct sigaction vh_guard_prev[2];          /* [0] SIGBUS, [1] SIGSEGV */
+    static volatile uint64_t vh_guard_recovered;       /* faults turned into broken rings */
+
+    static void vh_guard_handler(int sig, siginfo_t *si, void *uc) {
+        vh_guard *g = vh_guard_top;
+        struct sigaction *prev = &vh_guard_prev[sig == SIGSEGV];
+        struct sigaction dfl;
+        /* si_code > 0: raised by the kernel for this very access, not by kill() */
+        if (g != NULL && si != NULL && si->si_code > 0 && vh_guard_test != NULL &&
+                vh_guard_test(g->mem, (uintptr_t)si->si_addr)) {
+            vh_guard_top = g->prev;
+            vh_guard_sig = sig;
+            __atomic_fetch_add(&vh_guard_recovered, 1, __ATOMIC_RELAXED);
+            siglongjmp(g->env, 1);
+        }
+        /* Not a guest access: whoever handled this signal before us does. */
+        if (prev->sa_flags & SA_SIGINFO) {
+            if (prev->sa_sigaction != NULL)
+                prev->sa_sigaction(sig, si, uc);
+        } else if (prev->sa_handler != SIG_DFL && prev->sa_handler != SIG_IGN) {
+            prev->sa_handler(sig);
+        }
+        /* Still here (no previous handler, or it returned, as faulthandler does after
+           its traceback): the default action ends the process. Returning re-runs the
+           faulting access, which then gets it; a signal sent by kill() is raised again. */
+        memset(&dfl, 0, sizeof dfl);
+        dfl.sa_handler = SIG_DFL;
+        sigemptyset(&dfl.sa_mask);
+        sigaction(sig, &dfl, NULL);
+        if (si == NULL || si->si_code <= 0)
+            raise(sig);
+    }
+
+    /* Puts the handler in front of whatever handles SIGBUS/SIGSEGV now (idempotent).
+       Called when guest memory is mapped, so a handler installed after us (e.g.
+       faulthandler.enable() late) ends up behind us again. 0 or -1 (errno). */
+    static int vh_guard_install(vh_in_guest_fn test) {
+        static const int sigs[2] = {SIGBUS, SIGSEGV};
+        struct sigaction sa, cur;
+        int i;
+        vh_guard_test = test;
+        for (i = 0; i < 2; i++) {
+            if (sigaction(sigs[i], NULL, &cur) != 0)
+                return -1;
+            if ((cur.sa_flags & SA_SIGINFO) && cur.sa_sigaction == vh_guard_handler)
+                continue;
+            memset(&sa, 0, sizeof sa);
+            sa.sa_sigaction = vh_guard_handler;
+            /* ONSTACK: a thread with an alternate stack (faulthandler's main thread)
+               keeps it for stack overflows, which then reach faulthandler. */
+            sa.sa_flags = SA_SIGINFO | SA_ONSTACK;
+            sigemptyset(&sa.sa_mask);
+            vh_guard_prev[i] = cur;
+            if (sigaction(sigs[i], &sa, NULL) != 0)
+                return -1;
+        }
+        return 0;
+    }
+
+    static int vh_guard_installed(void) {
+        struct sigaction a, b;
+        return sigaction(SIGBUS, NULL, &a) == 0 && sigaction(SIGSEGV, NULL, &b) == 0 &&
+            (a.sa_flags & SA_SIGINFO) && a.sa_sigaction == vh_guard_handler &&
+            (b.sa_flags & SA_SIGINFO) && b.sa_sigaction == vh_guard_handler;
+    }
+
+    /* body(args) with faults on the guest memory `mem` caught. Returns body's result,
+       or 0 with *faulted set to the signal if body faulted there (whatever body did up
+       to the fault stays done; it must take no lock and allocate nothing). */
+    static int vh_guard_call(const void *mem, vh_body_fn body, void *args, int *faulted) {
+        vh_guard g;
+        sigset_t s;
+        int r;
+        g.mem = mem;
+        g.prev = vh_guard_top;
+        /* savemask 0: no sigprocmask syscall per call; the rare fault path unblocks the
+           signal the handler left blocked instead. */
+        if (sigsetjmp(g.env, 0)) {
+            sigemptyset(&s);
+            sigaddset(&s, vh_guard_sig);
+            pthread_sigmask(SIG_UNBLOCK, &s, NULL);
+            *faulted = vh_guard_sig;
+            return 0;
+        }
+        vh_guard_top = &g;
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        r = body(args);
+        __atomic_signal_fence(__ATOMIC_SEQ_CST);
+        vh_guard_top = g.prev;
+        return r;
+    }
+
+    typedef struct { void *dst; const void *src; size_t n; } vh_copy_args;
+
+    static int vh_copy_body(void *a) {
+        vh_copy_args *c = (vh_copy_args *)a;
+        memcpy(c->dst, c->src, c->n);
+        return 0;
+    }
+
+    /* memcpy where src or dst is guest memory of `mem`: 0, or the signal it faulted. */
+    static int vh_guarded_copy(const void *mem, void *dst, const void *src, size_t n) {
+        vh_copy_args c;
+        int f = 0;
+        c.dst = dst;
+        c.src = src;
+        c.n = n;
+        vh_guard_call(mem, vh_copy_body, &c, &f);
+        return f;
+    }
+    """
+    ctypedef int (*vh_in_guest_fn)(const void *, uintptr_t) noexcept nogil
+    ctypedef int (*vh_body_fn)(void *) noexcept nogil
+    int vh_guard_install(vh_in_guest_fn test) noexcept nogil
+    int vh_guard_installed() noexcept nogil
+    int vh_guard_call(const void *mem, vh_body_fn body, void *args, int *faulted) noexcept nogil
+    int vh_guarded_copy(const void *mem, void *dst, const void *src, size_t n) noexcept nogil
+    uint64_t vh_guard_recovered
+
+
+cdef int _in_guest(const void *m, uintptr_t addr) noexcept nogil:
+    # The guard's test, run in the signal handler: plain loads only. The whole mapping
+    # counts (from the page holding mmap_offset), not only the region's bytes.
+    cdef const vh_mem *mem = <const vh_mem *>m
+    cdef uint32_t i
+    cdef uintptr_t base
+    if mem == NULL:
+        return 0
+    for i in range(mem.n if mem.n <= VH_MAX_REGIONS else VH_MAX_REGIONS):
+        base = <uintptr_t>mem.r[i].map_base
+        if base != 0 and addr >= base and addr - base < mem.r[i].map_len:
+            return 1
+    return 0
+
+
+def install_guard():
+    """Puts the guest-memory fault guard in front of the process's SIGBUS/SIGSEGV
+    handlers (idempotent; done on import and whenever guest memory is mapped)."""
+    if vh_guard_install(_in_guest) != 0:
+        raise OSError(errno, "sigaction for the guest memory guard failed")
+
+
+def guard_installed():
+    """Is the guard the process's SIGBUS and SIGSEGV handler right now?"""
+    return bool(vh_guard_installed())
+
+
+def guard_recovered():
+    """Faults on guest memory the guard turned into broken rings (whole process)."""
+    return vh_guard_recovered
+
+
+install_guard()
+
+
+def fs_magic(int fd):
+    """The f_type of the file system that holds fd (statfs(2)): which kind of memory
+    backs a region (vhost.memory)."""
+    cdef statfs st
+    if fstatfs(fd, &st) != 0:
+        raise OSError(errno, "fstatfs failed")
+    return <unsigned long>st.f_type
+
+
 VQ_ERRORS = (
     "ok", "avail_idx_jump", "bad_head", "bad_next", "chain_loop", "indirect_len",
     "indirect_addr", "indirect_nested", "indirect_not_negotiated", "bad_addr", "ring_addr",
-    "zero_len", "desc_order", "tx_too_short", "tx_too_long", "rx_too_big", "rx_runt",
+    "guest_memory_fault", "zero_len", "desc_order", "tx_too_short", "tx_too_long",
+    "rx_too_big", "rx_runt",
 )
 FATAL_ERRORS = VQ_ERRORS[1:VQ_ERR_FIRST_DROP]
 MAX_QUEUE_SIZE = VH_MAX_QUEUE_SIZE
@@ -55,13 +257,12 @@ cdef struct vh_rxsrc:
 
 
 cdef inline void break_ring(vh_vq *vq, int reason) noexcept nogil:
-    # Stops the queue for good (until the frontend restarts it) and tells the frontend.
-    cdef uint64_t one = 1
+    # Stops the queue for good (until the frontend restarts it). The frontend is told by
+    # the control thread (Virtq.signal_err), never by a worker: its err fd is the
+    # guest's, and a worker must not wait on anything the guest controls.
     if vq.broken == 0:
         vq.broken = <uint8_t>reason
         vq.err[reason] += 1
-        if vq.err_fd >= 0:
-            write(vq.err_fd, &one, 8)
 
 
 cdef int walk_load(vh_vq *vq, const vh_mem *mem, vh_walk *w) noexcept nogil:
@@ -191,7 +392,7 @@ cdef inline void publish_used(vh_vq *vq) noexcept nogil:
         vh_store16(<uint16_t *>(vq.used + 4 + 8 * <uint64_t>vq.num), vq.last_avail_idx)
 
 
-cdef void vq_notify(vh_vq *vq) noexcept nogil:
+cdef void _notify(vh_vq *vq) noexcept nogil:
     # Interrupts the guest for what publish_used handed over, unless it asked not to be
     # (virtio 1.1 §2.6.7.2 used_event / VRING_AVAIL_F_NO_INTERRUPT). Owner: the worker.
     cdef uint16_t new = vq.used_idx
@@ -210,11 +411,14 @@ cdef void vq_notify(vh_vq *vq) noexcept nogil:
         need = not (vh_load16(&vq.avail[0]) & VRING_AVAIL_F_NO_INTERRUPT)
     if need:
         vq.notifies += 1
-        if vq.call_fd >= 0:
-            write(vq.call_fd, &one, 8)
+        # The call fd is the guest's eventfd, made O_NONBLOCK when it was handed over: a
+        # counter the guest left full (or any error) is a counted notification lost,
+        # never a wait on this thread.
+        if vq.call_fd >= 0 and write(vq.call_fd, &one, 8) != 8:
+            vq.notify_failed += 1
 
 
-cdef int vq_avail_count(vh_vq *vq) noexcept nogil:
+cdef int _avail_count(vh_vq *vq) noexcept nogil:
     # Chains the guest made available that we have not taken; 0 if not running.
     # A jump of more than the ring size breaks the ring (VQ_ERR_AVAIL_IDX).
     cdef uint16_t n
@@ -227,11 +431,11 @@ cdef int vq_avail_count(vh_vq *vq) noexcept nogil:
     return n
 
 
-cdef void vq_enable_kicks(vh_vq *vq, bint enable) noexcept nogil:
+cdef void _enable_kicks(vh_vq *vq, bint enable) noexcept nogil:
     # Asks the guest to kick (enable, before a worker sleeps) or not to (while polling).
-    # A worker re-checks vq_avail_count after enabling: a chain may have raced the flag.
+    # A worker re-checks the avail count after enabling: a chain may have raced the flag.
     cdef uint16_t *flags
-    if not vq.ready:
+    if not vq.ready or vq.broken:
         return
     if vq.event_idx:
         if enable:
@@ -242,8 +446,8 @@ cdef void vq_enable_kicks(vh_vq *vq, bint enable) noexcept nogil:
     vh_mb()
 
 
-cdef int vq_pop_chains(vh_vq *vq, const vh_mem *mem, uint8_t **bufs, const uint32_t *caps,
-                       uint32_t *lens, int max_chains) noexcept nogil:
+cdef int _pop_chains(vh_vq *vq, const vh_mem *mem, uint8_t **bufs, const uint32_t *caps,
+                     uint32_t *lens, int max_chains) noexcept nogil:
     # TX: copies up to max_chains available chains (12-byte virtio-net header + frame)
     # into bufs[i][0:caps[i]], sets lens[i], and returns how many it filled. The caller
     # owns the buffers. Chains dropped for a per-chain reason are returned to the guest
@@ -254,7 +458,7 @@ cdef int vq_pop_chains(vh_vq *vq, const vh_mem *mem, uint8_t **bufs, const uint3
     cdef int r
     cdef uint16_t avail_n, head
     cdef uint16_t start = vq.used_idx
-    avail_n = <uint16_t>vq_avail_count(vq)
+    avail_n = <uint16_t>_avail_count(vq)
     while avail_n and n < max_chains:
         # the index entry is guest memory: read once, then check
         head = vh_load16(&vq.avail[2 + (vq.last_avail_idx & (vq.num - 1))])
@@ -277,7 +481,7 @@ cdef int vq_pop_chains(vh_vq *vq, const vh_mem *mem, uint8_t **bufs, const uint3
     if vq.used_idx != start:
         publish_used(vq)
         vq.batches += 1
-        vq_notify(vq)
+        _notify(vq)
     return n
 
 
@@ -342,8 +546,8 @@ cdef int rx_chain(vh_vq *vq, const vh_mem *mem, uint16_t head, vh_rxsrc *s,
             return VQ_OK
 
 
-cdef int vq_push_frames(vh_vq *vq, const vh_mem *mem, const uint8_t **frames,
-                        const uint32_t *lens, int n, bint mergeable) noexcept nogil:
+cdef int _push_frames(vh_vq *vq, const vh_mem *mem, const uint8_t **frames,
+                      const uint32_t *lens, int n, bint mergeable) noexcept nogil:
     # RX: writes frames[i][0:lens[i]] (12-byte virtio-net header + frame; the caller owns
     # them) into the guest's buffers. With mergeable, a frame spreads over as many chains
     # as it needs and num_buffers says how many; without, it must fit one chain or it is
@@ -357,7 +561,7 @@ cdef int vq_push_frames(vh_vq *vq, const vh_mem *mem, const uint8_t **frames,
     cdef uint32_t wrote, pos_before
     cdef vh_rxsrc s
     cdef bint full = False
-    cdef int navail = vq_avail_count(vq)
+    cdef int navail = _avail_count(vq)
     if navail == 0:
         return 0
     avail_idx = vq.last_avail_idx + <uint16_t>navail
@@ -425,8 +629,111 @@ cdef int vq_push_frames(vh_vq *vq, const vh_mem *mem, const uint8_t **frames,
     if vq.used_idx != start:
         publish_used(vq)
         vq.batches += 1
-        vq_notify(vq)
+        _notify(vq)
     return i
+
+
+# ---- the guarded entry points ------------------------------------------------------------
+# Each packs its arguments, runs the body under vh_guard_call on the guest memory it
+# works on, and turns a fault there into a broken ring. The body may be cut short at
+# any load or store of guest memory: what it changed in vq until then stays (the ring is
+# broken, nobody reads it again until the frontend restarts it), nothing else is held.
+
+cdef struct vh_args:
+    vh_vq *vq
+    const vh_mem *mem
+    uint8_t **bufs
+    const uint8_t **frames
+    const uint32_t *caps
+    uint32_t *lens
+    int n
+    int flag
+
+
+cdef int _pop_body(void *a) noexcept nogil:
+    cdef vh_args *c = <vh_args *>a
+    return _pop_chains(c.vq, c.mem, c.bufs, c.caps, c.lens, c.n)
+
+
+cdef int _push_body(void *a) noexcept nogil:
+    cdef vh_args *c = <vh_args *>a
+    return _push_frames(c.vq, c.mem, c.frames, c.lens, c.n, c.flag)
+
+
+cdef int _avail_body(void *a) noexcept nogil:
+    return _avail_count((<vh_args *>a).vq)
+
+
+cdef int _kicks_body(void *a) noexcept nogil:
+    _enable_kicks((<vh_args *>a).vq, (<vh_args *>a).flag)
+    return 0
+
+
+cdef int _notify_body(void *a) noexcept nogil:
+    _notify((<vh_args *>a).vq)
+    return 0
+
+
+cdef inline int _guarded(vh_vq *vq, const vh_mem *mem, vh_body_fn body,
+                         vh_args *a) noexcept nogil:
+    cdef int fault = 0
+    cdef int r
+    a.vq = vq
+    a.mem = mem
+    r = vh_guard_call(mem, body, a, &fault)
+    if fault:
+        break_ring(vq, VQ_ERR_MEM_FAULT)
+        vq.ready = 0
+        return 0
+    return r
+
+
+cdef int vq_pop_chains(vh_vq *vq, const vh_mem *mem, uint8_t **bufs, const uint32_t *caps,
+                       uint32_t *lens, int max_chains) noexcept nogil:
+    # _pop_chains under the guard (see there); 0 when the guest memory faulted.
+    cdef vh_args a
+    if not vq.ready or vq.broken:
+        return 0
+    a.bufs = bufs
+    a.caps = caps
+    a.lens = lens
+    a.n = max_chains
+    return _guarded(vq, mem, _pop_body, &a)
+
+
+cdef int vq_push_frames(vh_vq *vq, const vh_mem *mem, const uint8_t **frames,
+                        const uint32_t *lens, int n, bint mergeable) noexcept nogil:
+    # _push_frames under the guard (see there); 0 when the guest memory faulted.
+    cdef vh_args a
+    if not vq.ready or vq.broken:
+        return 0
+    a.frames = frames
+    a.lens = <uint32_t *>lens
+    a.n = n
+    a.flag = mergeable
+    return _guarded(vq, mem, _push_body, &a)
+
+
+cdef int vq_avail_count(vh_vq *vq) noexcept nogil:
+    cdef vh_args a
+    if not vq.ready or vq.broken:
+        return 0
+    return _guarded(vq, vq.mem, _avail_body, &a)
+
+
+cdef void vq_enable_kicks(vh_vq *vq, bint enable) noexcept nogil:
+    cdef vh_args a
+    if not vq.ready or vq.broken:
+        return
+    a.flag = enable
+    _guarded(vq, vq.mem, _kicks_body, &a)
+
+
+cdef void vq_notify(vh_vq *vq) noexcept nogil:
+    cdef vh_args a
+    if not vq.ready or vq.broken:
+        return
+    _guarded(vq, vq.mem, _notify_body, &a)
 
 
 cdef class MemTable:
@@ -464,6 +771,7 @@ cdef class MemTable:
             raise OverflowError("too many memory regions")
         if size == 0 or size > (<uint64_t>1 << 48) or mmap_offset > (<uint64_t>1 << 52):
             raise ValueError("bad region size or offset")
+        install_guard()     # in front again, should a handler have come after us
         base = mmap(NULL, size + lead, PROT_READ | PROT_WRITE, MAP_SHARED, fd, <long>start)
         if base == MAP_FAILED:
             raise OSError(errno, "mmap of a memory region failed")
@@ -504,18 +812,23 @@ cdef class MemTable:
         return vh_uva_range(&self.m, uva, length) != NULL
 
     def read(self, uint64_t gpa, uint64_t length):
-        """Guest bytes [gpa, gpa+length) from one region (for tests and debugging)."""
+        """Guest bytes [gpa, gpa+length) from one region (for tests and debugging).
+        OSError(EFAULT) if the memory behind them is gone."""
         cdef uint8_t *p = vh_gpa_range(&self.m, gpa, length)
+        cdef bytearray out
         if p == NULL:
             raise ValueError("range not inside one memory region")
-        return (<char *>p)[:length]
+        out = bytearray(length)
+        if vh_guarded_copy(&self.m, <char *>out, p, length):
+            raise OSError(EFAULT, "guest memory behind the range is gone")
+        return bytes(out)
 
     def write(self, uint64_t gpa, const uint8_t[:] data):
         cdef uint8_t *p = vh_gpa_range(&self.m, gpa, len(data))
         if p == NULL:
             raise ValueError("range not inside one memory region")
-        if len(data):
-            memcpy(p, &data[0], len(data))
+        if len(data) and vh_guarded_copy(&self.m, p, &data[0], len(data)):
+            raise OSError(EFAULT, "guest memory behind the range is gone")
 
 
 cdef inline void close_fd(int *fd) noexcept:
@@ -547,6 +860,7 @@ cdef class Virtq:
         self.q.call_fd = -1
         self.q.err_fd = -1
         self.q.hdr_len = VH_VNET_HDR_LEN
+        self.q.mem = &self.mem.m
 
     def reset(self):
         """Back to the unconfigured state; closes the queue's fds."""
@@ -577,6 +891,14 @@ cdef class Virtq:
     def set_kick_fd(self, int fd):
         close_fd(&self.kick_fd)
         self.kick_fd = fd
+
+    def signal_err(self):
+        """Tells the frontend the ring broke (its err eventfd, O_NONBLOCK). Control
+        thread only. False if there is no err fd or it refused the write."""
+        cdef uint64_t one = 1
+        if self.q.err_fd < 0:
+            return False
+        return write(self.q.err_fd, &one, 8) == 8
 
     cdef bint _translate(self) noexcept:
         cdef uint64_t num = self.q.num
@@ -652,11 +974,12 @@ cdef class Virtq:
         return VQ_ERRORS[self.q.broken] if self.q.broken else None
 
     def counters(self):
-        """Per-reason error counts plus frames, bytes, notifies, batches."""
+        """Per-reason error counts plus frames, bytes, notifies (notify_failed: those the
+        call eventfd refused), batches."""
         cdef int i
         d = {VQ_ERRORS[i]: self.q.err[i] for i in range(1, VQ_ERR_MAX)}
         d.update(frames=self.q.frames, bytes=self.q.bytes, notifies=self.q.notifies,
-                 batches=self.q.batches)
+                 notify_failed=self.q.notify_failed, batches=self.q.batches)
         return d
 
     def avail_count(self):

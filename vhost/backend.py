@@ -11,6 +11,13 @@ trusted -- the connection is closed with a log line. Either way only this device
 affected. The data path never runs on this thread: queue pairs are handed to the device
 with queue_started(), and taken back with queue_stopped() before anything they use
 (memory table, ring addresses, eventfds) changes.
+
+Fds that come with a message belong to the message until a handler has validated the
+whole request and hands one over (to a Virtq, which keeps it); whatever is left is
+closed when the message is done, on every path, error or not. Kick, call and err fds
+must be eventfds and are made non-blocking: they are the guest's, and the workers that
+read and write them serve other guests too. Memory region fds are only borrowed (the
+mapping keeps the memory).
 """
 
 from __future__ import annotations
@@ -26,7 +33,7 @@ import time
 from vhost import sockfile
 from vhost._virtq import MAX_QUEUE_SIZE as VH_MAX_QUEUE_SIZE
 from vhost._virtq import Virtq
-from vhost.memory import MAX_SLOTS, GuestMemory
+from vhost.memory import DEFAULT_MAX_MEMORY, MAX_SLOTS, GuestMemory
 from vhost.protocol import (
     REPLIES,
     STATE,
@@ -39,6 +46,7 @@ from vhost.protocol import (
     VhostBoundsError,
     VhostDisconnected,
     VhostError,
+    VhostFdError,
     VhostMemoryError,
     VhostNotNegotiated,
     VhostStateError,
@@ -64,6 +72,24 @@ PROTOCOL_FEATURES = bits(
     ProtoFeature.CONFIGURE_MEM_SLOTS, ProtoFeature.STATUS,
 )
 MAX_QUEUE_PAIRS = 64  # vring index is 8 bits in KICK/CALL/ERR; 2 rings per pair
+
+
+def _eventfd(fd: int, what: str) -> None:
+    """Raises VhostFdError unless fd is an eventfd; then makes it non-blocking. (The flag
+    is on the open file description the frontend shares: QEMU's eventfds have it
+    already.)"""
+    try:
+        kind = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as e:
+        raise VhostFdError(f"{what} fd: {e}") from None
+    if kind != "anon_inode:[eventfd]":
+        # a path would be the frontend's to choose: name only the kind of file
+        shown = kind.split(":", 1)[0] if ":[" in kind else "a file"
+        raise VhostFdError(f"{what} fd is {shown}, not an eventfd")
+    try:
+        os.set_blocking(fd, False)
+    except OSError as e:
+        raise VhostFdError(f"{what} fd: {e}") from None
 
 
 def _readable(fd: int, timeout: float) -> bool:
@@ -110,7 +136,7 @@ class VhostUserBackend:
     """Protocol state of one device for one connection."""
 
     def __init__(self, device: VhostNetDevice, sock: socket.socket, *, name: str = "vhost",
-                 queue_pairs: int = 1) -> None:
+                 queue_pairs: int = 1, max_memory: int | None = DEFAULT_MAX_MEMORY) -> None:
         if not 1 <= queue_pairs <= MAX_QUEUE_PAIRS:
             raise ValueError(f"queue_pairs must be 1..{MAX_QUEUE_PAIRS}")
         self.device = device
@@ -121,7 +147,7 @@ class VhostUserBackend:
         if queue_pairs == 1:
             self.offered &= ~bits(Feature.MQ)
         self.offered_protocol = PROTOCOL_FEATURES
-        self.mem = GuestMemory()
+        self.mem = GuestMemory(max_memory)  # max_memory: bytes mapped at most (None: any)
         self.vqs = [Virtq(i, self.mem.table) for i in range(2 * queue_pairs)]
         self.closed = False
         self._stop = threading.Event()
@@ -184,7 +210,8 @@ class VhostUserBackend:
             self._stop_qp(qp)
 
     def check_broken(self) -> None:
-        """Takes rings the guest broke out of service (logged once, device told)."""
+        """Takes rings the guest broke out of service (logged once, device and frontend
+        told: the err eventfd is written here, never by a worker)."""
         for qp in sorted(self.running):
             for i in (2 * qp, 2 * qp + 1):
                 reason = self.vqs[i].broken
@@ -193,6 +220,7 @@ class VhostUserBackend:
                                 reason)
                     self.broken.add(i)
                     self._stop_qp(qp)
+                    self.vqs[i].signal_err()
                     self.device.queue_broken(self, qp, i, reason)
 
     def _update(self) -> None:
@@ -209,6 +237,7 @@ class VhostUserBackend:
                         self.vqs[i].stop()
                         if self.vqs[i].broken:
                             self.broken.add(i)
+                            self.vqs[i].signal_err()
                     log.warning("%s: queue pair %d rings are outside guest memory", self.name,
                                 qp)
                     continue
@@ -383,21 +412,23 @@ class VhostUserBackend:
     # QEMU sends the memory table once per queue pair (one vhost device each): the same
     # table or region again changes nothing, and must not stop the running pairs.
 
+    # Region fds stay the message's (closed after the handler): a mapping needs none.
+
     def _h_set_mem_table(self, msg: Message) -> None:
         regions = msg.mem_table()
-        fds, msg.fds = msg.fds, []
+        fds = list(msg.fds)
         if self.mem.same_table(regions, fds):
-            for fd in fds:
-                os.close(fd)
             return
+        self.mem.check_table(regions, fds)      # refused: the mapped table stays, rings run
         self._memory_change(lambda: self.mem.set_table(regions, fds))
 
     def _h_add_mem_reg(self, msg: Message) -> None:
         self._need_proto(ProtoFeature.CONFIGURE_MEM_SLOTS, "ADD_MEM_REG")
         region = msg.mem_region()
-        fd = msg.take_fd()
+        fd = msg.fds[0]
         if self.mem.add_reference(region, fd):
             return
+        self.mem.check_add(region, fd)
         self._memory_change(lambda: self.mem.add(region, fd))
 
     def _h_rem_mem_reg(self, msg: Message) -> None:
@@ -462,10 +493,14 @@ class VhostUserBackend:
         self.vqs[index].set_kick_fd(-1)
         return STATE.pack(index, self.vqs[index].last_avail_idx)
 
-    def _vring_fd(self, msg: Message) -> tuple[int, int]:
+    def _vring_fd(self, msg: Message, what: str) -> tuple[int, bool]:
+        """(index, has_fd) of SET_VRING_KICK/CALL/ERR, the fd checked (an eventfd, now
+        non-blocking) but still the message's: take it only once nothing can fail."""
         index, has_fd = msg.vring_file()
         self._vring(index)
-        return index, (msg.take_fd() if has_fd else -1)
+        if has_fd:
+            _eventfd(msg.fds[0], what)
+        return index, has_fd
 
     def _with_pair_stopped(self, index: int, change) -> None:  # type: ignore[no-untyped-def]
         # A worker may be writing to the old eventfd: take the pair back first.
@@ -476,21 +511,31 @@ class VhostUserBackend:
             self._update()
 
     def _h_set_vring_kick(self, msg: Message) -> None:
-        index, fd = self._vring_fd(msg)
+        index, has_fd = self._vring_fd(msg, "kick")
+        if not has_fd:
+            # Polling mode: no kick ever comes, so some thread would have to poll this
+            # ring without end. The rings of every guest share a few workers (softnic's
+            # TX lanes); one that spins on a ring nobody kicks takes its time from all
+            # the others, so the request is refused. (QEMU always sends a kick fd.)
+            raise VhostNotNegotiated("SET_VRING_KICK without an fd (polling mode) is not "
+                                     "served: rings are served on kicks")
 
         def change() -> None:
-            self.vqs[index].set_kick_fd(fd)
-            self.kicked[index] = True  # fd -1: the frontend asked us to poll
+            self.vqs[index].set_kick_fd(msg.take_fd())
+            self.kicked[index] = True
             self.broken.discard(index)
         self._with_pair_stopped(index, change)
 
     def _h_set_vring_call(self, msg: Message) -> None:
-        index, fd = self._vring_fd(msg)
-        self._with_pair_stopped(index, lambda: self.vqs[index].set_call_fd(fd))
+        # No fd: a guest that polls its used rings; nothing to notify.
+        index, has_fd = self._vring_fd(msg, "call")
+        self._with_pair_stopped(
+            index, lambda: self.vqs[index].set_call_fd(msg.take_fd() if has_fd else -1))
 
     def _h_set_vring_err(self, msg: Message) -> None:
-        index, fd = self._vring_fd(msg)
-        self._with_pair_stopped(index, lambda: self.vqs[index].set_err_fd(fd))
+        index, has_fd = self._vring_fd(msg, "err")
+        self._with_pair_stopped(
+            index, lambda: self.vqs[index].set_err_fd(msg.take_fd() if has_fd else -1))
 
     def _h_set_vring_enable(self, msg: Message) -> None:
         index, enable = msg.state()
@@ -527,10 +572,12 @@ class _Endpoint:
     """Shared parts of server and client: one device, at most one live connection."""
 
     def __init__(self, path: str, device: VhostNetDevice, *, queue_pairs: int = 1,
-                 name: str | None = None) -> None:
+                 name: str | None = None,
+                 max_memory: int | None = DEFAULT_MAX_MEMORY) -> None:
         self.path = path
         self.device = device
         self.queue_pairs = queue_pairs
+        self.max_memory = max_memory   # bytes of guest memory a frontend may map
         self.name = name or os.path.basename(path)
         self.backend: VhostUserBackend | None = None
         self.connections = 0
@@ -539,10 +586,16 @@ class _Endpoint:
         self._lock = threading.Lock()
 
     def _serve(self, sock: socket.socket) -> None:
-        b = VhostUserBackend(self.device, sock, name=self.name, queue_pairs=self.queue_pairs)
+        b = VhostUserBackend(self.device, sock, name=self.name, queue_pairs=self.queue_pairs,
+                             max_memory=self.max_memory)
         with self._lock:
             self.backend = b
             self.connections += 1
+            # stop() looks at self.backend under the lock after setting _stop: either it
+            # saw this backend and closes it, or this sees _stop. Either way serve()
+            # returns, so stop() never waits on a frontend that does not go away.
+            if self._stop.is_set():
+                b.close()
         try:
             b.serve()
         except Exception:  # a bug must not take the whole process down

@@ -52,6 +52,10 @@ class VhostMemoryError(VhostError):
     """A memory region that is invalid, overlapping, or could not be mapped."""
 
 
+class VhostFdError(VhostError):
+    """A file descriptor of the wrong kind (e.g. a pipe where an eventfd belongs)."""
+
+
 class VhostDisconnected(VhostError):
     """The peer closed the connection."""
 

@@ -16,6 +16,7 @@ messages with fe.request()/fe.send_raw().
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import socket
@@ -27,6 +28,7 @@ from collections.abc import Iterator
 from vhost._frontend import DriverRing, GuestRam
 from vhost._virtq import FrameBuffers, Virtq, echo_burst
 from vhost.backend import VhostNetDevice, VhostUserBackend, VhostUserServer
+from vhost.memory import DEFAULT_MAX_MEMORY
 from vhost.protocol import (
     ADDR,
     FLAG_NEED_REPLY,
@@ -61,16 +63,21 @@ class VhostUserFrontend:
     address 4 GiB and a non-zero mmap_offset), as QEMU does around the PCI hole. The
     user addresses sent for regions are fake (uva_base): the back-end must only use them
     to find a region, never dereference them.
+
+    Guest RAM is a memfd sealed against growing and shrinking, as QEMU's
+    memory-backend-memfd makes it (seal=False: unsealed, as with seal=off), or, with
+    ram_path, a file created there (memory-backend-file,share=on,mem-path=...; unlinked
+    once open, and not sealable).
     """
 
     def __init__(self, path: str, *, mem_size: int = 8 << 20, regions: int = 1,
-                 uva_base: int = 0x7E00_0000_0000) -> None:
+                 uva_base: int = 0x7E00_0000_0000, seal: bool = True,
+                 ram_path: str | None = None) -> None:
         if regions not in (1, 2):
             raise ValueError("regions must be 1 or 2")
         self.path = path
         self.mem_size = _align(mem_size, 2 * PAGE)
-        self.memfd = os.memfd_create("vhost-guest", os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, self.mem_size)
+        self.memfd = guest_ram_fd(self.mem_size, seal=seal, ram_path=ram_path)
         self.ram = GuestRam(self.memfd, self.mem_size)
         if regions == 1:
             self.regions = [Region(0, self.mem_size, uva_base, 0)]
@@ -289,12 +296,29 @@ class VhostUserFrontend:
         return out
 
 
+def guest_ram_fd(size: int, *, seal: bool = True, ram_path: str | None = None) -> int:
+    """An fd of size bytes of guest RAM, as QEMU's memory backends make it: a memfd,
+    sealed (F_SEAL_GROW | F_SEAL_SHRINK | F_SEAL_SEAL) unless seal=False, or a file
+    created and unlinked in the directory ram_path."""
+    if ram_path is not None:
+        fd = os.open(ram_path, os.O_RDWR | os.O_TMPFILE | os.O_CLOEXEC, 0o600)
+        os.ftruncate(fd, size)
+        return fd
+    fd = os.memfd_create("vhost-guest", os.MFD_CLOEXEC | (os.MFD_ALLOW_SEALING if seal else 0))
+    os.ftruncate(fd, size)
+    if seal:
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS,
+                    fcntl.F_SEAL_GROW | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_SEAL)
+    return fd
+
+
 @contextlib.contextmanager
-def loopback_server(path: str, *, queue_pairs: int = 1, **device_kw: object,
+def loopback_server(path: str, *, queue_pairs: int = 1,
+                    max_memory: int | None = DEFAULT_MAX_MEMORY, **device_kw: object,
                     ) -> Iterator[tuple[VhostUserServer, LoopbackDevice]]:
     """A pytest-friendly server with a LoopbackDevice on path, stopped on exit."""
     dev = LoopbackDevice(**device_kw)  # type: ignore[arg-type]
-    srv = VhostUserServer(path, dev, queue_pairs=queue_pairs).start()
+    srv = VhostUserServer(path, dev, queue_pairs=queue_pairs, max_memory=max_memory).start()
     try:
         yield srv, dev
     finally:
@@ -434,4 +458,4 @@ def frame_hdr(flags: int = 0, gso_type: int = 0, hdr_len: int = 0, gso_size: int
 
 
 __all__ = ["LoopbackDevice", "RingHarness", "VhostUserFrontend", "frame_hdr", "VNET_HDR",
-           "bits", "loopback_server"]
+           "bits", "guest_ram_fd", "loopback_server"]

@@ -14,11 +14,14 @@ Oracle (the device is allowed to touch guest memory only as the spec says):
 - a ring is either working or broken with a reason from FATAL_ERRORS, and a broken ring
   stays quiet (no frames, no used entries);
 - used.idx moves by at most the number of chains made available;
-- TX of chains that are all well formed returns exactly the bytes the guest wrote.
+- TX of chains that are all well formed returns exactly the bytes the guest wrote;
+- guest RAM cut short under the ring (its file truncated) faults only into a broken ring
+  (guest_memory_fault), never out of the process.
 """
 
 from __future__ import annotations
 
+import os
 import struct
 
 from vhost._virtq import FATAL_ERRORS, VQ_ERRORS
@@ -29,6 +32,7 @@ from .common import Reader, expect
 NEXT, WRITE, INDIRECT = 1, 2, 4
 MEM = 64 << 10
 HDR = 12
+PAGE = 4096
 PATTERN = bytes((i * 13 + 5) & 0xFF for i in range(4096))   # guest data, recognisable
 
 
@@ -177,6 +181,8 @@ def _run(r: Reader, h: RingHarness, num: int, rx: bool) -> str:
         d.set_avail_idx((d.avail_idx + jump) & 0xFFFF)
         sane = False
 
+    if r.u8() % 12 == 11:
+        return _vanish(r, h, rx)
     before = h.ram.read(0, MEM)
     used0 = d.used_idx
     if rx:
@@ -224,6 +230,37 @@ def _run(r: Reader, h: RingHarness, num: int, rx: bool) -> str:
         expect(got == frames_sent[:len(got)], "TX frames differ from what the guest wrote")
     return (("rx:" if rx else "tx:") + (broken or "ok") + (",aliased" if aliased else "")
             + ("," + ",".join(errs) if errs else ""))
+
+
+def _vanish(r: Reader, h: RingHarness, rx: bool) -> str:
+    """The guest's RAM file shrinks just before the device looks at the ring (a frontend
+    truncating its memory-backend-file): every access past the cut faults with SIGBUS.
+    The guard (vhost._virtq) must turn a fault into a broken ring, guest_memory_fault,
+    and the process must live; a ring that did not fault works on as usual, and a
+    broken one stays quiet once the memory is back."""
+    cut = r.choice((0, PAGE, r.below(MEM // PAGE) * PAGE, r.below(MEM)))
+    frames = [bytes(HDR) + r.take(r.choice((0, 60, 700))) for _ in range(1 + r.u8() % 2)]
+    os.ftruncate(h.memfd, cut)
+    try:                  # no access to guest RAM from this side while it is cut
+        if rx:
+            done = h.vq.push(frames, r.flag())
+            expect(0 <= done <= len(frames), f"push dealt with {done} of {len(frames)}")
+        else:
+            h.vq.pop(max_chains=r.choice((1, 64)), cap=2048)
+    finally:
+        os.ftruncate(h.memfd, MEM)              # pages past the cut come back as zeros
+    broken = h.vq.broken
+    faults = h.vq.counters()["guest_memory_fault"]
+    expect(broken is None or broken in FATAL_ERRORS, f"broken with {broken}")
+    expect(faults <= 1, f"{faults} memory faults counted on one ring")
+    expect(not faults or broken == "guest_memory_fault",
+           f"a memory fault left the ring {broken}")
+    expect(cut > 0 or broken == "guest_memory_fault", "no fault with all memory gone")
+    if broken is not None:
+        snap = h.ram.read(0, MEM)
+        expect(h.vq.pop() == [] and h.vq.push([bytes(HDR) + b"x"]) == 0, "broken, not quiet")
+        expect(h.ram.read(0, MEM) == snap, "a broken ring still writes guest memory")
+    return ("rx:" if rx else "tx:") + "vanish:" + (broken or "ok")
 
 
 def _check_writes(h: RingHarness, before: bytes, after: bytes,
