@@ -13,7 +13,7 @@ DROP_REASONS = (
     "ok", "malformed_l2", "malformed_l3", "malformed_l4", "bad_vnet_hdr", "too_big",
     "no_room", "no_sa", "policy", "replay", "icv", "bad_trailer", "seq_exhausted",
     "sa_expired", "bad_vxlan", "unknown_vni", "no_fdb", "ring_full", "malformed_esp",
-    "crypto", "no_route",
+    "crypto", "no_route", "unknown_vtep",
 )
 assert len(DROP_REASONS) == SN_DROP_MAX
 

@@ -5,7 +5,11 @@ Pipeline order (DESIGN.md, and the seed's questions):
   TX host-terminated   : policy -> TSO / checksum completion -> ESP (VF's SA) -> VXLAN
   TX device-terminated : TSO / checksum completion -> VXLAN -> ESP (uplink SA, per VTEP)
   RX                   : the reverse; anti-replay and the ICV before anything is trusted,
-                         the inbound policy after decryption.
+                         only VTEPs admitted for the VNI, the inbound policy after
+                         decryption; a broadcast to every VF of its VNI.
+  Local (VF to VF here): the sender's outbound policy, then the receiver's inbound
+                         processing as on RX (_vf_inbound), protected frames through the
+                         sender's SA and the receiver's.
 Segment size is derived from the underlay MTU minus the exact ESP + VXLAN overhead, so
 nothing is ever fragmented in the underlay (RFC 7348 §4.3).
 
@@ -55,8 +59,10 @@ from softnic._pkt cimport (
     SN_DROP_RING_FULL,
     SN_DROP_TOO_BIG,
     SN_DROP_UNKNOWN_VNI,
+    SN_DROP_UNKNOWN_VTEP,
     SN_OK,
     SN_PKT_ESP,
+    SN_PKT_LOCAL,
     SN_VNET_HDR_LEN,
     VIRTIO_NET_HDR_F_DATA_VALID,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
@@ -87,6 +93,7 @@ from softnic._tables cimport (
     SN_TAF_INET6,
     SN_VF_UPLINK,
     Fdb,
+    PeerTable,
     PolicyTable,
     SATable,
     sn_fdb_find,
@@ -94,6 +101,8 @@ from softnic._tables cimport (
     sn_fdb_slot,
     sn_fdb_learn,
     sn_fdb_lookup,
+    sn_peer_lookup,
+    sn_peer_slot,
     sn_policy_lookup,
     sn_policy_rule,
     sn_sa_add,
@@ -111,7 +120,6 @@ from vhost._virtq cimport (
 )
 
 from softnic._vxlan cimport (
-    SN_AF_INET,
     sn_flow_hash,
     sn_icmp_too_big,
     sn_vxlan_decap,
@@ -368,7 +376,9 @@ cdef class _Lane:
         # here get 64 KB slots, so a GSO frame can pass between them whole.
         self.tin = Batch(burst, slot_size=65536 + 1024, headroom=64)
         self.tout = Batch(FP_MAX_SEGS + burst, slot_size=out_slot)
-        self.tlocal = Batch(2 * burst, slot_size=65536 + 1024, headroom=64)
+        # Headroom for a local copy that the sender's SA protects (ESP tunnel header
+        # over IPv6 with UDP encapsulation and a CBC IV: 72 bytes) and its vnet header.
+        self.tlocal = Batch(2 * burst, slot_size=65536 + 1024, headroom=128)
         self.mirror = Batch(FP_MIRROR, slot_size=snaplen + 64, headroom=32)
 
     def __dealloc__(self):
@@ -387,6 +397,7 @@ cdef class Datapath:
     cdef fp_vtep *vteps
     cdef SATable sa_table             # (scope, SPI, dir) -> fp_sa_ref*; scope = VF index
     cdef Fdb fdb                      # (VNI, MAC) -> VTEP index, and per-VNI flood lists
+    cdef PeerTable peers              # (VNI, VTEP address): who may send VXLAN for the VNI
     cdef PolicyTable spd              # per-VF ordered policies -> fp_sa_ref*
     cdef int active[FP_MAX_VF]        # indices of used VFs, so loops skip the unused
     cdef int n_vteps                  # VTEPs in use are vteps[0:n_vteps] (never freed)
@@ -413,10 +424,15 @@ cdef class Datapath:
     cdef readonly int n_lanes
     cdef PyThread_type_lock lane_locks[FP_MAX_LANES]
     cdef dict sa_refs          # (scope, spi, dir) -> (SecurityAssociation, fp_sa_ref address)
+    cdef fp_sa_ref *no_sa      # what a protect policy whose SA is missing points at
     cdef dict vtep_index       # packed address -> index
     cdef dict floods           # vni -> [vtep index]: the flood lists, as installed in fdb
+    cdef dict static_fdb       # (vni, mac bytes) -> vtep index: the static unicast entries
+    cdef set accepts           # (vni, vtep index): admitted as senders only
+    cdef dict admitted         # (vni, vtep index) -> how many entries above admit it
     cdef Underlay underlay
     cdef Batch rx_in
+    cdef Batch rx_extra           # copies of a broadcast for the VNI's further VFs
     cdef Batch gro_batch
     cdef sn_pkt *gro
     cdef Batch vgro               # coalesced frames waiting for one push into a guest ring
@@ -429,7 +445,8 @@ cdef class Datapath:
         self.vteps = NULL
         self.n_lanes = 0
         self.rx_lock = PyThread_allocate_lock()
-        if self.rx_lock == NULL:
+        self.no_sa = <fp_sa_ref *>PyMem_Calloc(1, sizeof(fp_sa_ref))
+        if self.rx_lock == NULL or self.no_sa == NULL:
             raise MemoryError()
 
     def __init__(self, local, uint32_t underlay_mtu=1500, str ipsec="off",
@@ -453,8 +470,12 @@ cdef class Datapath:
             raise MemoryError()
         self.sa_table = SATable(FP_MAX_SA)
         self.fdb = Fdb(fdb_size, FP_MAX_VF)
+        self.peers = PeerTable(fdb_size)
         self.spd = PolicyTable(FP_MAX_VF, FP_MAX_POLICY)
         self.floods = {}
+        self.static_fdb = {}
+        self.accepts = set()
+        self.admitted = {}
         self.underlay_mtu = underlay_mtu
         self.ul_mode = {"off": FP_UL_OFF, "esp": FP_UL_ESP, "espinudp": FP_UL_ESPINUDP}[ipsec]
         memcpy(self.local, <const char *>la.packed, len(la.packed))
@@ -475,6 +496,10 @@ cdef class Datapath:
         # The RX thread's scratch. Underlay packets arrive one datagram per slot (GRO
         # trains are split by _io).
         self.rx_in = Batch(burst, slot_size=max(underlay_mtu, 2048) + 576)
+        # Copies of one broadcast for every further VF of its VNI (then delivered, so a
+        # VF's frames keep their order).
+        self.rx_extra = Batch(FP_MAX_VF, slot_size=max(underlay_mtu, 2048) + 576,
+                              headroom=64)
         self.gro_batch = Batch(1, slot_size=65536 + 1024, headroom=64)
         self.gro = self.gro_batch.pkts
         self.vgro = Batch(FP_VH_GRO, slot_size=65536 + 1024, headroom=64)
@@ -491,6 +516,7 @@ cdef class Datapath:
             for _sa, ref in self.sa_refs.values():
                 PyMem_Free(<void *><size_t>ref)
         PyMem_Free(self.rx_mirror_ts)
+        PyMem_Free(self.no_sa)
         if self.rx_lock != NULL:
             PyThread_free_lock(self.rx_lock)
 
@@ -614,21 +640,67 @@ cdef class Datapath:
         self.vtep_index[key] = i
         return i
 
+    # Admission (who may send VXLAN for a VNI): a remote VTEP is admitted for a VNI while a
+    # static FDB entry, a flood-list membership or an "accept" entry of that VNI names it.
+    # Learned entries never admit (a peer would otherwise admit itself): learning only
+    # sees packets that already passed admission, and learned entries towards a VTEP that
+    # loses its admission go with it.
+
+    cdef void _admit(self, uint32_t vni, int vt) except *:
+        key = (vni, vt)
+        n = self.admitted.get(key, 0)
+        if n == 0:
+            self.peers.add(vni, ipaddress.ip_address(self._vtep_addr(vt)), vt)
+        self.admitted[key] = n + 1
+
+    cdef void _revoke(self, uint32_t vni, int vt) except *:
+        key = (vni, vt)
+        n = self.admitted.get(key, 0)
+        if n > 1:
+            self.admitted[key] = n - 1
+            return
+        if n == 1:
+            del self.admitted[key]
+            self.peers.remove(vni, ipaddress.ip_address(self._vtep_addr(vt)))
+            for evni, emac, evt, learned, _seen in self.fdb.entries():
+                if learned and evni == vni and evt == vt:
+                    self.fdb.remove(evni, emac)
+
+    cdef bytes _vtep_addr(self, int vt):
+        return bytes(self.vteps[vt].addr[:4 if self.vteps[vt].family == 4 else 16])
+
     def fdb_add(self, uint32_t vni, mac, remote):
-        """(VNI, MAC) -> remote VTEP; mac None adds the VTEP to the VNI's flood list."""
+        """(VNI, MAC) -> remote VTEP; mac None adds the VTEP to the VNI's flood list.
+        Either admits the VTEP as a sender for the VNI."""
         self._lock()
         try:
             vt = self._vtep(remote)
             if mac is None:
                 lst = self.floods.get(vni, [])
                 if vt not in lst:
-                    self.fdb.set_flood(vni, lst + [vt])
+                    self._admit(vni, vt)
+                    try:
+                        self.fdb.set_flood(vni, lst + [vt])
+                    except BaseException:
+                        self._revoke(vni, vt)
+                        raise
                     self.floods[vni] = lst + [vt]
             else:
                 macb = _mac(mac)
+                self._admit(vni, vt)        # first: may fail (table full), nothing changed
+                old = self.static_fdb.pop((vni, macb), None)
                 if self.fdb.lookup(vni, macb) is not None:
-                    self.fdb.remove(vni, macb)   # a static entry replaces a learned one
-                self.fdb.add(vni, macb, vt)
+                    self.fdb.remove(vni, macb)   # replaces the entry, static or learned
+                try:
+                    self.fdb.add(vni, macb, vt)
+                except BaseException:
+                    self._revoke(vni, vt)
+                    if old is not None:
+                        self._revoke(vni, old)
+                    raise
+                self.static_fdb[(vni, macb)] = vt
+                if old is not None:
+                    self._revoke(vni, old)  # after the admit: the same VTEP stays admitted
         finally:
             self._unlock()
 
@@ -637,13 +709,44 @@ cdef class Datapath:
         try:
             if mac is None:
                 vt = self.vtep_index.get(ipaddress.ip_address(remote).packed)
-                lst = [x for x in self.floods.get(vni, []) if x != vt]
-                self.fdb.set_flood(vni, lst)
-                self.floods[vni] = lst
+                if vt is not None and vt in self.floods.get(vni, []):
+                    lst = [x for x in self.floods[vni] if x != vt]
+                    self.fdb.set_flood(vni, lst)
+                    self.floods[vni] = lst
+                    self._revoke(vni, vt)
             else:
-                self.fdb.remove(vni, _mac(mac))
+                macb = _mac(mac)
+                self.fdb.remove(vni, macb)
+                vt = self.static_fdb.pop((vni, macb), None)
+                if vt is not None:
+                    self._revoke(vni, vt)
         finally:
             self._unlock()
+
+    def peer_add(self, uint32_t vni, remote):
+        """Admit a remote VTEP as a sender of VXLAN for the VNI, without sending to it."""
+        self._lock()
+        try:
+            vt = self._vtep(remote)
+            if (vni, vt) not in self.accepts:
+                self._admit(vni, vt)
+                self.accepts.add((vni, vt))
+        finally:
+            self._unlock()
+
+    def peer_del(self, uint32_t vni, remote):
+        self._lock()
+        try:
+            vt = self.vtep_index.get(ipaddress.ip_address(remote).packed)
+            if vt is not None and (vni, vt) in self.accepts:
+                self.accepts.discard((vni, vt))
+                self._revoke(vni, vt)
+        finally:
+            self._unlock()
+
+    def peers_admitted(self):
+        """[(vni, remote address)] of the VTEPs admitted as senders, for listings/tests."""
+        return sorted((vni, str(addr)) for vni, addr, _vt in self.peers.entries())
 
     def fdb_age(self, uint64_t max_age_ns):
         """Forget learned FDB entries not seen for max_age_ns; returns how many."""
@@ -775,11 +878,14 @@ cdef class Datapath:
         self._refresh()
 
     def policy_set(self, int vf, list policies):
-        """Replace a VF's policies (both directions). Each is a dict: dir (in|out), src,
-        dst (networks), action (protect|bypass|discard), proto, sport, dport (None = any),
-        priority (lower first), spi (protect: the SA of this VF and direction). An inbound
-        protect policy accepts any SA with the same reqid as its own SA (make-before-break
-        rekeys), or that SA alone when its reqid is 0."""
+        """Replace a VF's policies (both directions) in one step: the whole list is
+        validated first, then swapped in under every lock, so a burst sees the old table
+        or the new one, never a mix. Each is a dict: dir (in|out), src, dst (networks),
+        action (protect|bypass|discard), proto, sport, dport (None = any), priority
+        (lower first), spi (protect: the SA of this VF and direction; None: the SA is not
+        there, and what the policy matches is dropped, no_sa). An inbound protect policy
+        accepts any SA with the same reqid as its own SA (make-before-break rekeys), or
+        that SA alone when its reqid is 0."""
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
             raise ValueError("scope: no such VF")
         if len(policies) > FP_MAX_POLICY:
@@ -789,10 +895,14 @@ cdef class Datapath:
             direction = d.get("dir", "out")
             handle = 0
             if d["action"] == "protect":
-                entry = self.sa_refs.get((vf, int(d["spi"]), direction))
-                if entry is None:
-                    raise ValueError("spi: no SA with this SPI for this VF and direction")
-                handle = entry[1]
+                # No SA (yet): the rule points at a reference without one, so outbound
+                # it drops (no_sa) and inbound nothing can match it.
+                handle = <size_t>self.no_sa
+                if d.get("spi") is not None:
+                    entry = self.sa_refs.get((vf, int(d["spi"]), direction))
+                    if entry is None:
+                        raise ValueError("spi: no SA with this SPI for this VF and direction")
+                    handle = entry[1]
             staged.add(0, src=d["src"], dst=d["dst"], proto=d.get("proto"),
                        sport=d.get("sport"), dport=d.get("dport"), action=d["action"],
                        dir=direction, priority=int(d.get("priority", 0)), sa=handle)
@@ -952,6 +1062,7 @@ cdef class Datapath:
         cdef bint bum
         cdef fp_vtep *fe
         cdef sn_sa *fsa
+        cdef uint32_t owed
 
         if inp.len < SN_VNET_HDR_LEN + 14:
             return SN_DROP_MALFORMED_L2
@@ -1009,7 +1120,7 @@ cdef class Datapath:
             budget = v.mtu
             if budget > out.slot_size - out.headroom - h.l2len:
                 budget = out.slot_size - out.headroom - h.l2len
-            if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE and local_vf >= 0 and \
+            if vh.gso_type != VIRTIO_NET_HDR_GSO_NONE and local_vf >= 0 and sa == NULL and \
                     (self.vfs[local_vf].n_rxq == 0 or self.vfs[local_vf].guest_tso) and \
                     inp.len <= <uint32_t>(loc.slot_size - loc.headroom):
                 # A GSO frame between two VFs that both speak GSO crosses whole, as on a
@@ -1021,12 +1132,10 @@ cdef class Datapath:
                 p.len = inp.len
                 p.port = local_vf
                 p.drop = 0
-                p.flags = 0
+                p.flags = SN_PKT_LOCAL
                 memcpy(p.data + p.off, inp.data + inp.off, inp.len)
                 loc.count += 1
                 c.tx_local += 1
-                L.vc[local_vf].rx_frames += 1
-                L.vc[local_vf].rx_bytes += flen
                 return SN_OK
         else:
             budget = self._l3_budget(v, sa, h.l4off - h.l3off, h.l2len)
@@ -1132,7 +1241,11 @@ cdef class Datapath:
                         c.tx_mss_clamped += 1
                 produced = 1
 
-        # Local VFs (same VNI) get the plain segments, with a virtio-net header.
+        # Local VFs (same VNI) get the segments, with a virtio-net header; each then meets
+        # its receiver's inbound checks (_local_in). What the sender's policy protects
+        # is protected with the sender's SA here too, and only the receiver's own SA
+        # opens it there: the two VFs must hold the two ends of one SA, as they would on
+        # two hosts, or nothing passes.
         if local_vf >= 0 or bum:
             for d in range(<uint32_t>self.n_active):
                 i = self.active[d]
@@ -1147,17 +1260,29 @@ cdef class Datapath:
                     if loc.count >= loc.size:
                         break
                     p = &loc.pkts[loc.count]
-                    p.off = loc.headroom
-                    memset(p.data + p.off, 0, SN_VNET_HDR_LEN)
-                    memcpy(p.data + p.off + SN_VNET_HDR_LEN,
-                           out.pkts[k + j].data + out.pkts[k + j].off, out.pkts[k + j].len)
-                    p.len = out.pkts[k + j].len + SN_VNET_HDR_LEN
+                    p.off = loc.headroom + SN_VNET_HDR_LEN
+                    memcpy(p.data + p.off, out.pkts[k + j].data + out.pkts[k + j].off,
+                           out.pkts[k + j].len)
+                    p.len = out.pkts[k + j].len
                     p.port = i
                     p.drop = 0
+                    p.flags = SN_PKT_LOCAL
+                    p.hash = 0
+                    if sa != NULL:
+                        r = sn_esp_encap_deferred(sa, p, h.l2len, &owed)
+                        if r == SN_OK and p.off < SN_VNET_HDR_LEN:
+                            r = SN_DROP_NO_ROOM
+                        if r != SN_OK:
+                            c.drops[r] += 1
+                            continue
+                        if owed:
+                            L.account(sa, owed)
+                        c.tx_esp += 1
+                    p.off -= SN_VNET_HDR_LEN
+                    p.len += SN_VNET_HDR_LEN
+                    memset(p.data + p.off, 0, SN_VNET_HDR_LEN)
                     loc.count += 1
                     c.tx_local += 1
-                    L.vc[i].rx_frames += 1
-                    L.vc[i].rx_bytes += out.pkts[k + j].len
         if dst_count == 0:
             return SN_OK
 
@@ -1217,8 +1342,9 @@ cdef class Datapath:
                  Batch loc not None, int qp=0):
         """Frames (virtio-net header + Ethernet) of VF `vf` from inb[start:] into `out`
         (outer IP packets, .port = VTEP index) and `loc` (frames for local VFs, .port = VF
-        index), in the lane of queue pair `qp`. Returns the index of the first frame not
-        consumed (out/loc were full)."""
+        index; their receivers' inbound checks done: refused ones get .drop), in the lane
+        of queue pair `qp`. Returns the index of the first frame not consumed (out/loc
+        were full)."""
         cdef int r
         cdef _Lane L
         if vf < 0 or vf >= FP_MAX_VF or not self.vfs[vf].used:
@@ -1229,26 +1355,29 @@ cdef class Datapath:
         with nogil:
             PyThread_acquire_lock(L.lock, WAIT_LOCK)
             r = self._tx_burst(L, vf, inb, start, out, loc)
+            PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
+            self._local_in(loc)
+            PyThread_release_lock(self.rx_lock)
             PyThread_release_lock(L.lock)
         return r
 
-    cdef int _rx_packet(self, sn_pkt *p) noexcept nogil:
+    cdef int _rx_packet(self, sn_pkt *p, Batch extra,
+                        const sn_peer_slot **last) noexcept nogil:
         """One outer IP packet from the underlay -> a frame for a VF (virtio-net header in
-        front, .port = VF index). Returns SN_OK or a drop reason."""
+        front, .port = VF index); a broadcast or multicast frame also leaves a copy in
+        `extra` for every further VF of its VNI, each through that VF's own checks.
+        *last: the admission the previous packet of this burst matched (a burst mostly
+        comes from one VTEP; the table cannot change under the RX lock).
+        Returns SN_OK, a drop reason counted on the uplink (> 0), or minus one counted on
+        the VF (< 0)."""
         cdef uint8_t *b = p.data + p.off
         cdef uint32_t ihl, esp_off, spi
         cdef uint8_t proto, nh
-        cdef sn_sa *sa
-        cdef int r, i, k, act, vfi = -1
+        cdef int r, i, j, k, vfi = -1
         cdef fp_sa_ref *slot
-        cdef fp_sa_ref *ref
-        cdef bint protected = False
         cdef sn_vxlan_rx info
-        cdef fp_vf *v
-        cdef sn_hdrs h
-        cdef fp_sel sel
-        cdef sn_vnet_hdr *vh
-        cdef uint16_t vnet_flags = 0
+        cdef const sn_peer_slot *peer
+        cdef sn_pkt *q
         if p.len < 20:
             return SN_DROP_MALFORMED_L3
         if (b[0] >> 4) == 4:
@@ -1278,16 +1407,26 @@ cdef class Datapath:
             if r != SN_OK:
                 return r
             self.ul.rx_esp += 1
-            protected = True
+            p.flags |= SN_PKT_ESP
         elif self.ul_mode != FP_UL_OFF:
             return SN_DROP_POLICY       # the underlay policy requires ESP between VTEPs
 
         r = sn_vxlan_decap(p, &info)
         if r != SN_OK:
             return r
+        # Who may speak for this VNI: a VTEP the configuration names for it. Anyone who
+        # reaches the VXLAN port could otherwise put frames (ARP, ND, which pass in every
+        # mode) into a VM, and learning would even let them redirect its traffic.
+        peer = last[0]
+        if peer == NULL or peer.vni != info.vni or peer.family != info.family or \
+                memcmp(peer.addr, info.src, 16) != 0:
+            peer = sn_peer_lookup(&self.peers.t, info.vni, info.family, info.src)
+            if peer == NULL:
+                return SN_DROP_UNKNOWN_VTEP
+            last[0] = peer
         b = p.data + p.off
 
-        # The VF: by VNI and destination MAC.
+        # The VF: by VNI and destination MAC; a group address goes to each VF of the VNI.
         for k in range(self.n_active):
             i = self.active[k]
             if self.vfs[i].vni == info.vni and \
@@ -1299,62 +1438,43 @@ cdef class Datapath:
                 if self.vfs[self.active[k]].vni == info.vni:
                     return SN_DROP_NO_FDB
             return SN_DROP_UNKNOWN_VNI
-        v = &self.vfs[vfi]
         if self.learning:
-            self._learn(info.vni, b + 6, &info)
+            self._learn(info.vni, b + 6, peer.vtep)
+        if b[0] & 1:
+            # Copies first: the first VF's checks may decrypt its frame in place.
+            for j in range(k + 1, self.n_active):
+                i = self.active[j]
+                if self.vfs[i].vni != info.vni:
+                    continue
+                if extra.count >= extra.size or \
+                        p.len > <uint32_t>(extra.slot_size - extra.headroom):
+                    self.vfs[i].c.drops[<int>SN_DROP_NO_ROOM] += 1
+                    continue
+                q = &extra.pkts[extra.count]
+                extra.count += 1
+                q.off = extra.headroom
+                q.len = p.len
+                q.flags = p.flags
+                q.hash = 0
+                memcpy(q.data + q.off, b, p.len)
+                r = self._rx_to_vf(i, q)
+                q.drop = r
+        r = self._rx_to_vf(vfi, p)
+        return -r
 
-        r = sn_parse_frame(b, p.len, &h)
+    cdef int _rx_to_vf(self, int vfi, sn_pkt *p) noexcept nogil:
+        """An Ethernet frame from the underlay at p, for VF vfi: the VF's inbound checks,
+        then the virtio-net header in front and .port set. Returns SN_OK or the drop
+        reason, counted on the VF."""
+        cdef fp_vf *v = &self.vfs[vfi]
+        cdef uint16_t vnet_flags = 0
+        cdef sn_vnet_hdr *vh
+        cdef int r = self._vf_inbound(vfi, p, &vnet_flags)
+        if r == SN_OK and p.off < SN_VNET_HDR_LEN:
+            r = SN_DROP_NO_ROOM
         if r != SN_OK:
+            v.c.drops[r] += 1
             return r
-        if v.mode != FP_MODE_OFF and h.ipver and not _is_neighbour_discovery(b, &h, p.len):
-            esp_off = 0
-            if h.l4proto == 50 and not h.is_fragment:
-                esp_off = h.l4off
-            elif h.l4proto == 17 and h.l4hdrlen and p.len >= h.l4off + 12 and \
-                    ((b[h.l4off + 2] << 8) | b[h.l4off + 3]) == 4500 and \
-                    (b[h.l4off + 8] | b[h.l4off + 9] | b[h.l4off + 10] | b[h.l4off + 11]):
-                esp_off = h.l4off + 8
-            if esp_off:
-                spi = sn_esp_read_spi(p, esp_off)
-                slot = self._sa_find(vfi, spi, SN_DIR_IN)
-                sa = slot.sa if slot != NULL else NULL
-                if sa == NULL:
-                    if v.mode == FP_MODE_ENFORCE:
-                        v.c.drops[<int>SN_DROP_NO_SA] += 1
-                        return -SN_DROP_NO_SA
-                    v.c.rx_esp_passthrough += 1     # the guest's own IPsec: not ours
-                else:
-                    r = sn_esp_decap(sa, p, h.l2len, esp_off, &nh)
-                    if r != SN_OK:
-                        v.c.drops[r] += 1
-                        return -r
-                    b = p.data + p.off
-                    r = sn_parse_frame(b, p.len, &h)
-                    if r != SN_OK:
-                        v.c.drops[r] += 1
-                        return -r
-                    # Inbound policy (RFC 4301 5.2): what came out must be what this SA
-                    # may carry. A protect policy names its SA, or with a reqid the group
-                    # of SAs a rekey moves through; no policy at all leaves it to the SA.
-                    if _selector(b, &h, &sel):
-                        act = _spd(self.spd, vfi, SN_DIR_IN, &sel, &ref)
-                        if act == SN_POLICY_DISCARD or act == SN_POLICY_BYPASS or \
-                                (act == SN_POLICY_PROTECT and ref != slot and
-                                 (ref == NULL or ref.reqid == 0 or ref.reqid != slot.reqid)):
-                            v.c.drops[<int>SN_DROP_POLICY] += 1
-                            return -SN_DROP_POLICY
-                    v.c.rx_esp += 1
-                    vnet_flags = VIRTIO_NET_HDR_F_DATA_VALID
-            elif _selector(b, &h, &sel):
-                act = _spd(self.spd, vfi, SN_DIR_IN, &sel, &ref)
-                if (act != SN_POLICY_NONE and act != SN_POLICY_BYPASS) or \
-                        (act == SN_POLICY_NONE and v.mode == FP_MODE_ENFORCE):
-                    v.c.drops[<int>SN_DROP_POLICY] += 1
-                    return -SN_DROP_POLICY
-
-        if p.off < SN_VNET_HDR_LEN:
-            v.c.drops[<int>SN_DROP_NO_ROOM] += 1
-            return -SN_DROP_NO_ROOM
         p.off -= SN_VNET_HDR_LEN
         p.len += SN_VNET_HDR_LEN
         vh = <sn_vnet_hdr *>(p.data + p.off)
@@ -1363,61 +1483,173 @@ cdef class Datapath:
         p.port = vfi
         v.c.rx_frames += 1
         v.c.rx_bytes += p.len - SN_VNET_HDR_LEN
-        if protected:
-            p.flags |= SN_PKT_ESP
         return SN_OK
 
-    cdef void _learn(self, uint32_t vni, const uint8_t *mac,
-                     const sn_vxlan_rx *info) noexcept nogil:
-        """Learn (VNI, inner source MAC) -> the outer source VTEP (RFC 7348 4.1). A known
-        entry only gets its last-seen time; a new or moved one changes the FDB under the
-        lanes' locks, taken without waiting (the next packet will try again)."""
-        cdef int i
+    cdef int _vf_inbound(self, int vfi, sn_pkt *p, uint16_t *vnet_flags) noexcept nogil:
+        """A VF's inbound processing of one Ethernet frame at p (from the underlay, or
+        switched from a VF here): its ESP by (VF, SPI), then its inbound policy, by its
+        mode. Decryption happens in place (p moves); *vnet_flags gets DATA_VALID for a
+        decrypted frame. Returns SN_OK or a drop reason (the caller counts it). Caller
+        holds rx_lock: an inbound SA has one user at a time.
+
+        The rules (RFC 4301 5.2 for what comes out of an SA):
+          ESP with the VF's SPI: decrypted; in enforce mode what comes out must match an
+            inbound protect policy of that SA (its reqid group); no policy at all is a
+            drop. In offload mode a policy that matches must be that SA's, no policy
+            leaves it to the SA (NIC semantics). Bypass and discard policies refuse it.
+          ESP with another SPI: no_sa in enforce, passed untouched in offload.
+          Clear IP: passes a bypass policy, or no policy in offload; a protect or
+            discard policy, or no policy in enforce, refuses it.
+          ARP, neighbour discovery and non-IP: pass in every mode."""
+        cdef fp_vf *v = &self.vfs[vfi]
+        cdef uint8_t *b = p.data + p.off
+        cdef uint32_t esp_off, spi
+        cdef uint8_t nh
+        cdef int r, act
+        cdef fp_sa_ref *slot
+        cdef fp_sa_ref *ref
+        cdef sn_hdrs h
+        cdef fp_sel sel
+        r = sn_parse_frame(b, p.len, &h)
+        if r != SN_OK:
+            return r
+        vnet_flags[0] = 0
+        if v.mode == FP_MODE_OFF or not h.ipver or _is_neighbour_discovery(b, &h, p.len):
+            return SN_OK
+        esp_off = 0
+        if h.l4proto == 50 and not h.is_fragment:
+            esp_off = h.l4off
+        elif h.l4proto == 17 and h.l4hdrlen and p.len >= h.l4off + 12 and \
+                ((b[h.l4off + 2] << 8) | b[h.l4off + 3]) == 4500 and \
+                (b[h.l4off + 8] | b[h.l4off + 9] | b[h.l4off + 10] | b[h.l4off + 11]):
+            esp_off = h.l4off + 8
+        if esp_off:
+            spi = sn_esp_read_spi(p, esp_off)
+            slot = self._sa_find(vfi, spi, SN_DIR_IN)
+            if slot == NULL or slot.sa == NULL:
+                if v.mode == FP_MODE_ENFORCE:
+                    return SN_DROP_NO_SA
+                v.c.rx_esp_passthrough += 1     # the guest's own IPsec: not ours
+                return SN_OK
+            r = sn_esp_decap(slot.sa, p, h.l2len, esp_off, &nh)
+            if r != SN_OK:
+                return r
+            b = p.data + p.off
+            r = sn_parse_frame(b, p.len, &h)
+            if r != SN_OK:
+                return r
+            # A protect policy names its SA, or with a reqid the group of SAs a rekey
+            # moves through.
+            if _selector(b, &h, &sel):
+                act = _spd(self.spd, vfi, SN_DIR_IN, &sel, &ref)
+                if act == SN_POLICY_PROTECT:
+                    if ref != slot and (ref == NULL or ref.reqid == 0 or
+                                        ref.reqid != slot.reqid):
+                        return SN_DROP_POLICY
+                elif act != SN_POLICY_NONE or v.mode == FP_MODE_ENFORCE:
+                    return SN_DROP_POLICY
+            v.c.rx_esp += 1
+            vnet_flags[0] = VIRTIO_NET_HDR_F_DATA_VALID
+        elif _selector(b, &h, &sel):
+            act = _spd(self.spd, vfi, SN_DIR_IN, &sel, &ref)
+            if (act != SN_POLICY_NONE and act != SN_POLICY_BYPASS) or \
+                    (act == SN_POLICY_NONE and v.mode == FP_MODE_ENFORCE):
+                return SN_DROP_POLICY
+        return SN_OK
+
+    cdef void _local_in(self, Batch loc) noexcept nogil:
+        """The receivers' inbound processing of frames switched between VFs here (marked
+        SN_PKT_LOCAL by _tx_frame): each meets its receiver's mode, SAs and inbound policy
+        exactly as a frame from the underlay would (_vf_inbound), so what a VF accepts
+        does not depend on where its peer runs. Refused frames get .drop (counted on the
+        receiver). Caller holds rx_lock."""
+        cdef int i, r
+        cdef sn_pkt *p
+        cdef fp_vf *v
+        cdef uint16_t vnet_flags
+        for i in range(loc.count):
+            p = &loc.pkts[i]
+            if p.drop or not (p.flags & SN_PKT_LOCAL) or p.port >= FP_MAX_VF:
+                continue
+            p.flags &= ~SN_PKT_LOCAL
+            v = &self.vfs[p.port]
+            if v.mode != FP_MODE_OFF:
+                p.off += SN_VNET_HDR_LEN
+                p.len -= SN_VNET_HDR_LEN
+                r = self._vf_inbound(p.port, p, &vnet_flags)
+                if r == SN_OK and vnet_flags and p.off < SN_VNET_HDR_LEN:
+                    r = SN_DROP_NO_ROOM
+                if r != SN_OK:
+                    p.drop = r
+                    v.c.drops[r] += 1
+                    continue
+                p.off -= SN_VNET_HDR_LEN
+                p.len += SN_VNET_HDR_LEN
+                if vnet_flags:              # decrypted: the sender's header is gone
+                    memset(p.data + p.off, 0, SN_VNET_HDR_LEN)
+                    (<sn_vnet_hdr *>(p.data + p.off)).flags = vnet_flags
+            v.c.rx_frames += 1
+            v.c.rx_bytes += p.len - SN_VNET_HDR_LEN
+
+    cdef void _learn(self, uint32_t vni, const uint8_t *mac, uint32_t vt) noexcept nogil:
+        """Learn (VNI, inner source MAC) -> the VTEP the packet came from (RFC 7348 4.1),
+        which admission has already found for this VNI. A known entry only gets its
+        last-seen time; a new or moved one changes the FDB under the lanes' locks, taken
+        without waiting (the next packet will try again)."""
         cdef sn_fdb_slot *e
         cdef timespec t
         cdef uint64_t now
         if mac[0] & 1:
             return
-        for i in range(self.n_vteps):
-            if self.vteps[i].used and memcmp(self.vteps[i].addr, info.src,
-                                             4 if info.family == SN_AF_INET else 16) == 0:
-                clock_gettime(CLOCK_MONOTONIC, &t)
-                now = <uint64_t>t.tv_sec * 1000000000 + t.tv_nsec
-                e = sn_fdb_find(&self.fdb.f, vni, mac)
-                if e != NULL and (not e.learned or e.vtep == <uint32_t>i):
-                    if e.learned:
-                        e.seen = now
-                    return                  # static entries are never overridden
-                if self._try_lock_lanes():
-                    sn_fdb_learn(&self.fdb.f, vni, mac, i, now)
-                    self._unlock_lanes()
-                return
+        clock_gettime(CLOCK_MONOTONIC, &t)
+        now = <uint64_t>t.tv_sec * 1000000000 + t.tv_nsec
+        e = sn_fdb_find(&self.fdb.f, vni, mac)
+        if e != NULL and (not e.learned or e.vtep == vt):
+            if e.learned:
+                e.seen = now
+            return                  # static entries are never overridden
+        if self._try_lock_lanes():
+            sn_fdb_learn(&self.fdb.f, vni, mac, vt, now)
+            self._unlock_lanes()
 
-    cdef int _rx_burst(self, Batch inb) noexcept nogil:
-        cdef int i, r, ok = 0
-        for i in range(inb.count):
+    cdef int _rx_burst(self, Batch inb, int start, Batch extra, int *ok) noexcept nogil:
+        """RX over inb[start:], in place. Stops after a packet that left copies in extra
+        (the caller delivers in order, then goes on). Returns the index after the last
+        packet processed; *ok gets the survivors in inb."""
+        cdef int i, r, before
+        cdef const sn_peer_slot *last = NULL
+        for i in range(start, inb.count):
             if inb.pkts[i].drop:
                 continue
             self.ul.rx_packets += 1
-            r = self._rx_packet(&inb.pkts[i])
+            before = extra.count
+            r = self._rx_packet(&inb.pkts[i], extra, &last)
             if r > 0:
                 self.ul.drops[r] += 1
                 inb.pkts[i].drop = r
             elif r < 0:
                 inb.pkts[i].drop = -r     # already counted on the VF
             else:
-                ok += 1
-        return ok
+                ok[0] += 1
+            if extra.count != before:
+                return i + 1
+        return inb.count
 
-    def rx_burst(self, Batch inb not None):
+    def rx_burst(self, Batch inb not None, Batch extra=None):
         """Outer IP packets in `inb`, processed in place: survivors become frames with a
-        virtio-net header and .port = VF index; the rest get .drop. Returns survivors."""
-        cdef int r
+        virtio-net header and .port = VF index; the rest get .drop. Copies of broadcast
+        frames for further VFs of a VNI are appended to `extra` (or discarded without
+        one). Returns the survivors in inb."""
+        cdef int ok = 0, start = 0
+        cdef Batch ex = extra if extra is not None else self.rx_extra
         with nogil:
             PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
-            r = self._rx_burst(inb)
+            if extra is None:
+                ex.count = 0
+            while start < inb.count:
+                start = self._rx_burst(inb, start, ex, &ok)
             PyThread_release_lock(self.rx_lock)
-        return r
+        return ok
 
     # ---- capture --------------------------------------------------------------------
 
@@ -1644,15 +1876,17 @@ cdef class Datapath:
                             L.vc[vf].drops[out.pkts[i].drop] += 1
                 if loc.count:
                     PyThread_acquire_lock(self.rx_lock, WAIT_LOCK)
-                    self._deliver(loc, L.mirror, L.mirror_ts)
+                    self._local_in(loc)
+                    self._deliver(loc, 0, loc.count, L.mirror, L.mirror_ts)
                     PyThread_release_lock(self.rx_lock)
             PyThread_release_lock(L.lock)
         return n
 
     def poll_rx(self):
         """Receive a burst from the underlay, run RX, write frames to the VFs."""
-        cdef int n
+        cdef int n, start, end, ok = 0
         cdef Batch inb = self.rx_in
+        cdef Batch extra = self.rx_extra
         if self.underlay is None:
             raise RuntimeError("no underlay attached")
         with nogil:
@@ -1663,20 +1897,28 @@ cdef class Datapath:
             if n > 0:
                 if self.ul_mirror:
                     self._mirror_batch(self.rx_mirror, self.rx_mirror_ts, inb)
-                self._rx_burst(inb)
-                self._deliver(inb, self.rx_mirror, self.rx_mirror_ts)
+                start = 0
+                while start < n:
+                    extra.count = 0
+                    end = self._rx_burst(inb, start, extra, &ok)
+                    self._deliver(inb, start, end, self.rx_mirror, self.rx_mirror_ts)
+                    if extra.count:
+                        self._deliver(extra, 0, extra.count, self.rx_mirror,
+                                      self.rx_mirror_ts)
+                    start = end
             PyThread_release_lock(self.rx_lock)
         return n
 
-    cdef void _deliver(self, Batch b, Batch mirror, uint64_t *mirror_ts) noexcept nogil:
+    cdef void _deliver(self, Batch b, int start, int end, Batch mirror,
+                       uint64_t *mirror_ts) noexcept nogil:
         """Hand each live frame to its VF: a TAP write per frame (TAP has no batch write),
         or one push per burst into a guest's RX ring. Runs of TCP segments of one flow are
         first coalesced into one GSO frame (receive offload, as the kernel's GRO would)
         where the VF accepts them, so its stack sees 64 KB frames and softnic makes one
         syscall or ring entry where it would make forty. A guest with several RX rings
         gets each flow on the ring its hash picks (as RSS would). Caller holds rx_lock (a
-        guest ring has one producer)."""
-        cdef int i = 0, j, pend_vf = -1, ring, pend_ring = -1
+        guest ring has one producer). Frames b[start:end]."""
+        cdef int i = start, j, pend_vf = -1, ring, pend_ring = -1
         cdef uint32_t n_ok
         cdef int npend = 0, ngro = 0
         cdef fp_vf *v
@@ -1684,13 +1926,13 @@ cdef class Datapath:
         cdef sn_pkt *target
         cdef sn_pkt *p
         if self.vf_mirrors:
-            for j in range(b.count):
+            for j in range(start, end):
                 p = &b.pkts[j]
                 if not p.drop and p.port < FP_MAX_VF and self.vfs[p.port].mirror and \
                         p.len > SN_VNET_HDR_LEN:
                     self._mirror(mirror, mirror_ts, p.port, p.data + p.off + SN_VNET_HDR_LEN,
                                  p.len - SN_VNET_HDR_LEN, False)
-        while i < b.count:
+        while i < end:
             p = &b.pkts[i]
             if p.drop or p.port >= FP_MAX_VF:
                 i += 1
@@ -1713,7 +1955,7 @@ cdef class Datapath:
             # A run of segments to merge?
             j = i + 1
             if (v.n_rxq == 0 or v.guest_tso) and _gro_start(p, &g):
-                while j < b.count and not b.pkts[j].drop and b.pkts[j].port == p.port \
+                while j < end and not b.pkts[j].drop and b.pkts[j].port == p.port \
                         and _gro_fits(&g, &b.pkts[j]):
                     j += 1
             if j - i >= 2:

@@ -59,6 +59,7 @@ cdef enum:
 cdef enum:
     SN_PKT_ESP = 1        # the packet was produced by / decrypted from ESP
     SN_PKT_TSO = 2        # the packet is a segment of a TSO frame
+    SN_PKT_LOCAL = 4      # switched between two VFs here: its receiver's inbound checks are due
 
 # Why a packet was dropped. Names for Python are in softnic._fastpath.DROP_REASONS,
 # in this order; append only.
@@ -84,4 +85,5 @@ cdef enum sn_drop:
     SN_DROP_MALFORMED_ESP = 18    # ESP shorter than header + IV + ICV, bad block alignment
     SN_DROP_CRYPTO = 19           # the crypto engine failed (not an authentication failure)
     SN_DROP_NO_ROUTE = 20         # the underlay refused the packet (unreachable, link down)
-    SN_DROP_MAX = 21
+    SN_DROP_UNKNOWN_VTEP = 21     # VXLAN from a source no FDB/flood/accept entry admits
+    SN_DROP_MAX = 22

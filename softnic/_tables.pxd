@@ -1,7 +1,9 @@
 # The data plane's lookup tables: SA table keyed by (VF, SPI, direction) (RFC 4301 §4.4.2:
 # the SAD lookup, scoped per VF as DESIGN.md requires), the VXLAN forwarding database
 # (RFC 7348 §4: (VNI, inner MAC) -> remote VTEP, learned or static, plus per-VNI flood
-# lists for BUM traffic), and per-VF ordered policy lists (RFC 4301 §4.4.1, the SPD).
+# lists for BUM traffic), the VTEPs admitted per VNI (who may send VXLAN to us: RFC 7348
+# §7 leaves it to the VTEP's configuration), and per-VF ordered policy lists
+# (RFC 4301 §4.4.1, the SPD).
 #
 # Capacity is fixed at creation; lookups are nogil, allocation-free and constant time
 # (SA, FDB: open addressing with linear probing at load <= 1/2; policies: a first-match
@@ -10,7 +12,7 @@
 # caller must keep lookups of that table out while it mutates (the lead's lock).
 
 from libc.stdint cimport uint8_t, uint16_t, uint32_t, uint64_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy
 
 cdef enum:
     SN_VF_UPLINK = 0xFFFFFFFF     # "VF" of the uplink SA table (device-terminated model)
@@ -181,6 +183,59 @@ cdef int sn_fdb_learn(sn_fdb *f, uint32_t vni, const uint8_t *mac, uint32_t vtep
 cdef class Fdb:
     cdef sn_fdb f
     cdef _remove_flood(self, uint32_t vni)
+
+
+# --- admitted VTEPs -------------------------------------------------------------------
+# (VNI, outer source address) -> VTEP index: the remote VTEPs that may send VXLAN for a
+# VNI. Every received packet is looked up here (its source is the peer's to choose), so
+# the hash covers the whole address; the keys themselves come from the control plane.
+
+ctypedef struct sn_peer_slot:
+    uint32_t vni
+    uint32_t hash
+    uint8_t addr[16]              # network order; IPv4 in the first 4 bytes, the rest 0
+    uint32_t vtep                 # the VTEP index (FDB learning points entries at it)
+    uint8_t family                # SN_TAF_INET / SN_TAF_INET6
+    uint8_t used
+    uint16_t _pad
+
+ctypedef struct sn_peer_table:
+    sn_peer_slot *slots
+    uint32_t mask
+    uint32_t count
+    uint32_t max_entries
+
+
+cdef inline uint32_t sn_peer_key_hash(uint32_t vni, uint8_t family,
+                                      const uint8_t *addr) noexcept nogil:
+    # The words in host order: any order hashes as well, and it is one load each.
+    cdef uint64_t a, b
+    memcpy(&a, addr, 8)
+    memcpy(&b, addr + 8, 8)
+    # One mix: b is rotated so that a and b cannot cancel, the VNI multiplied as the FDB's.
+    return sn_tbl_hash64(a ^ ((b << 29) | (b >> 35)) ^ (<uint64_t>family << 56)
+                         ^ (<uint64_t>vni * 0x9E3779B97F4A7C15ULL))
+
+
+cdef inline const sn_peer_slot *sn_peer_lookup(const sn_peer_table *t, uint32_t vni,
+                                               uint8_t family,
+                                               const uint8_t *addr) noexcept nogil:
+    """The admission of (vni, family, addr[0:16]), or NULL: not admitted."""
+    cdef uint32_t h = sn_peer_key_hash(vni, family, addr)
+    cdef uint32_t i = h & t.mask
+    cdef const sn_peer_slot *s
+    while True:
+        s = &t.slots[i]
+        if not s.used:
+            return NULL
+        if s.hash == h and s.vni == vni and s.family == family and \
+                memcmp(s.addr, addr, 16) == 0:
+            return s
+        i = (i + 1) & t.mask
+
+
+cdef class PeerTable:
+    cdef sn_peer_table t
 
 
 # --- policy ---------------------------------------------------------------------------

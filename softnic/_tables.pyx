@@ -1,6 +1,7 @@
 # cython: language_level=3
 """Lookup tables of the data plane: SAD per (VF, SPI, direction) (RFC 4301 §4.4.2), the
-VXLAN FDB with flood lists (RFC 7348 §4), and per-VF SPD lists (RFC 4301 §4.4.1).
+VXLAN FDB with flood lists (RFC 7348 §4), the VTEPs admitted per VNI, and per-VF SPD
+lists (RFC 4301 §4.4.1).
 
 Open addressing with linear probing, capacity a power of two at least twice the entry
 limit (so a probe always meets an empty slot and stays short), deletion by backward
@@ -381,6 +382,103 @@ cdef class Fdb:
         cdef const uint32_t *v
         cdef uint32_t n = sn_fdb_flood(&self.f, vni, &v)
         return [v[i] for i in range(n)]
+
+
+# --- admitted VTEPs -------------------------------------------------------------------
+
+cdef bytes _peer_addr(object addr, uint8_t *family):
+    a = ipaddress.ip_address(addr)
+    family[0] = SN_TAF_INET if a.version == 4 else SN_TAF_INET6
+    return a.packed + bytes(16 - len(a.packed))
+
+
+cdef class PeerTable:
+    """(VNI, VTEP address) -> VTEP index: the remote VTEPs that may send VXLAN for a VNI.
+    Writers are excluded from lookups by the caller (the lead's locks), as for the FDB."""
+
+    def __cinit__(self, uint32_t max_entries=4096):
+        cdef uint32_t cap = _capacity(max_entries)
+        self.t.slots = <sn_peer_slot *>calloc(cap, sizeof(sn_peer_slot))
+        if self.t.slots == NULL:
+            raise MemoryError()
+        self.t.mask = cap - 1
+        self.t.max_entries = max_entries
+
+    def __dealloc__(self):
+        free(self.t.slots)
+
+    def __len__(self):
+        return self.t.count
+
+    def add(self, uint32_t vni, addr, uint32_t vtep):
+        cdef uint8_t fam
+        cdef bytes a = _peer_addr(addr, &fam)
+        cdef const uint8_t *ap = a
+        cdef uint32_t h = sn_peer_key_hash(vni, fam, ap)
+        cdef uint32_t i = h & self.t.mask
+        cdef sn_peer_slot *s
+        while True:
+            s = &self.t.slots[i]
+            if not s.used:
+                break
+            if s.hash == h and s.vni == vni and s.family == fam and memcmp(s.addr, ap, 16) == 0:
+                raise KeyError(f"VTEP {addr} is admitted for VNI {vni} already")
+            i = (i + 1) & self.t.mask
+        if self.t.count >= self.t.max_entries:
+            raise OverflowError(f"admitted VTEPs: table full ({self.t.max_entries})")
+        s.vni = vni
+        s.hash = h
+        memcpy(s.addr, ap, 16)
+        s.family = fam
+        s.vtep = vtep
+        s.used = 1
+        self.t.count += 1
+
+    def remove(self, uint32_t vni, addr):
+        cdef uint8_t fam
+        cdef bytes a = _peer_addr(addr, &fam)
+        cdef const uint8_t *ap = a
+        cdef uint32_t h = sn_peer_key_hash(vni, fam, ap)
+        cdef uint32_t mask = self.t.mask
+        cdef uint32_t i = h & mask
+        cdef uint32_t j
+        cdef sn_peer_slot *s
+        while True:
+            s = &self.t.slots[i]
+            if not s.used:
+                raise KeyError(f"VTEP {addr} is not admitted for VNI {vni}")
+            if s.hash == h and s.vni == vni and s.family == fam and memcmp(s.addr, ap, 16) == 0:
+                break
+            i = (i + 1) & mask
+        j = i
+        while True:
+            j = (j + 1) & mask
+            if not self.t.slots[j].used:
+                break
+            if _moves(self.t.slots[j].hash & mask, i, j, mask):
+                self.t.slots[i] = self.t.slots[j]
+                i = j
+        memset(&self.t.slots[i], 0, sizeof(sn_peer_slot))
+        self.t.count -= 1
+
+    def lookup(self, uint32_t vni, addr):
+        """The VTEP index admitted for (vni, addr), or None."""
+        cdef uint8_t fam
+        cdef bytes a = _peer_addr(addr, &fam)
+        cdef const sn_peer_slot *s = sn_peer_lookup(&self.t, vni, fam, a)
+        return None if s == NULL else s.vtep
+
+    def entries(self):
+        """[(vni, address, vtep)] in slot order."""
+        cdef uint32_t i
+        out = []
+        for i in range(self.t.mask + 1):
+            s = &self.t.slots[i]
+            if s.used:
+                raw = bytes(s.addr[:16])
+                out.append((s.vni, ipaddress.ip_address(raw[:4] if s.family == SN_TAF_INET
+                                                        else raw), s.vtep))
+        return out
 
 
 # --- policy ---------------------------------------------------------------------------

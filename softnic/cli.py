@@ -45,7 +45,7 @@ usage: softnicctl [-s SOCKET] [--json] COMMAND ...
          [priority N] [action protect|bypass|discard] [reqid N | spi SPI | tmpl ... reqid N]
   policy del vf NAME|uplink src PFX dst PFX [proto P ...] dir in|out
   policy list [vf NAME|uplink]
-  fdb add|replace|del vni N mac MAC|flood remote ADDR | fdb list [vni N]
+  fdb add|replace|del vni N mac MAC|flood|accept remote ADDR | fdb list [vni N]
   stats [--prometheus]
   top [--interval S] [--count N]
   monitor [--count N] [TYPE]...

@@ -82,11 +82,11 @@ class Datapath(Protocol):
     def del_sa(self, sa: SA) -> None:
         """Remove the SA with `sa.ident` from its table."""
 
-    def add_policy(self, policy: Policy) -> None:
-        """Install a policy (selector `policy.ident`) in its scope's SPD."""
-
-    def del_policy(self, policy: Policy) -> None:
-        """Remove the policy with selector `policy.ident`."""
+    def set_policies(self, scope: str, policies: tuple[Policy, ...]) -> None:
+        """Replace the whole SPD of `scope` (both directions) with `policies`, in one step
+        that packets see whole: never a table with some of the old and some of the new,
+        never one with neither (an `offload` VF would send in clear). A protect policy
+        whose SA is not installed yet drops what it matches (`no_sa`)."""
 
     def add_fdb(self, entry: FdbEntry) -> None:
         """Add a (VNI, MAC) -> VTEP entry, or a flood-list member when mac == "flood"."""
@@ -239,6 +239,12 @@ class _Op:
     do: Callable[[], None]
     undo: Callable[[], None]
     event: dict[str, Any]
+    # One step may stand for several changes (a scope's policy table): their names and
+    # events, reported as if each were a step of its own. Empty: just name and event.
+    parts: tuple[tuple[str, dict[str, Any]], ...] = ()
+
+    def changes(self) -> list[tuple[str, dict[str, Any]]]:
+        return list(self.parts) if self.parts else [(self.name, self.event)]
 
 
 def _index(items: Iterable[Any]) -> dict[Any, Any]:
@@ -314,9 +320,10 @@ class Controller:
             self._config = new
             for name in {v.name for v in old.vfs} - {v.name for v in new.vfs}:
                 self._vf_state.pop(name, None)
-        for op in done:
-            self._bus.post(dict(op.event, time=time.time()))
-        return {"changes": [op.name for op in done]}
+        changes = [c for op in done for c in op.changes()]
+        for _name, ev in changes:
+            self._bus.post(dict(ev, time=time.time()))
+        return {"changes": [name for name, _ev in changes]}
 
     def _rollback(self, done: list[_Op]) -> bool:
         """Undo `done` in reverse; False (and `broken` set) if any undo failed."""
@@ -364,12 +371,38 @@ class Controller:
         def fdb_ev(t: str, e: FdbEntry) -> dict[str, Any]:
             return {"type": t, "vni": e.vni, "mac": e.mac, "remote": str(e.remote)}
 
+        def pol_name(verb: str, p: Policy) -> str:
+            return f"{verb} policy {p.scope}/{p.dir} {p.src}->{p.dst}"
+
+        def policies_of(c: Config, scope: str) -> tuple[Policy, ...]:
+            return tuple(p for p in c.policies if p.scope == scope)
+
+        def set_policies(scope: str, table: tuple[Policy, ...], was: tuple[Policy, ...],
+                         dels: list[Policy], adds: list[Policy]) -> _Op:
+            # A scope's SPD changes in one datapath call (RFC 4301 4.4.1: the SPD is an
+            # ordered whole): deleting the old protect policy and adding the new one as
+            # two steps would leave a moment with neither, in which an offload VF sends
+            # the traffic they cover in clear.
+            parts = tuple([(pol_name("del", p), pol_ev("policy-deleted", p)) for p in dels]
+                          + [(pol_name("add", p), pol_ev("policy-added", p)) for p in adds])
+            return _Op(f"set policies {scope}", _bind2(dp.set_policies, scope, table),
+                       _bind2(dp.set_policies, scope, was), {"type": "policy-set"}, parts)
+
+        # SAs that must go before the adds: those of a scope that is re-made, and those
+        # replaced under the same identity. Every other SA goes after the policy tables
+        # have moved off it.
+        new_sa_ids = {x.ident for x in new.sas}
+        sa_del_first = [x for x in sa_del if x.scope in recreated or x.ident in new_sa_ids]
+        sa_del_last = [x for x in sa_del if x not in sa_del_first]
+        scopes = sorted({p.scope for p in pol_del} | {p.scope for p in pol_add})
+
         ops: list[_Op] = []
-        for p in pol_del:
-            ops.append(_Op(f"del policy {p.scope}/{p.dir} {p.src}->{p.dst}",
-                           _bind(dp.del_policy, p), _bind(dp.add_policy, p),
-                           pol_ev("policy-deleted", p)))
-        for sa in sa_del:
+        for scope in scopes:            # a scope that goes (or is re-made) drops its SPD
+            if scope in recreated:
+                gone = [p for p in pol_del if p.scope == scope]
+                if gone:
+                    ops.append(set_policies(scope, (), policies_of(old, scope), gone, []))
+        for sa in sa_del_first:
             ops.append(_Op(f"del sa {sa.scope}/{sa.dir}/0x{sa.spi:08x}", _bind(dp.del_sa, sa),
                            _bind(dp.add_sa, sa), sa_ev("sa-deleted", sa)))
         for e in fdb_del:
@@ -390,10 +423,17 @@ class Controller:
         for sa in sa_add:
             ops.append(_Op(f"add sa {sa.scope}/{sa.dir}/0x{sa.spi:08x}", _bind(dp.add_sa, sa),
                            _bind(dp.del_sa, sa), sa_ev("sa-added", sa)))
-        for p in pol_add:
-            ops.append(_Op(f"add policy {p.scope}/{p.dir} {p.src}->{p.dst}",
-                           _bind(dp.add_policy, p), _bind(dp.del_policy, p),
-                           pol_ev("policy-added", p)))
+        for scope in scopes:
+            adds = [p for p in pol_add if p.scope == scope]
+            if scope not in recreated:
+                ops.append(set_policies(scope, policies_of(new, scope),
+                                        policies_of(old, scope),
+                                        [p for p in pol_del if p.scope == scope], adds))
+            elif adds:                  # re-made (its old SPD went with it above)
+                ops.append(set_policies(scope, policies_of(new, scope), (), [], adds))
+        for sa in sa_del_last:
+            ops.append(_Op(f"del sa {sa.scope}/{sa.dir}/0x{sa.spi:08x}", _bind(dp.del_sa, sa),
+                           _bind(dp.add_sa, sa), sa_ev("sa-deleted", sa)))
         return ops
 
     def _change(self, fn: Callable[[Config], Config]) -> dict[str, Any]:
@@ -664,6 +704,10 @@ class Controller:
 
 def _bind(fn: Callable[..., None], arg: Any) -> Callable[[], None]:
     return lambda: fn(arg)
+
+
+def _bind2(fn: Callable[..., None], a: Any, b: Any) -> Callable[[], None]:
+    return lambda: fn(a, b)
 
 
 def _esc(v: Any) -> str:

@@ -345,7 +345,7 @@ class Dataplane:
                 self._seq.forget(SeqState.key(sa.scope, sa.spi))
                 with contextlib.suppress(OSError):     # logged; saved with the next mark
                     self._seq.flush()
-            self._sync_policies(sa.scope, strict=False)
+            self._sync_policies(sa.scope)
 
     def _resolve(self, p: model.Policy) -> int | None:
         """The SPI a protect policy uses: its own, or the newest SA with its reqid."""
@@ -358,21 +358,26 @@ class Dataplane:
         # The SA added last wins: adding a new outbound SA with the same reqid is a rekey.
         return candidates[-1] if candidates else None
 
-    def _sync_policies(self, scope: str, strict: bool = True) -> None:
+    def _entries(self, scope: str, tables: dict[str, dict[Any, model.Policy]]
+                 ) -> list[dict[str, Any]]:
+        """The fast path's form of a scope's policies. A protect policy whose SA is not
+        there (yet, or any more) stays a protect policy without an SA: what it matches is
+        dropped (no_sa), never sent in clear."""
+        out = []
+        for d in ("out", "in"):
+            for p in tables.get(d, {}).values():
+                spi = self._resolve(p)
+                if spi is not None and (scope, p.dir, spi) not in self._sas:
+                    spi = None
+                out.append(self._policy_dict(p, spi, p.action))
+        return out
+
+    def _sync_policies(self, scope: str) -> None:
+        """Push a scope's policies again (an SA came or went: reqids resolve anew)."""
         if scope == model.UPLINK or self._fp is None or scope not in self._ports:
             return
-        entries = []
-        for d in ("out", "in"):
-            for p in self._policies.get((scope, d), {}).values():
-                spi = self._resolve(p)
-                if p.action == "protect" and spi is None:
-                    if strict:
-                        raise ValueError("reqid: no SA of this VF and direction has it")
-                    # Without its SA the policy discards: never send in clear by accident.
-                    entries.append(self._policy_dict(p, None, "discard"))
-                    continue
-                entries.append(self._policy_dict(p, spi, p.action))
-        self._fp.policy_set(self._ports[scope].index, entries)
+        tables = {d: self._policies.get((scope, d), {}) for d in ("out", "in")}
+        self._fp.policy_set(self._ports[scope].index, self._entries(scope, tables))
 
     @staticmethod
     def _policy_dict(p: model.Policy, spi: int | None, action: str) -> dict[str, Any]:
@@ -380,48 +385,48 @@ class Dataplane:
                 "proto": p.proto, "sport": p.sport, "dport": p.dport,
                 "priority": p.priority, "spi": spi}
 
-    def add_policy(self, policy: model.Policy) -> None:
+    def set_policies(self, scope: str, policies: tuple[model.Policy, ...]) -> None:
         with self._lock:
-            if policy.scope == model.UPLINK:
+            tables: dict[str, dict[Any, model.Policy]] = {"out": {}, "in": {}}
+            for p in policies:
+                if p.scope != scope:
+                    raise ValueError(f"scope: policy of {p.scope} given for {scope}")
+                tables[p.dir][p.ident] = p
+            if scope == model.UPLINK:
                 # The uplink's `ipsec` setting protects all VXLAN between VTEPs with the
                 # uplink SAs: a protect policy says the same and is kept as a record.
-                if policy.action != "protect":
+                if any(p.action != "protect" for p in policies):
                     raise ValueError("action: uplink policies can only protect (the "
                                      "uplink's ipsec setting covers all VXLAN)")
-                if self._uplink_cfg is None or self._uplink_cfg.ipsec == "off":
+                if policies and (self._uplink_cfg is None or self._uplink_cfg.ipsec == "off"):
                     raise ValueError("scope: the uplink's ipsec is off")
-                self._policies.setdefault((policy.scope, policy.dir), {})[policy.ident] = policy
-                return
-            self._scope(policy.scope)
-            table = self._policies.setdefault((policy.scope, policy.dir), {})
-            table[policy.ident] = policy
-            try:
-                self._sync_policies(policy.scope)
-            except Exception:
-                del table[policy.ident]
-                self._sync_policies(policy.scope, strict=False)
-                raise
-
-    def del_policy(self, policy: model.Policy) -> None:
-        with self._lock:
-            table = self._policies.get((policy.scope, policy.dir), {})
-            if policy.ident not in table:
-                raise KeyError(policy.ident)
-            del table[policy.ident]
-            self._sync_policies(policy.scope, strict=False)
+            else:
+                index = self._scope(scope)
+                fp = self._need_fp()
+                # The whole table in one call: the fast path validates it, then swaps it
+                # in under every lock, so no packet sees a half-changed SPD.
+                fp.policy_set(index, self._entries(scope, tables))
+            for d in ("out", "in"):
+                self._policies[(scope, d)] = tables[d]
 
     def add_fdb(self, entry: model.FdbEntry) -> None:
         with self._lock:
             fp = self._need_fp()
-            fp.fdb_add(entry.vni, None if entry.mac == "flood" else entry.mac,
-                       str(entry.remote))
+            if entry.mac == "accept":
+                fp.peer_add(entry.vni, str(entry.remote))
+            else:
+                fp.fdb_add(entry.vni, None if entry.mac == "flood" else entry.mac,
+                           str(entry.remote))
             self._fdb[entry.ident] = entry
 
     def del_fdb(self, entry: model.FdbEntry) -> None:
         with self._lock:
             fp = self._need_fp()
-            fp.fdb_del(entry.vni, None if entry.mac == "flood" else entry.mac,
-                       str(entry.remote))
+            if entry.mac == "accept":
+                fp.peer_del(entry.vni, str(entry.remote))
+            else:
+                fp.fdb_del(entry.vni, None if entry.mac == "flood" else entry.mac,
+                           str(entry.remote))
             self._fdb.pop(entry.ident, None)
 
     def stats(self) -> dict[str, Any]:

@@ -546,15 +546,18 @@ class Policy:
 
 @dataclass(frozen=True)
 class FdbEntry:
-    """VXLAN forwarding: (VNI, MAC) -> remote VTEP, or a flood-list member for the VNI."""
+    """VXLAN forwarding: (VNI, MAC) -> remote VTEP, or a flood-list member for the VNI,
+    or ("accept") a VTEP admitted to send for the VNI without being sent to. Each of the
+    three admits its remote as a sender for the VNI: VXLAN from any other source is
+    refused (`unknown_vtep`)."""
 
     vni: int
-    mac: str                         # unicast MAC, or "flood"
+    mac: str                         # unicast MAC, "flood" or "accept"
     remote: IPAddress
 
     def __post_init__(self) -> None:
         _seti(self, "vni", 0, (1 << 24) - 1)
-        if self.mac != "flood":
+        if self.mac not in ("flood", "accept"):
             object.__setattr__(self, "mac", _mac(self.mac, "mac"))
         object.__setattr__(self, "remote", _addr(self.remote, "remote"))
         if self.remote.is_multicast or self.remote.is_unspecified:
@@ -562,8 +565,9 @@ class FdbEntry:
 
     @property
     def ident(self) -> tuple[Any, ...]:
-        # A flood list holds many remotes per VNI; a unicast MAC maps to one remote.
-        return (self.vni, self.mac, str(self.remote)) if self.mac == "flood" \
+        # A flood list (or the accepted senders) holds many remotes per VNI; a unicast
+        # MAC maps to one remote.
+        return (self.vni, self.mac, str(self.remote)) if self.mac in ("flood", "accept") \
             else (self.vni, self.mac)
 
     @classmethod

@@ -121,17 +121,12 @@ class RecordingDatapath:
         self._rec("del_sa", sa)
         del self.sas[sa.ident]
 
-    def add_policy(self, p):
-        if p.ident in self.policies:
-            raise KeyError("policy exists")
-        self._rec("add_policy", p)
-        self.policies[p.ident] = p
-
-    def del_policy(self, p):
-        if p.ident not in self.policies:
-            raise KeyError("no policy")
-        self._rec("del_policy", p)
-        del self.policies[p.ident]
+    def set_policies(self, scope, policies):
+        if scope != "uplink" and scope not in self.vfs:
+            raise KeyError("no scope")
+        self._rec("set_policies", scope)
+        self.policies = {k: v for k, v in self.policies.items() if v.scope != scope}
+        self.policies.update({p.ident: p for p in policies})
 
     def add_fdb(self, e):
         if e.ident in self.fdb:
@@ -314,7 +309,31 @@ def test_changed_vf_reinstalls_its_sas_and_policies(env):
     new_vm1 = VF(**{**{f: getattr(vm1, f) for f in vm1.__dataclass_fields__}, "mtu": 1400})
     env.ctl.apply(cfg.replace(vfs=(new_vm1, cfg.vf("vm2"))))
     assert [c[0] for c in env.dp.calls[mark:]] == \
-        ["del_policy", "del_sa", "del_vf", "add_vf", "add_sa", "add_policy"]
+        ["set_policies", "del_sa", "del_vf", "add_vf", "add_sa", "set_policies"]
+
+
+def test_policy_change_is_one_table_replacement_between_sa_add_and_del(env):
+    """A reload that rekeys (new SA, the protect policy moved to it, old SA gone) makes
+    one set_policies call for the VF, after the new SA is in and before the old one
+    goes: no moment without a protect policy (issue 10, item 8)."""
+    sa = ('[[sa]]\nscope = "vm1"\ndir = "out"\nsrc = "10.0.0.1"\ndst = "10.0.0.3"\n'
+          'spi = {spi}\nalg = "aes-gcm"\nkey = "0x' + KEY.hex() + '"\n')
+    pol = ('[[policy]]\nscope = "vm1"\ndir = "out"\nsrc = "10.0.0.1/32"\n'
+           'dst = "10.0.0.3/32"\naction = "protect"\nspi = {spi}\n')
+    with open(env.cfg_path, "w") as f:
+        f.write(CONFIG + sa.format(spi=0x1001) + pol.format(spi=0x1001))
+    Client(env.path).reload()
+    mark = len(env.dp.calls)
+    with open(env.cfg_path, "w") as f:
+        f.write(CONFIG + sa.format(spi=0x1003) + pol.format(spi=0x1003))
+    r = Client(env.path).reload()
+    assert env.dp.calls[mark:] == [("add_sa", ("vm1", "out", 0x1003)),
+                                   ("set_policies", "vm1"), ("del_sa", ("vm1", "out", 0x1001))]
+    assert r["changes"] == ["add sa vm1/out/0x00001003",
+                            "del policy vm1/out 10.0.0.1/32->10.0.0.3/32",
+                            "add policy vm1/out 10.0.0.1/32->10.0.0.3/32",
+                            "del sa vm1/out/0x00001001"]
+    assert [p.spi for p in env.dp.policies.values()] == [0x1003]
 
 
 def test_datapath_failure_rolls_back_everything(env, caplog):
@@ -325,7 +344,7 @@ def test_datapath_failure_rolls_back_everything(env, caplog):
         f.write(CONFIG.replace("mtu", "x").replace('vni = 200', 'vni = 200\nmtu = 9000')
                 + '[[policy]]\nscope = "vm1"\ndir = "out"\nsrc = "10.0.0.0/24"\n'
                   'dst = "10.0.0.0/24"\naction = "bypass"\n')
-    env.dp.fail = lambda name, arg: name == "add_policy"
+    env.dp.fail = lambda name, arg: name == "set_policies"
     with pytest.raises(AdminError) as ei:
         c.reload()
     assert ei.value.code == "datapath-failed" and "nothing was changed" in ei.value.message

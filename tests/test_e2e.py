@@ -13,9 +13,15 @@ sockets, as a peer on the underlay could.
 
 from __future__ import annotations
 
+import contextlib
+import os
+import queue
 import random
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +30,8 @@ from typing import Any
 import pytest
 
 from softnic import topo
-from softnic.scenario import KEYS, PLAINTEXT_MARK, VMS, Overlay, Sniffer
+from softnic.client import AdminError, Client
+from softnic.scenario import KEYS, PLAINTEXT_MARK, REPO, VMS, Daemon, Overlay, Sniffer
 
 pytestmark = [
     pytest.mark.netns,
@@ -34,7 +41,7 @@ pytestmark = [
 pytest.importorskip("scapy.all")
 from scapy.layers.inet import IP, UDP  # noqa: E402
 from scapy.layers.ipsec import ESP, IPSecIntegrityError, SecurityAssociation  # noqa: E402
-from scapy.layers.l2 import Ether  # noqa: E402
+from scapy.layers.l2 import ARP, Ether  # noqa: E402
 from scapy.layers.vxlan import VXLAN  # noqa: E402
 
 MODELS: dict[str, dict[str, Any]] = {
@@ -381,3 +388,267 @@ def test_two_tx_workers_share_the_uplink_sa() -> None:
             assert _delta(before, after, reason) == 0, after
         ul = o.stats("a")["uplink"]
         assert ul["tx_esp"] > 2 * 20_000_000 // 1500, ul
+
+
+# ---- isolation (issue 10): each through real daemons, namespaces and kernels ---------------
+
+def _vf_toml(name: str, ifname: str, ns: topo.Netns, mac: str, addr: str, vni: int = 100,
+             ipsec: str = "off") -> str:
+    return (f'[[vf]]\nname = "{name}"\nkind = "tap"\nifname = "{ifname}"\n'
+            f'netns = "{ns.name}"\nmac = "{mac}"\naddresses = ["{addr}/24"]\nvni = {vni}\n'
+            f'ipsec = "{ipsec}"\n')
+
+
+def _ifname(tag: str) -> str:
+    return f"sn{tag}{os.getpid() % 100000}"
+
+
+def _neigh(ns: topo.Netns, addr: str) -> str:
+    return ns.run(["ip", "neigh", "show", addr]).strip()
+
+
+def _frame_send(ns: topo.Netns, dev: str, frames: list[bytes]) -> None:
+    """Put whole Ethernet frames on a VM's interface (AF_PACKET), as its guest could."""
+    def send() -> None:
+        with socket.socket(socket.AF_PACKET, socket.SOCK_RAW) as s:
+            s.bind((dev, 0))
+            for f in frames:
+                s.send(f)
+    ns.call(send)
+
+
+def _vf_counter(d: Any, vf: str, key: str) -> int:
+    return int(d.stats()["vf"][vf].get(key, 0))
+
+
+def test_local_switching_applies_the_receivers_inbound_policy(tmp_path: Any) -> None:
+    """Two VMs on one host, one VNI: S (ipsec off) and R (enforce, an inbound protect
+    policy for traffic from its remote peer 10.200.0.9, a bypass for S's UDP port 7001).
+    S puts on its wire a UDP packet whose source is the peer's address: R's kernel never
+    sees it and R counts it as `policy`; the packet R's bypass allows arrives (so the
+    path works), and so does ARP."""
+    with topo.Host("i") as host:
+        host.ns.ip("link", "set", "lo", "up")
+        s_ns, r_ns = host.add_vm("s"), host.add_vm("r")
+        s_mac, r_mac = "02:00:00:00:0c:01", "02:00:00:00:0c:02"
+        s_dev, r_dev = _ifname("s"), _ifname("r")
+        key = KEYS[0x1001].hex()
+        cfg = ('[uplink]\nlocal = "127.0.0.1"\n'
+               + _vf_toml("s", s_dev, s_ns, s_mac, "10.200.0.5")
+               + _vf_toml("r", r_dev, r_ns, r_mac, "10.200.0.6", ipsec="enforce")
+               + '[[sa]]\nscope = "r"\ndir = "in"\nsrc = "10.200.0.9"\ndst = "10.200.0.6"\n'
+               f'spi = 0x1001\nreqid = 1\nalg = "aes-gcm"\nkey = "0x{key}"\n'
+               '[[policy]]\nscope = "r"\ndir = "in"\nsrc = "10.200.0.9/32"\n'
+               'dst = "10.200.0.6/32"\naction = "protect"\nreqid = 1\n'
+               '[[policy]]\nscope = "r"\ndir = "in"\nsrc = "10.200.0.5/32"\n'
+               'dst = "10.200.0.6/32"\nproto = "udp"\ndport = 7001\naction = "bypass"\n')
+        d = Daemon(host.ns, cfg, tmp_path)
+        d.start()
+        try:
+            def udp(src: str, dport: int, mark: bytes) -> bytes:
+                return bytes(Ether(src=s_mac, dst=r_mac) / IP(src=src, dst="10.200.0.6")
+                             / UDP(sport=5555, dport=dport) / mark)
+
+            spoofed = udp("10.200.0.9", 7001, b"SPOOFED-PEER")
+            own = udp("10.200.0.5", 7002, b"NO-POLICY-LETS-ME")
+            allowed = udp("10.200.0.5", 7001, b"BYPASS-ALLOWS-ME")
+            arp = bytes(Ether(src=s_mac, dst="ff:ff:ff:ff:ff:ff")
+                        / ARP(hwsrc=s_mac, psrc="10.200.0.5", pdst="10.200.0.6"))
+            with Sniffer(r_ns, dev=r_dev, outgoing=False) as sn:
+                _frame_send(s_ns, s_dev, [spoofed, own, allowed, arp])
+                topo.wait_until(lambda: any(b"BYPASS-ALLOWS-ME" in f for _, f in sn.captures)
+                                and _vf_counter(d, "r", "drop_policy") >= 2, timeout=20)
+            got = [f for _, f in sn.captures]
+            assert not any(b"SPOOFED-PEER" in f or b"NO-POLICY-LETS-ME" in f for f in got)
+            assert any(f[12:14] == b"\x08\x06" for f in got)       # ARP passes
+            # (S's own IPv6 chatter, MLD, is clear IP too and may add to the count)
+            assert _vf_counter(d, "r", "drop_policy") >= 2
+            d.assert_clean_log()
+        finally:
+            d.stop()
+
+
+def test_underlay_broadcast_reaches_both_local_vms(tmp_path: Any) -> None:
+    """Host A (softnic): VMs a1 and a3 in VNI 100. Host B: the Linux kernel's own VXLAN
+    device in VNI 100 (10.200.0.9), its flood target host A. The kernel resolves both VMs
+    (its ARP requests are broadcasts from the underlay) and both VMs resolve it."""
+    with topo.TwoHosts() as t:
+        a1, a3 = t.a.add_vm("a1"), t.a.add_vm("a3")
+        d1, d3 = _ifname("a1"), _ifname("a3")
+        cfg = (f'[uplink]\nlocal = "{t.a.addr}"\n'
+               + _vf_toml("a1", d1, a1, "02:00:00:00:0a:01", "10.200.0.1")
+               + _vf_toml("a3", d3, a3, "02:00:00:00:0a:03", "10.200.0.3")
+               + f'[[fdb]]\nvni = 100\nmac = "flood"\nremote = "{t.b.addr}"\n')
+        b = t.b.ns
+        b.ip("link", "add", "vx0", "type", "vxlan", "id", "100", "local", t.b.addr,
+             "remote", t.a.addr, "dstport", "4789")
+        b.ip("link", "set", "vx0", "address", "02:00:00:00:0b:09")
+        b.addr_add("vx0", "10.200.0.9/24")
+        b.link_up("vx0")
+        d = Daemon(t.a.ns, cfg, tmp_path)
+        d.start()
+        try:
+            for dst in ("10.200.0.1", "10.200.0.3"):        # the kernel resolves each VM
+                out = b.run(["ping", "-c", "2", "-W", "3", dst], check=False, timeout=30)
+                assert " 0% packet loss" in out, (dst, out, d.stats()["vf"])
+            for vm in (a1, a3):
+                vm.run(["ip", "neigh", "flush", "all"])
+            b.run(["ip", "neigh", "flush", "dev", "vx0"])
+            for vm in (a1, a3):                             # and each VM the kernel
+                out = vm.run(["ping", "-c", "2", "-W", "3", "10.200.0.9"], check=False,
+                             timeout=30)
+                assert " 0% packet loss" in out, out
+            assert "02:00:00:00:0b:09" in _neigh(a1, "10.200.0.9")
+            assert "02:00:00:00:0b:09" in _neigh(a3, "10.200.0.9")
+            d.assert_clean_log()
+        finally:
+            d.stop()
+
+
+def test_vxlan_from_an_unlisted_vtep_is_refused(tmp_path: Any) -> None:
+    """Host B's VM b1 (VNI 100, enforce) admits host A (10.99.0.1, its flood target).
+    From host A's namespace, an ARP request arrives as VXLAN from 10.99.0.77, which no
+    entry names: it never reaches b1 (its neighbour table stays clean, learning on or
+    not) and counts as `unknown_vtep`. The same from 10.99.0.1 poisons nothing new but
+    reaches b1; an `accept` entry added through the admin socket admits 10.99.0.77, and
+    deleting it refuses it again."""
+    with topo.TwoHosts() as t:
+        b1 = t.b.add_vm("b1")
+        dev = _ifname("b1")
+        cfg = (f'[uplink]\nlocal = "{t.b.addr}"\nfdb_learning = true\n'
+               + _vf_toml("vm1", dev, b1, "02:00:00:00:0b:01", "10.200.0.2", ipsec="enforce")
+               + f'[[fdb]]\nvni = 100\nmac = "flood"\nremote = "{t.a.addr}"\n')
+        rogue = "10.99.0.77"
+        t.a.ns.addr_add("ul0", f"{rogue}/24")
+        d = Daemon(t.b.ns, cfg, tmp_path)
+        d.start()
+
+        def who_has(tell: str) -> bytes:
+            mac = f"02:00:00:00:0e:{int(tell.split('.')[-1]):02x}"
+            return _vxlan(100, bytes(Ether(src=mac, dst="ff:ff:ff:ff:ff:ff")
+                                     / ARP(hwsrc=mac, psrc=tell, pdst="10.200.0.2")))
+
+        def send_from(src: str, pkts: list[bytes]) -> None:
+            def send() -> None:
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                    s.bind((src, 0))
+                    for p in pkts:
+                        s.sendto(p, (t.b.addr, 4789))
+            t.a.ns.call(send)
+
+        def unknown() -> int:
+            return int(d.stats()["uplink"].get("drop_unknown_vtep", 0))
+
+        try:
+            send_from(rogue, [who_has("10.200.0.66")] * 3)
+            send_from(t.a.addr, [who_has("10.200.0.67")])   # after it, on the same path
+            topo.wait_until(lambda: _neigh(b1, "10.200.0.67"), timeout=20)
+            assert _neigh(b1, "10.200.0.66") == ""          # the rogue's ARP never got in
+            topo.wait_until(lambda: unknown() == 3, timeout=20)
+            with d.client() as c:
+                c.fdb_add(100, "accept", rogue)
+                send_from(rogue, [who_has("10.200.0.68")])
+                topo.wait_until(lambda: _neigh(b1, "10.200.0.68"), timeout=20)
+                c.fdb_del(100, "accept", rogue)
+            send_from(rogue, [who_has("10.200.0.69")] * 2)
+            topo.wait_until(lambda: unknown() == 5, timeout=20)
+            assert _neigh(b1, "10.200.0.69") == "" and _neigh(b1, "10.200.0.66") == ""
+            d.assert_clean_log()
+        finally:
+            d.stop()
+
+
+def test_policy_reloads_never_send_cleartext(tmp_path: Any) -> None:
+    """An offload VF's protect policy moves between two SAs on every reload, 1,000 times
+    (half by SIGHUP, half through the admin socket, some by the real softnicctl), while
+    the VM sends marked UDP the policy covers. The kernel's capture of the underlay
+    (nothing dropped) sees the traffic throughout and never one byte of it in clear: the
+    VF's SPD is replaced in one step, never emptied in between."""
+    reloads = 1000
+    with topo.TwoHosts() as t:
+        vm = t.a.add_vm("p")
+        dev = _ifname("p")
+        head = (f'[uplink]\nlocal = "{t.a.addr}"\n'
+                + _vf_toml("vm1", dev, vm, "02:00:00:00:0a:01", "10.200.0.1", ipsec="offload")
+                + f'[[fdb]]\nvni = 100\nmac = "02:00:00:00:0b:01"\nremote = "{t.b.addr}"\n')
+        for spi in (0x1001, 0x1002):
+            head += ('[[sa]]\nscope = "vm1"\ndir = "out"\nsrc = "10.200.0.1"\n'
+                     f'dst = "10.200.0.2"\nspi = {spi:#x}\nalg = "aes-gcm"\n'
+                     f'key = "0x{KEYS[spi].hex()}"\n')
+
+        def cfg(spi: int) -> str:
+            return head + ('[[policy]]\nscope = "vm1"\ndir = "out"\nsrc = "10.200.0.1/32"\n'
+                           f'dst = "10.200.0.2/32"\naction = "protect"\nspi = {spi:#x}\n')
+
+        d = Daemon(t.a.ns, cfg(0x1001), tmp_path)
+        d.start()
+        sink = t.b.ns.call(socket.socket, socket.AF_INET, socket.SOCK_DGRAM)
+        t.b.ns.call(sink.bind, (t.b.addr, 4789))       # host B takes the VXLAN silently
+        vm.run(["ip", "neigh", "replace", "10.200.0.2", "lladdr", "02:00:00:00:0b:01",
+                "dev", dev])
+        sender = vm.popen([sys.executable, "-c", (
+            "import socket,time\n"
+            "s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n"
+            "s.connect(('10.200.0.2',9))\n"
+            f"m={PLAINTEXT_MARK!r}*8\n"
+            "while True:\n"
+            "    for _ in range(16):\n"
+            "        try: s.send(m)\n"
+            "        except OSError: pass\n"
+            "    time.sleep(0.001)\n")])
+        events: queue.Queue[dict[str, Any]] = queue.Queue()
+
+        def watch() -> None:
+            with contextlib.suppress(AdminError):      # ends when the daemon does
+                for ev in Client(d.sock, timeout=None).monitor(types=["reloaded",
+                                                                       "reload-failed"]):
+                    events.put(ev)
+
+        threading.Thread(target=watch, daemon=True).start()
+        time.sleep(0.5)                     # the subscription is in place
+        try:
+            with Sniffer(t.a.ns, keep=5_000) as sn, d.client() as c:
+                topo.wait_until(lambda: sn.count > 50, timeout=20)
+                before = sn.count
+                seen = 0                    # every reload, of any kind, posts one event
+                for i in range(reloads):
+                    spi = 0x1002 if i % 2 == 0 else 0x1001
+                    tmp = d.cfg.with_suffix(".new")     # replaced whole, never half-read
+                    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT
+                                      | os.O_TRUNC, 0o600)
+                    with open(fd, "w") as f:
+                        f.write(f'[daemon]\nadmin_socket = "{d.sock}"\n' + cfg(spi))
+                    os.replace(tmp, d.cfg)
+                    if i % 2 == 0:
+                        d.proc.send_signal(signal.SIGHUP)           # type: ignore[union-attr]
+                        while seen <= i:
+                            ev = events.get(timeout=30)
+                            seen += 1
+                            assert ev["type"] == "reloaded" and ev["changes"] == 2, ev
+                    elif i % 100 == 1:
+                        out = subprocess.run(
+                            [sys.executable, "-m", "softnic.cli", "-s", d.sock, "reload"],
+                            capture_output=True, text=True, timeout=60,
+                            env=dict(os.environ, PYTHONPATH=REPO))
+                        assert out.returncode == 0, out.stderr
+                    else:
+                        assert len(c.reload()["changes"]) == 2
+                during = sn.count - before
+                time.sleep(0.3)
+                pols = c.policy_list("vm1")
+        finally:
+            sender.kill()
+            sender.wait()
+            sink.close()
+            d.stop()
+        assert sn.dropped == 0                  # the capture saw everything
+        assert sn.marks == 0, sn.marks          # and no tenant byte in clear
+        assert during > reloads, during         # traffic flowed all the while
+        spis = set()
+        for p in sn.datagrams():        # outer IPv4 / UDP 4789 / VXLAN / Ethernet / IPv4
+            inner = p[20 + 8 + 8 + 14:]
+            if p[9] == 17 and p[22:24] == b"\x12\xb5" and p[48:50] == b"\x08\x00":
+                assert inner[9] == 50, inner[:40].hex()            # ESP, nothing else
+                spis.add(struct.unpack_from("!I", inner, (inner[0] & 15) * 4)[0])
+        assert spis == {0x1001, 0x1002}, spis
+        assert [p["spi"] for p in pols] == ["0x00001001"]

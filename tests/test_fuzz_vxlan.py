@@ -33,6 +33,23 @@ def test_bounded_mutation_run():
     assert any(k.startswith("decap:malformed") for k in labels)
     assert any(k.startswith("decap_batch:") for k in labels)
     assert any(k.startswith("encap_batch:") for k in labels)
+    # through the data plane: admission, broadcast copies, local switching
+    for want in ("rx:unknown_vtep", "rx:ok", "rx:no_fdb", "rx:unknown_vni", "local:ok",
+                 "local:policy"):
+        assert want in labels, sorted(labels)
+    assert any(k.startswith("rx:") and k.endswith(":bum") for k in labels), sorted(labels)
+
+
+def test_admission_oracle():
+    """The model refuses a wrong answer: clear IP taken by an enforce VF, a changed frame."""
+    ip = vxlan.inner_frame(vxlan.Reader(bytes([1] + [7] * 40)))
+    with pytest.raises(Finding):
+        vxlan._check_copy(1, "ok", bytes(12) + ip, ip, {})
+    with pytest.raises(Finding):
+        vxlan._check_copy(0, "ok", bytes(12) + ip[:-1] + b"\0", ip, {})
+    with pytest.raises(Finding):                     # an off VF refuses nothing by policy
+        vxlan._check_copy(0, "policy", None, ip, {})
+    vxlan._check_copy(0, "ok", bytes(12) + ip, ip, {})
 
 
 def test_ecn_oracle():

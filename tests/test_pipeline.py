@@ -200,11 +200,15 @@ def test_spi_scoped_per_vf():
     b.set_vf(1, "02:00:00:00:00:0d", 200, ipsec="enforce")
     a.fdb_add(100, MAC_B, VTEP_B)
     a.fdb_add(200, "02:00:00:00:00:0d", VTEP_B)
+    b.fdb_add(100, MAC_A, VTEP_A)
+    b.fdb_add(200, MAC_C, VTEP_A)
     for vf, key in ((0, KEY), (1, KEY2)):
         a.sa_add(vf, "out", SecurityAssociation(0x1000, "tunnel", VM_A, VM_B, "aes-gcm", key))
         a.policy_set(vf, [{"dir": "out", "src": VM_A, "dst": VM_B, "action": "protect",
                                   "spi": 0x1000}])
         b.sa_add(vf, "in", SecurityAssociation(0x1000, "tunnel", VM_A, VM_B, "aes-gcm", key))
+        b.policy_set(vf, [{"dir": "in", "src": VM_A, "dst": VM_B, "action": "protect",
+                           "spi": 0x1000}])
     out0, _, _ = tx(a, [plain_input(tcp_frame(b"vf0" * 50))])
     inb = Batch(4, slot_size=65536 + 1024, headroom=64)
     inb.push(plain_input(tcp_frame(b"vf1" * 50, smac=MAC_C, dmac="02:00:00:00:00:0d")))
@@ -325,6 +329,7 @@ def test_ipv6_underlay_ipv6_overlay(ul):
     a.set_vf(0, MAC_A, 7)
     b.set_vf(0, MAC_B, 7)
     a.fdb_add(7, MAC_B, vb)
+    b.fdb_add(7, None, va)                   # admits host A's VTEP as a sender
     if ul != "off":
         a.sa_add(-1, "out", SecurityAssociation(0x2000, "transport", va, vb, "aes-gcm", KEY2))
         b.sa_add(-1, "in", SecurityAssociation(0x2000, "transport", va, vb, "aes-gcm", KEY2))
@@ -416,3 +421,280 @@ def test_fdb_learning_from_received_packets():
     b.fdb_add(100, MAC_A, VTEP_A)             # static now
     rx(b, tx(a, [plain_input(tcp_frame(b"again", seq=2000))])[0])
     assert (100, MAC_A, VTEP_A, False) in b.fdb_entries()
+
+
+# ---- isolation between VFs and from the underlay (issue 10) ------------------------------
+
+VM_P = "192.168.10.50"        # a remote peer whose traffic VF 1's inbound policy protects
+MAC_D = "02:00:00:00:00:0d"
+
+
+def local_pair(rx_mode="enforce"):
+    """One host: VF 0 (ipsec off) and VF 1 (rx_mode) in VNI 100; VF 1's inbound policy
+    protects what comes from the remote peer VM_P with its SA 0x1000 and bypasses
+    192.168.10.60."""
+    a = Datapath(VTEP_A, UNDERLAY_MTU)
+    a.set_vf(0, MAC_A, 100)
+    a.set_vf(1, MAC_B, 100, ipsec=rx_mode)
+    a.fdb_add(100, None, VTEP_B)
+    a.sa_add(1, "in", SecurityAssociation(0x1000, "tunnel", VM_P, VM_B, "aes-gcm", KEY))
+    a.policy_set(1, [
+        {"dir": "in", "src": VM_P, "dst": VM_B, "action": "protect", "spi": 0x1000},
+        {"dir": "in", "src": "192.168.10.60", "dst": VM_B, "action": "bypass"}])
+    return a
+
+
+def local_tx(dp, frames, vf=0, loc_slot=UNDERLAY_MTU + 576):
+    """tx_burst of VF vf: (underlay packets, [(local frame, its drop reason, port)])."""
+    inb = Batch(len(frames) + 1, slot_size=65536 + 1024, headroom=64)
+    for f in frames:
+        inb.push(f)
+    out = Batch(2048, slot_size=UNDERLAY_MTU + 576)
+    loc = Batch(256, slot_size=loc_slot)
+    assert dp.tx_burst(vf, inb, 0, out, loc) == len(frames)
+    return ([out.get(i) for i in range(len(out))],
+            [(loc.get(i), loc.drop_reason(i), loc.port(i)) for i in range(len(loc))])
+
+
+@pytest.mark.parametrize("shape", ["unicast", "gso-whole", "flooded"])
+def test_local_switching_meets_the_receivers_inbound_policy(shape):
+    """A VF with ipsec off hands an enforce VF cleartext with a spoofed source (the peer
+    whose traffic the receiver's policy protects): refused and counted as `policy` on the
+    receiver, as on RX. So is clear traffic no policy of the receiver allows; a bypass
+    policy's traffic passes. For every shape of local delivery."""
+    a = local_pair()
+    big = shape == "gso-whole"
+
+    def frame(src):
+        payload = os.urandom(5000 if big else 100)
+        f = tcp_frame(payload, src=src, dmac="ff:ff:ff:ff:ff:ff" if shape == "flooded"
+                      else MAC_B)
+        return tso_input(f) if big else plain_input(f)
+
+    slot = 65536 + 1024 if big else UNDERLAY_MTU + 576
+    out, loc = local_tx(a, [frame(VM_P), frame(VM_A), frame("192.168.10.60")], loc_slot=slot)
+    mine = [(f, r) for f, r, port in loc if port == 1]
+    assert [r for _, r in mine] == ["policy", "policy", "ok"], mine
+    if big:     # crossed whole: one GSO frame each, the accepted one with its vnet header
+        assert len(loc) == 3 and len(mine[2][0]) > 5000 and mine[2][0][1] == 1
+    c = a.vf_counters(1)
+    assert c["drops"] == {"policy": 2} and c["rx_frames"] == 1
+    assert a.vf_counters(0)["tx_local"] == 3
+    if shape == "flooded":
+        assert len(out) == 3            # the flood list still gets all three
+
+
+def test_local_switching_offload_receiver():
+    """offload: clear traffic no policy covers passes (NIC semantics), but clear traffic
+    the receiver's policy protects does not (it would have to arrive through the SA)."""
+    a = local_pair("offload")
+    _, loc = local_tx(a, [plain_input(tcp_frame(b"x" * 64, src=VM_P)),
+                          plain_input(tcp_frame(b"y" * 64, src=VM_A))])
+    assert [r for _, r, _ in loc] == ["policy", "ok"]
+
+
+def protected_pair(rx_key=KEY, rx_mode="enforce", rx_sa=True, gso=True):
+    """VF 0 and VF 1 on one host, each holding one end of SA 0x1000 (VM_A -> VM_B), as
+    two hosts would; rx_key, rx_sa vary VF 1's end."""
+    a = Datapath(VTEP_A, UNDERLAY_MTU)
+    a.set_vf(0, MAC_A, 100, ipsec="enforce")
+    a.set_vf(1, MAC_B, 100, ipsec=rx_mode)
+    a.sa_add(0, "out", SecurityAssociation(0x1000, "tunnel", VM_A, VM_B, "aes-gcm", KEY))
+    a.policy_set(0, [{"dir": "out", "src": VM_A, "dst": VM_B, "action": "protect",
+                      "spi": 0x1000}])
+    if rx_sa:
+        a.sa_add(1, "in", SecurityAssociation(0x1000, "tunnel", VM_A, VM_B, "aes-gcm",
+                                              rx_key))
+        a.policy_set(1, [{"dir": "in", "src": VM_A, "dst": VM_B, "action": "protect",
+                          "spi": 0x1000}])
+    return a
+
+
+def test_local_switching_protected_traffic_needs_the_receivers_sa():
+    """The sender's policy protects VM_A -> VM_B: locally the frame is protected with the
+    sender's SA and must be opened by the receiver's own SA, exactly as across the
+    underlay. The two ends of one SA: the 64 KB frame arrives (segmented, decrypted,
+    checksums valid, payload whole). A receiver whose SA has another key: `icv`; none:
+    `no_sa`; an offload receiver without an SA gets the ESP itself, which scapy opens
+    with the sender's key."""
+    payload = os.urandom(20000)
+    frame = tso_input(tcp_frame(payload))
+    a = protected_pair()
+    _, loc = local_tx(a, [frame], loc_slot=65536 + 1024)
+    assert loc and {r for _, r, _ in loc} == {"ok"}
+    for f, _, _ in loc:
+        check_tcp_checksums(f[12:])
+    assert reassemble([f[12:] for f, _, _ in loc]) == payload
+    c0, c1 = a.vf_counters(0), a.vf_counters(1)
+    assert c0["tx_esp"] == c1["rx_esp"] == len(loc) and c1["drops"] == {}
+
+    a = protected_pair(rx_key=KEY2)
+    _, loc = local_tx(a, [frame], loc_slot=65536 + 1024)
+    assert loc and {r for _, r, _ in loc} == {"icv"}
+    assert a.vf_counters(1)["drops"] == {"icv": len(loc)}
+
+    a = protected_pair(rx_sa=False)
+    _, loc = local_tx(a, [plain_input(tcp_frame(b"z" * 100))])
+    assert [r for _, r, _ in loc] == ["no_sa"]
+
+    a = protected_pair(rx_sa=False, rx_mode="offload")
+    _, loc = local_tx(a, [plain_input(tcp_frame(b"secret" * 20))])
+    assert [r for _, r, _ in loc] == ["ok"]
+    got = Ether(loc[0][0][12:])
+    assert got[IP].proto == 50 and b"secret" not in loc[0][0]
+    sa = ScapySA(ESP, spi=0x1000, crypt_algo="AES-GCM", crypt_key=KEY, auth_algo="NULL",
+                 tunnel_header=IP(src=VM_A, dst=VM_B))
+    assert bytes(sa.decrypt(got[IP])[TCP].payload) == b"secret" * 20
+
+
+# RFC 4301 5.2: what comes out of an SA must be what an inbound policy of that SA allows.
+
+VM_C = "192.168.10.3"
+
+
+def inbound_host(mode="enforce"):
+    """Host B: VF 0 (mode) with SA 0x1000 (VM_A's) and SA 0x2000 (VM_C's), each with its
+    inbound protect policy, and a bypass policy for 192.168.10.77."""
+    b = Datapath(VTEP_B, UNDERLAY_MTU)
+    b.set_vf(0, MAC_B, 100, ipsec=mode)
+    b.fdb_add(100, MAC_A, VTEP_A)
+    b.sa_add(0, "in", SecurityAssociation(0x1000, "tunnel", VM_A, VM_B, "aes-gcm", KEY))
+    b.sa_add(0, "in", SecurityAssociation(0x2000, "tunnel", VM_C, VM_B, "aes-gcm", KEY2))
+    b.policy_set(0, [
+        {"dir": "in", "src": VM_A, "dst": VM_B, "action": "protect", "spi": 0x1000},
+        {"dir": "in", "src": VM_C, "dst": VM_B, "action": "protect", "spi": 0x2000},
+        {"dir": "in", "src": "192.168.10.77", "dst": VM_B, "action": "bypass"}])
+    return b
+
+
+def scapy_esp(sa, src, dst, payload=b"inner"):
+    """An underlay packet from VTEP A: VXLAN around the ESP that scapy's SA makes of an
+    inner TCP packet src -> dst."""
+    inner = IP(src=src, dst=dst) / TCP(sport=1000, dport=2000, flags="PA") / payload
+    esp = sa.encrypt(inner)
+    return bytes(IP(src=VTEP_A, dst=VTEP_B) / UDP(sport=50000, dport=4789)
+                 / VXLAN(vni=100, flags=0x08) / Ether(src=MAC_A, dst=MAC_B) / esp)
+
+
+def test_inbound_selectors_after_decryption():
+    """enforce: ESP that decrypts under SA 0x1000 must carry VM_A -> VM_B. A wrong inner
+    source, a wrong inner destination (both match no policy), a packet matching SA
+    0x2000's policy, one matching a bypass policy: each `policy`, counted on the VF and
+    never delivered. The right one passes. scapy builds every ESP packet."""
+    sa1 = ScapySA(ESP, spi=0x1000, crypt_algo="AES-GCM", crypt_key=KEY, auth_algo="NULL",
+                  tunnel_header=IP(src=VM_A, dst=VM_B))
+    b = inbound_host()
+    cases = [(VM_A, VM_B, "ok"), ("192.168.10.66", VM_B, "policy"),
+             (VM_A, "192.168.10.67", "policy"), (VM_C, VM_B, "policy"),
+             ("192.168.10.77", VM_B, "policy"), (VM_A, VM_B, "ok")]
+    frames, reasons = rx(b, [scapy_esp(sa1, s, d, b"case%d" % i)
+                             for i, (s, d, _) in enumerate(cases)])
+    assert reasons == [w for _, _, w in cases]
+    assert [bytes(Ether(f)[TCP].payload) for f in frames] == [b"case0", b"case5"]
+    c = b.vf_counters(0)
+    assert c["drops"] == {"policy": 4} and c["rx_esp"] == 2 and c["rx_frames"] == 2
+
+
+def test_inbound_selectors_offload_leaves_uncovered_traffic_to_the_sa():
+    """offload (NIC semantics): a decrypted packet no policy covers is the SA's business
+    and passes; one that another SA's policy or a bypass policy covers does not."""
+    sa1 = ScapySA(ESP, spi=0x1000, crypt_algo="AES-GCM", crypt_key=KEY, auth_algo="NULL",
+                  tunnel_header=IP(src=VM_A, dst=VM_B))
+    b = inbound_host("offload")
+    _, reasons = rx(b, [scapy_esp(sa1, "192.168.10.66", VM_B), scapy_esp(sa1, VM_C, VM_B),
+                        scapy_esp(sa1, "192.168.10.77", VM_B)])
+    assert reasons == ["ok", "policy", "policy"]
+
+
+def vxlan_from(src, frame, vni=100, dst=VTEP_B):
+    return bytes(IP(src=src, dst=dst) / UDP(sport=50000, dport=4789)
+                 / VXLAN(vni=vni, flags=0x08) / frame)
+
+
+def test_underlay_broadcast_reaches_every_local_vf_of_the_vni():
+    """A broadcast (and a multicast) from the underlay reaches each VF of its VNI, each
+    copy through that VF's own checks (an enforce VF refuses clear IP), and no VF of
+    another VNI; a unicast frame still reaches its one VF."""
+    b = Datapath(VTEP_B, UNDERLAY_MTU)
+    b.set_vf(0, MAC_B, 100)
+    b.set_vf(1, MAC_C, 200)
+    b.set_vf(2, MAC_D, 100)
+    b.set_vf(3, "02:00:00:00:00:0e", 100, ipsec="enforce")
+    b.fdb_add(100, None, VTEP_A)
+    arp = bytes(Ether(src=MAC_A, dst="ff:ff:ff:ff:ff:ff") / ARP(psrc=VM_A, pdst=VM_B))
+    mcast = bytes(Ether(src=MAC_A, dst="01:00:5e:00:00:fb") / IP(src=VM_A, dst="224.0.0.251")
+                  / UDP(sport=5353, dport=5353) / b"mdns")
+    uni = tcp_frame(b"to-d", dmac=MAC_D)
+    inb = Batch(4)
+    for f in (arp, mcast, uni):
+        inb.push(vxlan_from(VTEP_A, f))
+    extra = Batch(16)
+    assert b.rx_burst(inb, extra) == 3
+    got = {(inb.port(i), inb.get(i)[12:]) for i in range(3)}
+    got |= {(extra.port(i), extra.get(i)[12:]) for i in range(len(extra))
+            if extra.drop_reason(i) == "ok"}
+    assert got == {(0, arp), (2, arp), (3, arp), (0, mcast), (2, mcast), (2, uni)}
+    assert [extra.drop_reason(i) for i in range(len(extra))] == ["ok", "ok", "ok", "policy"]
+    assert b.vf_counters(3)["drops"] == {"policy": 1} and b.vf_counters(1)["rx_frames"] == 0
+    assert [b.vf_counters(i)["rx_frames"] for i in (0, 2, 3)] == [2, 3, 1]
+
+
+def test_vxlan_only_from_admitted_vteps():
+    """VXLAN is accepted only from a VTEP the configuration names for that VNI: a static
+    FDB entry, a flood-list membership or an accept entry (peer_add). Anyone else, and
+    an admitted VTEP speaking for another VNI, is `unknown_vtep` on the uplink; ARP
+    included (it passes every mode's policy, so it is how a neighbour table is
+    poisoned). Admission ends with the last entry that gave it."""
+    b = Datapath(VTEP_B, UNDERLAY_MTU)
+    b.set_vf(0, MAC_B, 100, ipsec="enforce")
+    b.set_vf(1, MAC_C, 200)
+    arp = bytes(Ether(src=MAC_A, dst=MAC_B) / ARP(op=2, psrc=VM_A, pdst=VM_B, hwsrc=MAC_A))
+    arp200 = bytes(Ether(src=MAC_A, dst=MAC_C) / ARP(op=2, psrc=VM_A, pdst=VM_B))
+    rogue = "10.99.0.77"
+
+    def verdicts():
+        _, r = rx(b, [vxlan_from(VTEP_A, arp), vxlan_from(rogue, arp),
+                      vxlan_from(VTEP_A, arp200, vni=200)])
+        return r
+
+    assert verdicts() == ["unknown_vtep"] * 3       # nothing configured: nobody
+    b.fdb_add(100, MAC_A, VTEP_A)                   # a static entry admits VTEP A
+    assert verdicts() == ["ok", "unknown_vtep", "unknown_vtep"]
+    b.fdb_add(100, None, VTEP_A)                    # and so does the flood list
+    b.fdb_del(100, MAC_A)
+    assert verdicts() == ["ok", "unknown_vtep", "unknown_vtep"]
+    b.fdb_del(100, None, VTEP_A)
+    assert verdicts() == ["unknown_vtep"] * 3
+    b.peer_add(200, VTEP_A)                         # admitted as a sender only
+    b.peer_add(100, rogue)
+    assert verdicts() == ["unknown_vtep", "ok", "ok"]
+    assert b.peers_admitted() == [(100, rogue), (200, VTEP_A)]
+    out, _, _ = tx(b, [plain_input(tcp_frame(b"x", smac=MAC_B, dmac="ff:ff:ff:ff:ff:ff"))])
+    assert out == []                                # an accept entry is not a destination
+    b.peer_del(100, rogue)
+    b.peer_del(200, VTEP_A)
+    assert verdicts() == ["unknown_vtep"] * 3 and b.peers_admitted() == []
+    assert b.uplink_counters()["drops"] == {"unknown_vtep": 14}
+    assert b.vf_counters(0)["rx_frames"] == 3
+
+
+def test_learning_never_admits_a_vtep():
+    """With learning on, a frame from an unadmitted VTEP teaches nothing (it is refused
+    before learning), nor does a VTEP admitted for VNI 100 learn into VNI 200; entries
+    learned behind a VTEP go when it loses its admission."""
+    b = Datapath(VTEP_B, UNDERLAY_MTU, learning=True)
+    b.set_vf(0, MAC_B, 100)
+    b.set_vf(1, MAC_C, 200)
+    rogue = "10.99.0.77"
+    b.fdb_add(200, None, rogue)                 # known, but only for VNI 200
+    _, r = rx(b, [vxlan_from(rogue, tcp_frame(b"hi", smac=MAC_A)),
+                  vxlan_from(VTEP_A, tcp_frame(b"hi", smac=MAC_A))])
+    assert r == ["unknown_vtep", "unknown_vtep"] and b.fdb_entries() == []
+    b.fdb_add(100, None, VTEP_A)
+    _, r = rx(b, [vxlan_from(VTEP_A, tcp_frame(b"hi", smac=MAC_A))])
+    assert r == ["ok"] and b.fdb_entries() == [(100, MAC_A, VTEP_A, True)]
+    # Learned into VNI 100, the MAC is still no ticket into VNI 200 from VTEP A.
+    _, r = rx(b, [vxlan_from(VTEP_A, tcp_frame(b"hi", smac=MAC_A, dmac=MAC_C), vni=200)])
+    assert r == ["unknown_vtep"]
+    b.fdb_del(100, None, VTEP_A)
+    assert b.fdb_entries() == []

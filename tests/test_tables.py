@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from softnic._tables import Fdb, PolicyTable, SATable
+from softnic._tables import Fdb, PeerTable, PolicyTable, SATable
 
 UPLINK = 0xFFFFFFFF
 
@@ -237,6 +237,72 @@ class FdbModel(RuleBasedStateMachine):
 
 FdbModel.TestCase.settings = settings(max_examples=150, stateful_step_count=60, deadline=None)
 TestFdbModel = FdbModel.TestCase
+
+
+# --- admitted VTEPs -------------------------------------------------------------------
+
+def test_peer_admission_is_per_vni_and_exact():
+    t = PeerTable(16)
+    t.add(100, "10.99.0.1", 3)
+    t.add(200, "10.99.0.2", 4)
+    t.add(100, "fd00:99::1", 5)
+    assert t.lookup(100, "10.99.0.1") == 3
+    assert t.lookup(200, "10.99.0.1") is None          # admitted for VNI 100 only
+    assert t.lookup(100, "10.99.0.2") is None
+    assert t.lookup(100, "10.99.1.1") is None and t.lookup(100, "0.0.0.0") is None
+    # the IPv4 key is not the IPv6 address with the same leading bytes
+    assert t.lookup(100, "a63:1::") is None and t.lookup(100, "fd00:99::1") == 5
+    with pytest.raises(KeyError):
+        t.add(100, "10.99.0.1", 9)
+    t.remove(100, "10.99.0.1")
+    assert t.lookup(100, "10.99.0.1") is None and len(t) == 2
+    with pytest.raises(KeyError):
+        t.remove(100, "10.99.0.1")
+    assert sorted((v, str(a), i) for v, a, i in t.entries()) == \
+        [(100, "fd00:99::1", 5), (200, "10.99.0.2", 4)]
+
+
+PEER_KEYS = st.tuples(st.integers(0, 3), st.sampled_from(
+    ["10.0.0.1", "10.0.0.2", "10.0.1.1", "fd00::1", "fd00::2", "::a00:1"]))
+
+
+class PeerModel(RuleBasedStateMachine):
+    def __init__(self):
+        super().__init__()
+        self.t = PeerTable(8)
+        self.m = {}
+
+    @rule(k=PEER_KEYS, v=st.integers(0, 255))
+    def add(self, k, v):
+        if k in self.m:
+            with pytest.raises(KeyError):
+                self.t.add(*k, v)
+        elif len(self.m) >= 8:
+            with pytest.raises(OverflowError):
+                self.t.add(*k, v)
+        else:
+            self.t.add(*k, v)
+            self.m[k] = v
+
+    @rule(k=PEER_KEYS)
+    def remove(self, k):
+        if k in self.m:
+            self.t.remove(*k)
+            del self.m[k]
+        else:
+            with pytest.raises(KeyError):
+                self.t.remove(*k)
+
+    @invariant()
+    def same(self):
+        assert len(self.t) == len(self.m)
+        for vni in range(4):
+            for a in ["10.0.0.1", "10.0.0.2", "10.0.1.1", "fd00::1", "fd00::2", "::a00:1"]:
+                assert self.t.lookup(vni, a) == self.m.get((vni, a))
+
+
+PeerModel.TestCase.settings = settings(max_examples=100, stateful_step_count=40, deadline=None)
+TestPeerModel = PeerModel.TestCase
 
 
 # --- policy ---------------------------------------------------------------------------
